@@ -1,0 +1,159 @@
+"""Declarative descriptions of decoder architectures.
+
+Each family is a small table: where the decoder layers live, and which linears of a
+layer read the same input, in the order the layer computes them.  The order is what
+"true-sequential" quantization follows (q/k/v -> o -> gate/up -> down): each group is
+calibrated on inputs produced by the already-quantized groups before it.
+Unknown families fall back to a discovered layer list with every linear in one group,
+which is always correct, just not sequential.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from llmq.errors import LlmqError
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linears that share one input, and the op whose output channels can absorb a scale.
+
+    ``prev`` is a norm or a linear inside the layer; ``block`` is the sub-module whose
+    output is compared when searching scales (AWQ).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    block: str
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str  # dotted path to the nn.ModuleList of decoder layers
+    sequential: tuple[tuple[str, ...], ...]  # linear names relative to a layer, grouped by shared input
+    scaling: tuple[ScaleGroup, ...] = ()
+
+    def linears(self) -> list[str]:
+        return [name for group in self.sequential for name in group]
+
+
+_LLAMA = Arch(
+    layers="model.layers",
+    sequential=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    scaling=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    ),
+)
+
+_OPT = Arch(
+    layers="model.decoder.layers",
+    sequential=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.out_proj",),
+        ("fc1",),
+        ("fc2",),
+    ),
+    scaling=(
+        ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+        ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
+        ScaleGroup("fc1", ("fc2",), "fc2"),
+    ),
+)
+
+_NEOX = Arch(
+    layers="gpt_neox.layers",
+    sequential=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+    scaling=(
+        ScaleGroup("input_layernorm", ("attention.query_key_value",), "attention"),
+        ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
+        ScaleGroup("mlp.dense_h_to_4h", ("mlp.dense_4h_to_h",), "mlp.dense_4h_to_h"),
+    ),
+)
+
+_PHI3 = Arch(
+    layers="model.layers",
+    sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    scaling=(
+        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+    ),
+)
+
+# Phi(-2) runs attention and MLP in parallel off one layernorm.
+_PHI = Arch(
+    layers="model.layers",
+    sequential=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"),
+        ("self_attn.dense",),
+        ("mlp.fc2",),
+    ),
+    scaling=(
+        ScaleGroup("self_attn.v_proj", ("self_attn.dense",), "self_attn.dense"),
+        ScaleGroup("mlp.fc1", ("mlp.fc2",), "mlp.fc2"),
+    ),
+)
+
+ARCHS: dict[str, Arch] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "olmo": _LLAMA,
+    "olmo2": _LLAMA,
+    "opt": _OPT,
+    "gpt_neox": _NEOX,
+    "phi3": _PHI3,
+    "phi": _PHI,
+}
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def arch_for(model: nn.Module) -> Arch:
+    """The table for this model, or a discovered fallback for unknown families."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in ARCHS:
+        arch = ARCHS[model_type]
+        try:
+            layers = get_module(model, arch.layers)
+            first = layers[0]
+            for name in arch.linears():
+                first.get_submodule(name)
+        except (AttributeError, IndexError):
+            pass  # this checkpoint's module names differ from the table: discover instead
+        else:
+            return arch
+    return _discover(model)
+
+
+def _discover(model: nn.Module) -> Arch:
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    candidates = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers)
+    ]
+    if not candidates:
+        raise LlmqError(f"cannot find the decoder layers of model type {getattr(model.config, 'model_type', '?')!r}")
+    name, layers = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
+    linears = tuple(n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear))
+    if not linears:
+        raise LlmqError(f"the decoder layers of model type {model.config.model_type!r} contain no nn.Linear to quantize")
+    # One group: every linear sees inputs from the unquantized layer, which is valid for any wiring.
+    return Arch(layers=name, sequential=(linears,))

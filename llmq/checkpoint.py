@@ -1,0 +1,123 @@
+"""Checkpoint directories: written atomically, read back into a plain torch model.
+
+Writing goes to a hidden temporary directory beside the target and is renamed into
+place only when complete, so a failed or interrupted run never leaves a half-written
+output.  Reading dequantizes every packed linear into an ordinary ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmq.errors import LlmqError
+from llmq.source import ModelSource
+
+# Everything a runtime needs besides the weights; copied verbatim from the source.
+SIDECAR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+class OutputDir:
+    """``with OutputDir(path) as tmp: ...write into tmp...`` -> renamed to ``path`` on success."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False):
+        self.path = Path(path).expanduser()
+        self.overwrite = overwrite
+        if self.path.exists():
+            if not self.path.is_dir():
+                raise LlmqError(f"output {str(self.path)!r} exists and is not a directory")
+            if any(self.path.iterdir()) and not overwrite:
+                raise LlmqError(f"output directory {str(self.path)!r} is not empty (pass --overwrite to replace it)")
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LlmqError(f"cannot create output directory {str(parent)!r}: {e.strerror}") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise LlmqError(f"output directory {str(parent)!r} is not writable")
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".llmq-tmp", dir=self.path.parent))
+        except OSError as e:
+            raise LlmqError(f"cannot write in {str(self.path.parent)!r}: {e.strerror}") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 would survive the rename
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.rename(self.tmp, self.path)
+
+
+def copy_sidecars(src_dir: Path, dst_dir: Path) -> None:
+    for name in SIDECAR_FILES:
+        if (src_dir / name).is_file():
+            shutil.copyfile(src_dir / name, dst_dir / name)  # not copy2: keep our umask, not read-only modes
+
+
+def write_config(src_dir: Path, dst_dir: Path, dtype: str, quantization_config: dict[str, Any] | None) -> None:
+    """The source config.json, with the output dtype and (if quantized) quantization_config."""
+    cfg = json.loads((src_dir / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = dtype
+    cfg["torch_dtype"] = dtype  # transformers < 5 and runtimes built on them read this key
+    cfg["use_cache"] = True
+    if quantization_config is not None:
+        cfg["quantization_config"] = quantization_config
+    (dst_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def quantization_config_of(source: ModelSource) -> dict[str, Any] | None:
+    q = getattr(source.config, "quantization_config", None)
+    if q is None:
+        return None
+    return q if isinstance(q, dict) else q.to_dict()
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
+               trust_remote_code: bool = False) -> tuple[nn.Module, ModelSource]:
+    """Any causal LM checkpoint (plain or a quantized layout llmq reads) as a torch model in ``dtype``."""
+    from llmq.formats import FORMATS
+
+    source = ModelSource(name, revision=revision, trust_remote_code=trust_remote_code)
+    qcfg = quantization_config_of(source)
+    if qcfg is not None:
+        method = qcfg.get("quant_method")
+        if method not in FORMATS:
+            raise LlmqError(f"{name!r} is quantized with {method!r}, which llmq cannot read yet (reads: {', '.join(FORMATS)})")
+        # The skeleton must be a plain model: transformers would otherwise look for a quantization backend.
+        delattr(source.config, "quantization_config")
+    model = source.skeleton(dtype)
+    if qcfg is not None:
+        fmt = FORMATS[qcfg["quant_method"]]
+        spec = fmt.spec_from_config(qcfg)
+        for mod_name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and source.has_tensor(f"{mod_name}.{fmt.suffixes[0]}"):
+                tensors = {s: source.load_tensor(f"{mod_name}.{s}") for s in fmt.suffixes if source.has_tensor(f"{mod_name}.{s}")}
+                qt = fmt.unpack(tensors, spec, (mod.out_features, mod.in_features), checkpoint_format=qcfg.get("checkpoint_format"))
+                mod.weight = nn.Parameter(qt.dequantize(dtype), requires_grad=False)
+    source.materialize(model, "", dtype)
+    if getattr(source.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise LlmqError(f"{name!r} lacks weights for {len(missing)} parameters (first: {missing[0]})")
+    return model.eval(), source

@@ -1,0 +1,165 @@
+"""Command line: ``python -m llmq {quantize,eval} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from llmq.errors import LlmqError
+
+EPILOG_QUANTIZE = """examples:
+  python -m llmq quantize --model meta-llama/Llama-2-7b-hf --method gptq --bits 4 --group-size 128 --out llama2-7b-w4g128
+  python -m llmq quantize --config configs/gptq-w4g128.yaml --model ./my-model --out ./my-model-gptq
+  python -m llmq quantize --model ./my-model --method rtn --bits 8 --group-size -1 --out ./my-model-w8
+"""
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from llmq.methods import METHODS
+
+    p = sub.add_parser("quantize", help="quantize a causal LM, streaming one decoder layer at a time",
+                       description="Quantize a Hugging Face causal LM layer by layer and write a GPTQ-layout checkpoint.",
+                       epilog=EPILOG_QUANTIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="hub id or local directory of the fp model")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--config", help="YAML recipe (see configs/); flags given here override it")
+    p.add_argument("--method", choices=sorted(METHODS), help="quantization method (default rtn)")
+    p.add_argument("--bits", type=int, help="code width: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, help="columns per scale; -1 = one per output channel (default 128)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sym", dest="sym", action="store_const", const=True, help="symmetric grid (default)")
+    g.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric grid with zero points")
+    p.add_argument("--damp", type=float, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--block-size", type=int, help="GPTQ lazy-batch block size (default 128)")
+    p.add_argument("--act-order", action="store_const", const=True, help="GPTQ: quantize columns by decreasing diag(H) (static groups)")
+    p.add_argument("--static-groups", action="store_const", const=True, help="GPTQ: fix group grids from the unquantized weights")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False,
+                   help="GPTQ: calibrate all linears of a layer on the unquantized layer's inputs")
+    p.add_argument("--dataset", help="calibration text: wikitext2, c4, pile-val, a .txt/.jsonl/.parquet file or owner/name[:config][@split]")
+    p.add_argument("--split", help="dataset split (default: train for known sets)")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default min(2048, context))")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--format", choices=["gptq"], help="checkpoint layout (default gptq)")
+    p.add_argument("--dtype", help="dtype of unquantized tensors: float16 (default), bfloat16, float32")
+    p.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 4GB (default)")
+    p.add_argument("--skip", action="append", help="linear name pattern to leave unquantized (repeatable)")
+    p.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1)")
+    p.add_argument("--revision", help="hub revision of --model")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quantize)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity (GPTQ protocol), and KL divergence vs a reference model",
+                       description="Perplexity over non-overlapping windows of a tokenized text; with --reference also "
+                                   "mean KL divergence and top-1 agreement against that model.")
+    p.add_argument("--model", required=True, help="hub id or directory (plain or llmq/GPTQ checkpoint)")
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2 (default), c4, a .txt/.jsonl/.parquet file, or owner/name[:config][@split]")
+    p.add_argument("--split", help="dataset split (default: test for wikitext2)")
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, context))")
+    p.add_argument("--reference", help="unquantized model to compare against (KL divergence, top-1 agreement)")
+    p.add_argument("--dtype", default="float32", help="dtype to evaluate in (default float32)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
+    p.add_argument("--json", help="also write the result as JSON to this file")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from llmq.config import build_config, load_recipe
+    from llmq.pipeline import quantize_model
+    from llmq.source import ModelSource
+
+    recipe = load_recipe(args.config) if args.config else {}
+    overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "damp", "block_size", "act_order",
+                                               "static_groups", "true_sequential", "dataset", "split", "nsamples",
+                                               "seqlen", "seed", "format", "dtype", "max_shard_size", "skip")}
+    cfg = build_config(recipe, overrides)
+    source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+    size = sum(p.stat().st_size for p in Path(stats.output).glob("*.safetensors"))
+    print(f"wrote {stats.output} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: "
+          f"{cfg.method} {'' if cfg.method in ('fp16', 'bf16', 'fp32') else f'W{cfg.bits} g{cfg.group_size} ' + ('sym' if cfg.sym else 'asym')}")
+    errors = [r["error"] for r in stats.records if "error" in r]
+    if errors:
+        worst = max(stats.records, key=lambda r: r.get("error", -1))
+        print(f"reconstruction error (relative ||WX-QX||^2): mean {sum(errors) / len(errors):.4g}, "
+              f"worst {worst['error']:.4g} at layer {worst['layer']} {worst['module']}")
+        fallbacks = [r for r in stats.records if r.get("fallback_rtn")]
+        if fallbacks:
+            print(f"warning: {len(fallbacks)} modules fell back to RTN (see llmq_quantize_log.jsonl)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llmq.checkpoint import load_model
+    from llmq.data import eval_tokens
+    from llmq.eval import evaluate
+    from llmq.pipeline import load_tokenizer
+    from llmq.source import torch_dtype
+
+    dtype = torch_dtype(args.dtype)
+    model, source = load_model(args.model, dtype, trust_remote_code=args.trust_remote_code)
+    context = getattr(source.config, "max_position_embeddings", None)
+    seqlen = args.seqlen or min(2048, context or 2048)
+    if seqlen < 2:
+        raise LlmqError(f"--seqlen must be at least 2, got {seqlen}")
+    if context is not None and seqlen > context:
+        raise LlmqError(f"--seqlen {seqlen} exceeds the model's context length {context}")
+    reference = None
+    if args.reference:
+        reference, ref_source = load_model(args.reference, dtype, trust_remote_code=args.trust_remote_code)
+        if reference.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
+            raise LlmqError("--reference has a different vocabulary size; KL divergence needs the same tokenizer")
+    tokens = eval_tokens(load_tokenizer(source), args.dataset, args.split)
+    if args.max_windows:
+        tokens = tokens[: args.max_windows * seqlen]
+    model.to(args.device)
+    if reference is not None:
+        reference.to(args.device)
+    r = evaluate(model, tokens, seqlen, reference, device=args.device, progress=not args.quiet)
+    print(f"model {args.model}  dataset {args.dataset}  seqlen {seqlen}  windows {r.windows}  tokens scored {r.tokens_scored}")
+    print(f"perplexity {r.ppl:.4f}")
+    if reference is not None:
+        print(f"reference {args.reference}: perplexity {r.reference_ppl:.4f}  mean KL {r.kld:.6f}  top-1 agreement {100 * r.top1:.2f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "dataset": args.dataset, "reference": args.reference,
+                                               **r.to_dict()}, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmq import __version__
+
+    parser = argparse.ArgumentParser(prog="llmq", description="Calibrated LLM weight quantization (RTN, GPTQ) with layer streaming.")
+    parser.add_argument("--version", action="version", version=f"llmq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quantize(sub)
+    _add_eval(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="llmq: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LlmqError as e:
+        print(f"llmq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

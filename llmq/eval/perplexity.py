@@ -1,0 +1,68 @@
+"""Perplexity over non-overlapping windows, and KL divergence / top-1 agreement against a reference.
+
+Protocol (GPTQ paper): the evaluation text is tokenized once, cut into
+``len // seqlen`` non-overlapping windows (the tail shorter than a window is dropped),
+and in every window each token after the first is scored from its prefix.
+Perplexity is exp of the mean negative log-likelihood over all scored tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmq.errors import LlmqError
+
+
+@dataclass
+class EvalResult:
+    seqlen: int
+    windows: int
+    tokens_scored: int
+    nll: float
+    ppl: float
+    kld: float | None = None  # mean KL(reference || model) per scored token, nats
+    top1: float | None = None  # fraction of scored tokens where both models' argmax agree
+    reference_ppl: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int, reference: nn.Module | None = None,
+             device: str = "cpu", progress: bool = True) -> EvalResult:
+    tokens = tokens.reshape(-1)
+    windows = tokens.numel() // seqlen
+    if windows == 0:
+        raise LlmqError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}")
+    nll_sum = ref_nll_sum = kl_sum = 0.0
+    agree = 0
+    scored = 0
+    for w in tqdm(range(windows), desc="eval", unit="window", disable=not progress, dynamic_ncols=True):
+        ids = tokens[w * seqlen : (w + 1) * seqlen][None].to(device)
+        targets = ids[0, 1:]
+        logp = F.log_softmax(_logits(model, ids), dim=-1)
+        nll_sum += -logp.gather(1, targets[:, None]).sum().item()
+        scored += targets.numel()
+        if reference is not None:
+            ref_logp = F.log_softmax(_logits(reference, ids), dim=-1)
+            ref_nll_sum += -ref_logp.gather(1, targets[:, None]).sum().item()
+            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    nll = nll_sum / scored
+    result = EvalResult(seqlen=seqlen, windows=windows, tokens_scored=scored, nll=nll, ppl=math.exp(nll))
+    if reference is not None:
+        result.kld = kl_sum / scored
+        result.top1 = agree / scored
+        result.reference_ppl = math.exp(ref_nll_sum / scored)
+    return result

@@ -1,0 +1,161 @@
+"""GPTQ (Frantar et al., 2022): quantize columns one at a time, feeding each column's
+rounding error forward into the not-yet-quantized columns through the inverse Hessian
+of the layer-wise reconstruction loss ||WX - QX||^2, with H = 2/N * sum x x^T.
+
+Blocked "lazy batch" updates keep the work in matrix products; act-order visits columns
+by decreasing diag(H) and, with static groups, keeps every group's grid fixed from the
+unquantized weights so g_idx stays monotone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llmq.grid import QuantSpec, dequantize, fit_params, group_index, quantize
+from llmq.methods.base import Method
+from llmq.methods.rtn import rtn_quantize
+from llmq.qtensor import QuantizedTensor
+
+log = logging.getLogger("llmq.gptq")
+
+
+class Hessian:
+    """Running average of 2 x x^T over calibration tokens, in fp32 (or the given dtype)."""
+
+    def __init__(self, n: int, dtype: torch.dtype = torch.float32):
+        self.H = torch.zeros(n, n, dtype=dtype)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
+        m = x.shape[0]
+        # Rescale the old mean before adding: no sum ever grows with the number of samples.
+        self.H *= self.count / (self.count + m)
+        self.count += m
+        x = x * math.sqrt(2 / self.count)
+        self.H += x.T @ x
+
+
+@dataclass
+class SolveInfo:
+    damp: float  # fraction of mean(diag H) that was finally added
+    fallback_rtn: bool
+    error: float  # relative reconstruction error  tr(dW H dW^T) / tr(W H W^T)
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, escalating damp x10 until it works."""
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    frac = damp
+    while frac <= 1.0 + 1e-9:
+        L, info = torch.linalg.cholesky_ex(H + frac * mean_diag * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, frac
+        frac *= 10
+    return None, frac
+
+
+def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    d = (W - Q).to(H.dtype)
+    num = torch.sum((d @ H) * d)
+    den = torch.sum((W.to(H.dtype) @ H) * W.to(H.dtype))
+    return float(num / den) if den > 0 else float(num)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False, static_groups: bool = False) -> tuple[QuantizedTensor, SolveInfo]:
+    """Quantize W (out x in) against Hessian H (in x in). Works in H's dtype."""
+    dtype = H.dtype
+    W0 = W.to(dtype)
+    W = W0.clone()
+    H = H.clone()
+    out, n = W.shape
+    gs, groups = spec.effective_group_size(n), spec.groups(n)
+
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static = static_groups or act_order or gs == n
+    scale = torch.zeros(out, groups, dtype=dtype)
+    zero = torch.zeros(out, groups, dtype=dtype)
+    if static:
+        for g in range(groups):
+            s, z = fit_params(W[:, g * gs : (g + 1) * gs], spec)
+            scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    W = W[:, perm]
+    col_group = perm // gs  # group of each (permuted) column
+    U, used_damp = _inverse_cholesky(H[perm][:, perm], damp)
+    if U is None:
+        log.warning("Hessian not positive definite even with damp=1.0; falling back to RTN for this module")
+        qt = rtn_quantize(W0, spec)
+        return qt, SolveInfo(damp=used_damp, fallback_rtn=True, error=relative_error(W0, qt.dequantize(dtype), H))
+
+    # Dynamic groups take their grid from the error-updated weights when their first column
+    # comes up; aligning blocks to groups keeps those columns fully updated (as in the naive loop).
+    bs = block_size if gs >= n else max(gs, block_size // gs * gs)
+
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, bs):
+        i2 = min(i1 + bs, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(col_group[col])
+            if not static and col % gs == 0:
+                s, z = fit_params(W1[:, i : i + gs], spec)
+                scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
+            w = W1[:, i]
+            q = quantize(w, scale[:, g], zero[:, g], spec.maxq)
+            Q[:, col] = q
+            err = (w - dequantize(q, scale[:, g], zero[:, g])) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    Q = Q[:, inv]
+    qt = QuantizedTensor.from_float_codes(Q, scale, zero, group_index(n, spec), spec)
+    return qt, SolveInfo(damp=used_damp, fallback_rtn=False, error=relative_error(W0, qt.dequantize(dtype), H))
+
+
+class GPTQ(Method):
+    name = "gptq"
+    needs_calibration = True
+
+    def quantize_layer(self, layer, arch, targets, inputs, log):
+        cfg = self.cfg
+        wanted = set(targets)
+        steps = arch.sequential if cfg.true_sequential else (tuple(arch.linears()),)
+        result = {}
+        for step in steps:
+            names = [n for n in step if n in wanted]
+            if not names:
+                continue
+            modules = {n: layer.get_submodule(n) for n in names}
+            hessians = {n: Hessian(m.in_features) for n, m in modules.items()}
+            inputs.run(layer, {modules[n]: hessians[n].add for n in names})
+            for name in names:
+                linear = modules[name]
+                t0 = time.perf_counter()
+                qt, info = gptq_quantize(linear.weight.data, hessians[name].H, self.spec, cfg.damp, cfg.block_size,
+                                         cfg.act_order, cfg.static_groups)
+                linear.weight.data = qt.dequantize(linear.weight.dtype)
+                result[name] = qt
+                log.add(name, error=info.error, damp=info.damp, fallback_rtn=info.fallback_rtn,
+                        seconds=round(time.perf_counter() - t0, 4), tokens=hessians[name].count)
+                del hessians[name]
+        return result

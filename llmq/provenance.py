@@ -1,0 +1,49 @@
+"""Provenance: where a checkpoint came from, how it was made, and hashes to verify it."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import platform
+from pathlib import Path
+from typing import Any
+
+import llmq
+
+PROVENANCE_FILE = "llmq_provenance.json"
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path, skip: tuple[str, ...] = (PROVENANCE_FILE,)) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
+
+
+def environment() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"llmq": llmq.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def record(source_name: str, source_revision: str | None, source_files: dict[str, str], recipe: dict[str, Any],
+           files: dict[str, str]) -> dict[str, Any]:
+    return {
+        "llmq_version": llmq.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"model": source_name, "revision": source_revision, "files_sha256": source_files},
+        "recipe": recipe,
+        "environment": environment(),
+        "files_sha256": files,
+    }

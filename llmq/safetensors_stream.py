@@ -1,0 +1,87 @@
+"""A safetensors writer whose memory use does not grow with the checkpoint.
+
+Tensors are appended to a data file as they arrive; when a shard is full its header
+is written and the data streamed behind it.  Files follow the safetensors format
+(8-byte little-endian header length, JSON header padded to 8 bytes, raw data), so
+any safetensors reader loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class ShardedWriter:
+    def __init__(self, directory: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
+        self.dir = Path(directory)
+        self.max = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._entries: dict[str, dict] = {}
+        self._data: Path | None = None
+        self._fh = None
+        self._offset = 0
+        self.total_size = 0
+        self._names: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} written twice")
+        self._names.add(name)
+        t = tensor.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        if self._fh is not None and self._offset and self._offset + len(raw) > self.max:
+            self._close_shard()
+        if self._fh is None:
+            self._data = self.dir / f".shard-{len(self._shards):05d}.data"
+            self._fh = open(self._data, "wb")
+            self._offset = 0
+            self._entries = {}
+        self._fh.write(raw)
+        self._entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [self._offset, self._offset + len(raw)]}
+        self._offset += len(raw)
+        self.total_size += len(raw)
+
+    def _close_shard(self) -> None:
+        assert self._fh is not None and self._data is not None
+        self._fh.close()
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * ((-len(header)) % 8)
+        final = self.dir / f".shard-{len(self._shards):05d}.safetensors"
+        with open(final, "wb") as out, open(self._data, "rb") as src:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(src, out, length=16 << 20)
+        self._data.unlink()
+        self._shards.append((final, list(self._entries)))
+        self._fh, self._data = None, None
+
+    def finish(self) -> list[Path]:
+        """Close the last shard, give shards their HF names, write the index when sharded."""
+        if self._fh is not None:
+            self._close_shard()
+        n = len(self._shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map: dict[str, str] = {}
+        paths = []
+        for (tmp, tensors), name in zip(self._shards, names):
+            tmp.rename(self.dir / name)
+            paths.append(self.dir / name)
+            weight_map.update({t: name for t in tensors})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            paths.append(self.dir / "model.safetensors.index.json")
+        return paths

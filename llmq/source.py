@@ -1,0 +1,184 @@
+"""Model access without loading the model.
+
+A :class:`ModelSource` resolves a hub id or local directory, builds the model
+skeleton on the ``meta`` device, and reads individual tensors lazily from the
+safetensors shards.  The pipeline materializes one decoder layer at a time through
+:meth:`ModelSource.materialize` and frees it with :func:`release`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from llmq.errors import LlmqError
+
+# What a quantization run needs from a hub repository (no .bin/.h5/.msgpack duplicates).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
+def resolve_model_dir(model: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
+    """A local directory as is; anything else is treated as a Hugging Face Hub repo id."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise LlmqError(f"model path {model!r} is a file, expected a directory or a hub id")
+    looks_local = model.startswith((".", "/", "~")) or os.sep + os.sep in model or model.count("/") > 1
+    if looks_local:
+        raise LlmqError(f"model directory {model!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=model, revision=revision, allow_patterns=allow_patterns or HUB_PATTERNS))
+    except Exception as e:  # network, auth, not found: all are the user's to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LlmqError(f"{model!r} is not a local directory and could not be fetched from the Hugging Face Hub: {first}") from None
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise LlmqError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
+    return table[name]
+
+
+class ModelSource:
+    def __init__(self, model: str, revision: str | None = None, trust_remote_code: bool = False):
+        self.name = model
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code
+        self.dir = resolve_model_dir(model, revision)
+        if not (self.dir / "config.json").is_file():
+            raise LlmqError(f"{model!r} has no config.json; is it a transformers model directory?")
+        from transformers import AutoConfig
+
+        try:
+            self.config = AutoConfig.from_pretrained(self.dir, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise LlmqError(f"cannot read the config of {model!r}: {str(e).splitlines()[0]}") from None
+        self._index = self._build_index()
+        self.base_prefix = ""  # the model class's base_model_prefix, known once skeleton() ran
+        self.tied: dict[str, str] = {}  # parameter stored under another name (tied embeddings)
+        self.tensors_read = 0  # count of tensors read from disk: lets tests and logs see the streaming
+
+    # ---- tensors on disk -------------------------------------------------
+    def _build_index(self) -> dict[str, Path]:
+        index_file = self.dir / "model.safetensors.index.json"
+        if index_file.is_file():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            return {k: self.dir / v for k, v in weight_map.items()}
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            if any(self.dir.glob("*.bin")) or any(self.dir.glob("*.pt")):
+                raise LlmqError(f"{self.name!r} has only PyTorch .bin weights; llmq reads safetensors (convert the checkpoint first)")
+            raise LlmqError(f"{self.name!r} contains no .safetensors weights")
+        index: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    index[k] = f
+        return index
+
+    def files(self) -> list[Path]:
+        """The source's config and weight files (for provenance hashes)."""
+        out = {self.dir / "config.json", *self._index.values()}
+        idx = self.dir / "model.safetensors.index.json"
+        if idx.is_file():
+            out.add(idx)
+        return sorted(out)
+
+    def checkpoint_key(self, name: str) -> str | None:
+        """Map a module state-dict name to the key stored on disk (prefix differences, tied heads)."""
+        if name in self._index:
+            return name
+        prefix = self.base_prefix
+        candidates = []
+        if prefix and name.startswith(prefix + "."):
+            candidates.append(name[len(prefix) + 1 :])
+        if prefix:
+            candidates.append(f"{prefix}.{name}")
+        for c in candidates:
+            if c in self._index:
+                return c
+        if name in self.tied:
+            return self.checkpoint_key(self.tied[name])
+        return None
+
+    def has_tensor(self, name: str) -> bool:
+        return self.checkpoint_key(name) is not None
+
+    def load_tensor(self, name: str) -> torch.Tensor:
+        key = self.checkpoint_key(name)
+        if key is None:
+            raise LlmqError(f"tensor {name!r} is missing from the checkpoint of {self.name!r}")
+        with safe_open(str(self._index[key]), framework="pt") as st:
+            t = st.get_tensor(key)
+        self.tensors_read += 1
+        return t
+
+    # ---- the model skeleton ----------------------------------------------
+    def skeleton(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The causal LM with every parameter on the meta device (buffers stay real)."""
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        self.config.use_cache = False
+        try:
+            with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = AutoModelForCausalLM.from_config(self.config, dtype=dtype, trust_remote_code=self.trust_remote_code)
+        except ValueError as e:
+            raise LlmqError(f"{self.name!r} is not a causal language model ({type(self.config).__name__}): {str(e).splitlines()[0]}") from None
+        model.eval()
+        self.base_prefix = model.base_model_prefix or ""
+        tied = getattr(model, "_tied_weights_keys", None)
+        if getattr(self.config, "tie_word_embeddings", False) and isinstance(tied, dict):
+            # e.g. {"lm_head.weight": "model.embed_tokens.weight"}: the checkpoint stores only the target
+            self.tied = {k: v for k, v in tied.items() if not self.has_tensor(k)}
+        return model
+
+    def materialize(self, model: nn.Module, prefix: str, dtype: torch.dtype) -> nn.Module:
+        """Read the parameters of the sub-module at ``prefix`` from disk into memory."""
+        module = model.get_submodule(prefix) if prefix else model
+        for name, param in list(module.named_parameters(recurse=True)):
+            if param.device.type != "meta":
+                continue
+            full = f"{prefix}.{name}" if prefix else name
+            t = self.load_tensor(full)
+            if t.shape != param.shape:
+                raise LlmqError(f"tensor {full!r} has shape {tuple(t.shape)} on disk but {tuple(param.shape)} in the model config")
+            if t.is_floating_point():
+                t = t.to(dtype)
+            _set_param(module, name, t)
+        return module
+
+    def named_tensors(self) -> Iterator[str]:
+        return iter(self._index)
+
+
+def _set_param(root: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = dotted.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def release(module: nn.Module) -> None:
+    """Drop a module's parameters back to the meta device, freeing their memory."""
+    for name, param in list(module.named_parameters(recurse=True)):
+        if param.device.type != "meta":
+            _set_param(module, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+
+
+def is_resident(module: nn.Module) -> bool:
+    return any(p.device.type != "meta" for p in module.parameters())
