@@ -206,12 +206,16 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
                 inputs.advance(layer)
 
             packed = {f"{name}.weight": fmt.pack(qt) for name, qt in qts.items()} if fmt else {}
+            # Tensors keep the source checkpoint's names, so whatever loads the source loads this.
             for name, t in layer.state_dict().items():
+                key = source.checkpoint_key(f"{prefix}.{name}")
+                if key is None:
+                    continue  # a derived buffer, not stored in the checkpoint
                 if name in packed:
                     for suffix, tensor in packed[name].items():
-                        writer.add(f"{prefix}.{name[: -len('weight')]}{suffix}", tensor)
-                elif source.has_tensor(f"{prefix}.{name}"):  # skip non-persistent/derived buffers
-                    writer.add(f"{prefix}.{name}", t.to(out_dtype) if t.is_floating_point() else t)
+                        writer.add(key[: -len("weight")] + suffix, tensor)
+                else:
+                    writer.add(key, _cast(t, out_dtype))
             quantized_names.extend(f"{prefix}.{n}" for n in qts)
             release(layer)
         bar.close()
@@ -221,7 +225,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
         for name, param in model.named_parameters():
             if name.startswith(layer_prefix) or name in source.tied:
                 continue
-            writer.add(name, _cast(source.load_tensor(name), out_dtype))
+            writer.add(source.checkpoint_key(name) or name, _cast(source.load_tensor(name), out_dtype))
         writer.finish()
 
         qcfg = None

@@ -69,6 +69,7 @@ class ModelSource:
             raise LlmqError(f"cannot read the config of {model!r}: {str(e).splitlines()[0]}") from None
         self._index = self._build_index()
         self.base_prefix = ""  # the model class's base_model_prefix, known once skeleton() ran
+        self._key_map: dict[str, str] = {}  # model parameter name -> checkpoint key, known once skeleton() ran
         self.tied: dict[str, str] = {}  # parameter stored under another name (tied embeddings)
         self.tensors_read = 0  # count of tensors read from disk: lets tests and logs see the streaming
 
@@ -100,6 +101,8 @@ class ModelSource:
 
     def checkpoint_key(self, name: str) -> str | None:
         """Map a module state-dict name to the key stored on disk (prefix differences, tied heads)."""
+        if name in self._key_map:
+            return self._key_map[name]
         if name in self._index:
             return name
         prefix = self.base_prefix
@@ -142,6 +145,7 @@ class ModelSource:
             raise LlmqError(f"{self.name!r} is not a causal language model ({type(self.config).__name__}): {str(e).splitlines()[0]}") from None
         model.eval()
         self.base_prefix = model.base_model_prefix or ""
+        self._key_map = _checkpoint_names(model, list(self._index))
         tied = getattr(model, "_tied_weights_keys", None)
         if getattr(self.config, "tie_word_embeddings", False) and isinstance(tied, dict):
             # e.g. {"lm_head.weight": "model.embed_tokens.weight"}: the checkpoint stores only the target
@@ -165,6 +169,28 @@ class ModelSource:
 
     def named_tensors(self) -> Iterator[str]:
         return iter(self._index)
+
+
+def _checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Model name -> checkpoint key, through transformers' own renaming rules (e.g. GPT-NeoX's
+    ``embed_out`` is ``lm_head`` in the module tree).  Keys that need a real conversion (fused
+    expert weights and the like) are left out: asking for them fails clearly later."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # other transformers versions: names are used as they are
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    meta = dict.fromkeys(model.state_dict(), True)
+    mapping = {}
+    for key in keys:
+        new, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if converted is None:
+            mapping[new] = key
+    return mapping
 
 
 def _set_param(root: nn.Module, dotted: str, tensor: torch.Tensor) -> None:

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("LLMQ_ASSETS", ROOT.parent / "shared" / "assets"))
+STORIES = ASSETS / "models" / "stories260K"
+REF6M = ASSETS / "models" / "llmq-ref-6m"
+TINYSTORIES = ASSETS / "datasets" / "tinystories" / "valid-sample.txt"
+WIKI_TEST = ASSETS / "datasets" / "wikitext-2-raw-v1" / "test-00000-of-00001.parquet"
+C4 = ASSETS / "datasets" / "c4-sample" / "c4_sample_200docs.jsonl"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared asset {path} is not available")
+    return path
+
+
+def tiny_config(model_type: str, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 128):
+    """A small random config of a supported family, built from transformers' own config classes."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  intermediate_size=inter, max_position_embeddings=256, tie_word_embeddings=False,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        common.update(num_key_value_heads=2)
+    if model_type == "qwen3":
+        common.update(head_dim=16)
+    if model_type == "opt":
+        common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      ffn_dim=inter, max_position_embeddings=256, word_embed_proj_dim=hidden,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model_type == "gpt_neox":
+        common.update(rotary_pct=0.5)
+    return AutoConfig.for_model(model_type, **common)
+
+
+def save_tiny(model_type: str, path: Path, seed: int = 0, **kw) -> Path:
+    """Save a randomly initialised model of that family (fp32 safetensors) with a byte-level tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kw))
+    model.save_pretrained(path)
+    # Reuse the stories260K tokenizer files where the vocab fits (512 tokens).
+    return path
+
+
+@pytest.fixture
+def stories() -> Path:
+    return need(STORIES)
+
+
+@pytest.fixture
+def tinystories_text() -> Path:
+    return need(TINYSTORIES)

@@ -1,0 +1,88 @@
+"""Quantize a real model, check the on-disk GPTQ layout with safetensors' own reader, and load it back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from llmq.checkpoint import load_model
+from llmq.config import build_config
+from llmq.grid import QuantSpec
+from llmq.methods.rtn import rtn_quantize
+from llmq.pipeline import quantize_model
+from llmq.provenance import PROVENANCE_FILE, sha256_file
+from llmq.source import ModelSource
+
+
+@pytest.fixture(scope="module")
+def rtn_ckpt(tmp_path_factory):
+    from conftest import STORIES, need
+
+    need(STORIES)
+    out = tmp_path_factory.mktemp("ck") / "q"
+    cfg = build_config({}, {"method": "rtn", "bits": 4, "group_size": 32, "dtype": "float32", "max_shard_size": "100KB"})
+    quantize_model(ModelSource(str(STORIES)), cfg, out, progress=False)
+    return out, STORIES
+
+
+def test_layout_names_dtypes_shapes(rtn_ckpt):
+    out, src = rtn_ckpt
+    index = json.loads((out / "model.safetensors.index.json").read_text())  # 100KB shards: really sharded
+    assert len(set(index["weight_map"].values())) > 1
+    tensors = {}
+    for f in set(index["weight_map"].values()):
+        tensors.update(load_file(out / f))
+    assert set(tensors) == set(index["weight_map"])
+    orig = load_file(src / "model.safetensors")
+    for name, w in orig.items():
+        if name.endswith("proj.weight"):
+            base = name[: -len("weight")]
+            out_f, in_f = w.shape
+            assert tensors[base + "qweight"].dtype == torch.int32 and tensors[base + "qweight"].shape == (-(-in_f * 4 // 32), out_f)
+            assert tensors[base + "qzeros"].dtype == torch.int32 and tensors[base + "qzeros"].shape == (-(-in_f // 32), -(-out_f * 4 // 32))
+            assert tensors[base + "scales"].dtype == torch.float16 and tensors[base + "scales"].shape == (-(-in_f // 32), out_f)
+            assert tensors[base + "g_idx"].dtype == torch.int32 and tensors[base + "g_idx"].shape == (in_f,)
+            assert name not in tensors
+        else:
+            assert torch.equal(tensors[name], w)  # unquantized tensors copied exactly (fp32 output)
+    assert "lm_head.weight" not in tensors  # tied: stored once
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "gptq" and q["bits"] == 4 and q["group_size"] == 32 and q["sym"] is True
+    assert q["desc_act"] is False and q["checkpoint_format"] == "gptq"
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_provenance_hashes(rtn_ckpt):
+    out, src = rtn_ckpt
+    prov = json.loads((out / PROVENANCE_FILE).read_text())
+    assert prov["source"]["files_sha256"]["model.safetensors"] == sha256_file(src / "model.safetensors")
+    for name, digest in prov["files_sha256"].items():
+        assert sha256_file(out / name) == digest
+    assert prov["recipe"]["method"] == "rtn" and prov["llmq_version"]
+
+
+def test_reload_equals_independent_rtn(rtn_ckpt):
+    """Loaded weights equal RTN applied directly to the original tensors (no pipeline involved)."""
+    out, src = rtn_ckpt
+    model, _ = load_model(str(out))
+    orig = load_file(src / "model.safetensors")
+    spec = QuantSpec(4, 32, True)
+    sd = model.state_dict()
+    for name, w in orig.items():
+        if name.endswith("proj.weight"):
+            assert torch.equal(sd[name], rtn_quantize(w, spec).dequantize())
+    assert torch.equal(model.lm_head.weight, orig["model.embed_tokens.weight"])
+
+
+def test_streamed_shards_open_with_safetensors(rtn_ckpt):
+    out, _ = rtn_ckpt
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            assert st.metadata()["format"] == "pt"
+            for k in st.keys():
+                st.get_tensor(k)

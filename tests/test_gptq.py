@@ -1,0 +1,131 @@
+"""GPTQ solver on single linears with known inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmq.grid import QuantSpec, fit_params
+from llmq.methods.gptq import Hessian, gptq_quantize
+from llmq.methods.rtn import rtn_quantize
+
+
+def _inputs(kind: str, n: int = 128, m: int = 2048, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(m, n, generator=g)
+    # correlated: a low-rank mixing plus a little noise, with uneven channel scales
+    base = torch.randn(m, n // 4, generator=g) @ torch.randn(n // 4, n, generator=g)
+    return base + 0.1 * torch.randn(m, n, generator=g) * torch.linspace(0.1, 3, n)
+
+
+def _hessian(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    h = Hessian(x.shape[1], dtype)
+    for chunk in x.split(300):
+        h.add(chunk)
+    return h.H
+
+
+def _out_err(w, q, x):
+    return ((x @ (w - q).T) ** 2).sum().item()
+
+
+def test_hessian_is_running_average():
+    x = _inputs("random", 16, 1000)
+    assert torch.allclose(_hessian(x, torch.float64), 2 * x.double().T @ x.double() / 1000, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["random", "correlated"])
+@pytest.mark.parametrize("bits,gs", [(4, 32), (3, -1), (4, 128), (2, 64)])
+def test_gptq_output_error_not_worse_than_rtn(kind, bits, gs):
+    x = _inputs(kind)
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
+    spec = QuantSpec(bits, gs, True)
+    qg, info = gptq_quantize(w, _hessian(x), spec)
+    qr = rtn_quantize(w, spec)
+    assert _out_err(w, qg.dequantize(), x) <= _out_err(w, qr.dequantize(), x)
+    assert not info.fallback_rtn
+
+
+@pytest.mark.parametrize("gs,sym", [(32, True), (-1, False), (128, True)])
+def test_identity_hessian_equals_rtn(gs, sym):
+    w = torch.randn(40, 128, generator=torch.Generator().manual_seed(2))
+    spec = QuantSpec(4, gs, sym)
+    qg, _ = gptq_quantize(w, torch.eye(128), spec)
+    qr = rtn_quantize(w, spec)
+    assert torch.equal(qg.codes, qr.codes) and torch.equal(qg.scales, qr.scales) and torch.equal(qg.zeros, qr.zeros)
+
+
+def test_solver_independent_of_hessian_scale():
+    x = _inputs("correlated")
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    H = _hessian(x, torch.float64)
+    spec = QuantSpec(4, 32, False)
+    a, _ = gptq_quantize(w, H, spec)
+    b, _ = gptq_quantize(w, H * 1024.0, spec)  # a power of two keeps the arithmetic exact
+    c, _ = gptq_quantize(w, H * 1e-3, spec)
+    assert torch.equal(a.codes, b.codes)
+    assert (a.codes != c.codes).float().mean() < 1e-3  # non-power-of-two scale: at most rounding ties move
+
+
+def naive_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01) -> torch.Tensor:
+    """The original algorithm one column at a time, no blocks, no lazy batches (float64)."""
+    W = W.double().clone()
+    H = H.double().clone()
+    n = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    gs = n if spec.group_size == -1 else spec.group_size
+    Q = torch.zeros_like(W)
+    for j in range(n):
+        if j % gs == 0:
+            scale, zero = fit_params(W[:, j : j + gs], spec)
+            scale, zero = scale.double(), zero.double()
+        q = torch.clamp(torch.round(W[:, j] / scale) + zero, 0, spec.maxq)
+        Q[:, j] = q
+        err = (W[:, j] - scale * (q - zero)) / Hinv[j, j]
+        W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+    return Q
+
+
+@pytest.mark.parametrize("gs,n", [(32, 192), (-1, 160), (64, 300)])
+def test_blocked_equals_naive(gs, n):
+    x = _inputs("correlated", n, 4096, seed=5)
+    w = torch.randn(48, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    H = _hessian(x, torch.float64)
+    spec = QuantSpec(4, gs, False)
+    blocked, _ = gptq_quantize(w, H, spec, block_size=128)
+    assert torch.equal(blocked.codes.long(), naive_gptq(w, H, spec).long())
+
+
+def test_act_order_static_groups_monotone_and_consistent():
+    x = _inputs("correlated", 128, 2048, seed=7)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(8))
+    spec = QuantSpec(4, 32, True)
+    q, _ = gptq_quantize(w, _hessian(x), spec, act_order=True)
+    assert torch.all(q.g_idx[1:] >= q.g_idx[:-1])
+    # static groups: every grid comes from the unquantized weights of its natural group
+    s_ref, _ = fit_params(w[:, 32:64], spec)
+    assert torch.equal(q.scales[:, 1], s_ref)
+    assert _out_err(w, q.dequantize(), x) <= _out_err(w, rtn_quantize(w, spec).dequantize(), x)
+
+
+def test_rank_deficient_and_dead_inputs_do_not_crash():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(512, 8, generator=g) @ torch.randn(8, 64, generator=g)  # rank 8 of 64
+    x[:, 5] = 0  # a dead input channel
+    w = torch.randn(32, 64, generator=g)
+    q, info = gptq_quantize(w, _hessian(x), QuantSpec(4, 32, True))
+    assert torch.isfinite(q.dequantize()).all()
+    assert q.dequantize()[:, 5].abs().max() <= q.scales.max()  # dead column quantized from zero
+
+
+def test_non_finite_hessian_falls_back_to_rtn():
+    w = torch.randn(16, 32)
+    H = torch.full((32, 32), float("nan"))
+    q, info = gptq_quantize(w, H, QuantSpec(4, 32, True))
+    assert info.fallback_rtn
+    assert torch.equal(q.codes, rtn_quantize(w, QuantSpec(4, 32, True)).codes)
