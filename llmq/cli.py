@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="llmq: %(message)s")
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # its advice targets training code, not this tool's users
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

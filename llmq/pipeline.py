@@ -149,6 +149,9 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     compute_dtype = torch.float32 if dev.type == "cpu" else _model_dtype(source)
 
     model = source.skeleton(compute_dtype)
+    missing = [n for n, _ in model.named_parameters() if not source.has_tensor(n)]
+    if missing:
+        raise LlmqError(f"the checkpoint of {source.name!r} lacks {len(missing)} of the model's weights (first: {missing[0]})")
     arch = arch_for(model)
     layers = get_module(model, arch.layers)
     context = getattr(source.config, "max_position_embeddings", None)

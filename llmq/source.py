@@ -137,6 +137,11 @@ class ModelSource:
         from transformers import AutoModelForCausalLM
 
         self.config.use_cache = False
+        archs = getattr(self.config, "architectures", None) or []
+        if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+            raise LlmqError(f"{self.name!r} is not a causal language model (architectures: {', '.join(archs)})")
+        if getattr(self.config, "is_encoder_decoder", False):
+            raise LlmqError(f"{self.name!r} is an encoder-decoder model; llmq quantizes decoder-only causal LMs")
         try:
             with init_empty_weights(include_buffers=False), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
