@@ -32,6 +32,7 @@ class Method(ABC):
     name: ClassVar[str]
     quantizes: ClassVar[bool] = True  # False: a plain dtype cast, no QuantizedTensors
     needs_calibration: ClassVar[bool] = False
+    default_dataset: ClassVar[str] = "wikitext2"  # calibration text when the recipe names none
 
     def __init__(self, cfg: QuantizeConfig):
         self.cfg = cfg
