@@ -25,6 +25,8 @@ def _hidden(out: Any) -> torch.Tensor:
 class LayerInputs:
     hidden: list[torch.Tensor]  # one (1, seqlen, hidden) tensor per calibration sample
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # Samples per forward call.  Captured kwargs (masks, rotary tables) have batch 1 and broadcast.
+    batch_size: int = 8
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -39,10 +41,11 @@ class LayerInputs:
         ]
         outputs: list[torch.Tensor] = []
         try:
-            for x in self.hidden:
+            for i in range(0, len(self.hidden), self.batch_size):
+                x = torch.cat(self.hidden[i : i + self.batch_size])
                 y = _hidden(layer(x, **self.kwargs))
                 if keep_outputs:
-                    outputs.append(y)
+                    outputs.extend(y.split(1))
         finally:
             for h in handles:
                 h.remove()

@@ -38,6 +38,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--static-groups", action="store_const", const=True, help="GPTQ: fix group grids from the unquantized weights")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False,
                    help="GPTQ: calibrate all linears of a layer on the unquantized layer's inputs")
+    p.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False,
+                   help="AWQ: skip the clipping-range search")
     p.add_argument("--dataset", help="calibration text: wikitext2, c4, pile-val, a .txt/.jsonl/.parquet file or owner/name[:config][@split]")
     p.add_argument("--split", help="dataset split (default: train for known sets)")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
@@ -66,6 +68,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", help="unquantized model to compare against (KL divergence, top-1 agreement)")
     p.add_argument("--dtype", default="float32", help="dtype to evaluate in (default float32)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -80,7 +83,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "damp", "block_size", "act_order",
-                                               "static_groups", "true_sequential", "dataset", "split", "nsamples",
+                                               "static_groups", "true_sequential", "awq_clip", "dataset", "split", "nsamples",
                                                "seqlen", "seed", "format", "dtype", "max_shard_size", "skip")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
@@ -125,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(args.device)
     if reference is not None:
         reference.to(args.device)
-    r = evaluate(model, tokens, seqlen, reference, device=args.device, progress=not args.quiet)
+    r = evaluate(model, tokens, seqlen, reference, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
     print(f"model {args.model}  dataset {args.dataset}  seqlen {seqlen}  windows {r.windows}  tokens scored {r.tokens_scored}")
     print(f"perplexity {r.ppl:.4f}")
     if reference is not None:

@@ -41,6 +41,8 @@ class QuantizeConfig:
     act_order: bool = False
     static_groups: bool = False  # group scales fixed from the unquantized weights; implied by act_order
     true_sequential: bool = True
+    # AWQ
+    awq_clip: bool = True  # search a per-group clipping range after scaling
     # output
     format: str = "gptq"
     dtype: str = "float16"  # dtype of the tensors that stay unquantized (embeddings, norms, biases)

@@ -34,9 +34,10 @@ def test_perplexity_matches_plain_loop(stories, tinystories_text):
     ref = plain_perplexity(stories, tinystories_text, 512)
     model, source = load_model(str(stories))
     tokens = eval_tokens(load_tokenizer(source), str(tinystories_text))
-    r = evaluate(model, tokens, 512, progress=False)
-    assert abs(r.ppl - ref) / ref < 1e-4
-    assert r.tokens_scored == r.windows * 511
+    for batch in (1, 4):
+        r = evaluate(model, tokens, 512, progress=False, batch_size=batch)
+        assert abs(r.ppl - ref) / ref < 1e-4
+        assert r.tokens_scored == r.windows * 511
 
 
 def test_self_reference_has_zero_kl(stories, tinystories_text):

@@ -35,30 +35,34 @@ class EvalResult:
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    return model(input_ids=ids, use_cache=False).logits[:, :-1].float()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int, reference: nn.Module | None = None,
-             device: str = "cpu", progress: bool = True) -> EvalResult:
+             device: str = "cpu", progress: bool = True, batch_size: int = 1) -> EvalResult:
+    """``batch_size`` windows go through the model at once (same numbers, better throughput)."""
     tokens = tokens.reshape(-1)
     windows = tokens.numel() // seqlen
     if windows == 0:
         raise LlmqError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}")
+    batches = tokens[: windows * seqlen].reshape(windows, seqlen).split(batch_size)
     nll_sum = ref_nll_sum = kl_sum = 0.0
     agree = 0
     scored = 0
-    for w in tqdm(range(windows), desc="eval", unit="window", disable=not progress, dynamic_ncols=True):
-        ids = tokens[w * seqlen : (w + 1) * seqlen][None].to(device)
-        targets = ids[0, 1:]
-        logp = F.log_softmax(_logits(model, ids), dim=-1)
-        nll_sum += -logp.gather(1, targets[:, None]).sum().item()
-        scored += targets.numel()
-        if reference is not None:
-            ref_logp = F.log_softmax(_logits(reference, ids), dim=-1)
-            ref_nll_sum += -ref_logp.gather(1, targets[:, None]).sum().item()
-            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
-            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    with tqdm(total=windows, desc="eval", unit="window", disable=not progress, dynamic_ncols=True) as bar:
+        for ids in batches:
+            ids = ids.to(device)
+            targets = ids[:, 1:, None]
+            logp = F.log_softmax(_logits(model, ids), dim=-1)
+            nll_sum += -logp.gather(2, targets).sum().item()
+            scored += targets.numel()
+            if reference is not None:
+                ref_logp = F.log_softmax(_logits(reference, ids), dim=-1)
+                ref_nll_sum += -ref_logp.gather(2, targets).sum().item()
+                kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+                agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            bar.update(ids.shape[0])
     nll = nll_sum / scored
     result = EvalResult(seqlen=seqlen, windows=windows, tokens_scored=scored, nll=nll, ppl=math.exp(nll))
     if reference is not None:

@@ -1,0 +1,270 @@
+"""AWQ (Lin et al., 2023): activation-aware weight quantization.
+
+For every group of linears that read the same input, search one per-input-channel
+scale s = mean|x|^a / mean|w|^(1-a) (a on a grid in [0, 1)), keep the a whose
+quantized block reproduces the unquantized block's output best, and fold s into the
+op that produces the input (a norm or a linear), so the fp function is unchanged:
+    prev(x) / s  ->  (W * s) (x / s) = W x.
+Then search, per output channel and group, how far to shrink the weight range before
+rounding (clipping), skipping q/k whose errors the softmax amplifies.  The scaled and
+clipped weights are finally rounded (RTN) or handed to GPTQ (awq+gptq).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmq.activations import LayerInputs
+from llmq.arch import Arch, ScaleGroup
+from llmq.grid import QuantSpec, fit_params, quantize
+from llmq.methods.base import LayerLog, Method
+from llmq.methods.gptq import GPTQ
+from llmq.methods.rtn import RTN
+
+N_GRID = 20
+CLIP_GRID = 20
+CLIP_MIN_RATIO = 0.5
+CLIP_TOKENS = 512  # tokens sampled for the clip search, as in the reference implementation
+NO_CLIP = ("q_proj", "k_proj", "query", "key", "qkv_proj", "query_key_value", "Wqkv")
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest on the grid, returned in w's dtype (for searching, not storing)."""
+    out, n = w.shape
+    gs, groups = spec.effective_group_size(n), spec.groups(n)
+    wp = F.pad(w.float(), (0, groups * gs - n)).reshape(out * groups, gs)
+    scale, zero = fit_params(wp, spec)
+    q = quantize(wp, scale[:, None], zero[:, None], spec.maxq)
+    return (scale[:, None] * (q - zero[:, None])).reshape(out, groups * gs)[:, :n].to(w.dtype)
+
+
+# ---- folding scales into the producing op -----------------------------------------
+
+def _is_gemma_norm(mod: nn.Module) -> bool:
+    # Gemma's RMSNorm multiplies by (1 + weight): the scale must act on (1 + weight).
+    return "gemma" in type(mod).__name__.lower() and "norm" in type(mod).__name__.lower()
+
+
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """prev's output channels / s, the linears' input columns * s: the composition is unchanged."""
+    s = s.to(torch.float32)
+    if isinstance(prev, nn.Linear):
+        prev.weight.data = (prev.weight.data.float() / s[:, None]).to(prev.weight.dtype)
+        if prev.bias is not None:
+            prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
+    else:  # a norm with an elementwise affine weight (and maybe a bias)
+        w = prev.weight.data.float()
+        prev.weight.data = ((1 + w) / s - 1 if _is_gemma_norm(prev) else w / s).to(prev.weight.dtype)
+        bias = getattr(prev, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.data = (bias.data.float() / s).to(bias.dtype)
+    for lin in linears:
+        lin.weight.data = (lin.weight.data.float() * s[None, :]).to(lin.weight.dtype)
+
+
+def can_fold(layer: nn.Module, group: ScaleGroup) -> bool:
+    prev = layer.get_submodule(group.prev)
+    width = layer.get_submodule(group.linears[0]).in_features
+    if isinstance(prev, nn.Linear):
+        return prev.out_features == width  # v -> o is skipped under GQA (fewer v channels than o inputs)
+    return isinstance(getattr(prev, "weight", None), torch.Tensor) and prev.weight.shape == (width,)
+
+
+# ---- capture -----------------------------------------------------------------------
+
+class _Captured:
+    """Inputs of each scaling group's linears, and the extra arguments its block is called with."""
+
+    def __init__(self):
+        self.x: dict[str, list[torch.Tensor]] = {}
+        self.block_kwargs: dict[str, dict[str, Any]] = {}
+
+
+def _first_param(module: nn.Module) -> str:
+    return next(iter(inspect.signature(module.forward).parameters))
+
+
+def _capture(layer: nn.Module, groups: list[ScaleGroup], inputs: LayerInputs) -> _Captured:
+    cap = _Captured()
+    handles = []
+    for g in groups:
+        cap.x[g.linears[0]] = []
+        first = layer.get_submodule(g.linears[0])
+        handles.append(first.register_forward_pre_hook(lambda _m, a, key=g.linears[0]: cap.x[key].append(a[0].detach())))
+        block = layer.get_submodule(g.block)
+
+        def keep_kwargs(module, args, kwargs, key=g.block):
+            if key not in cap.block_kwargs:
+                # The block's input is the group's input, replayed positionally later; keep the rest.
+                rest = dict(kwargs)
+                if not args:
+                    rest.pop(_first_param(module), None)
+                cap.block_kwargs[key] = rest
+
+        handles.append(block.register_forward_pre_hook(keep_kwargs, with_kwargs=True))
+    try:
+        inputs.run(layer)
+    finally:
+        for h in handles:
+            h.remove()
+    return cap
+
+
+def _block_out(block: nn.Module, xs: list[torch.Tensor], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The block over every captured batch (batches as LayerInputs formed them)."""
+    outs = []
+    for x in xs:
+        y = block(x, **kwargs)
+        outs.append(y[0] if isinstance(y, tuple) else y)
+    return outs
+
+
+def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(float((x.float() - y.float()).pow(2).sum()) for x, y in zip(a, b))
+    return num / sum(x.numel() for x in a)
+
+
+# ---- searches ----------------------------------------------------------------------
+
+@torch.no_grad()
+def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kwargs: dict[str, Any],
+                 spec: QuantSpec) -> tuple[torch.Tensor, dict[str, float]]:
+    linears = [layer.get_submodule(n) for n in group.linears]
+    block = layer.get_submodule(group.block)
+    n = linears[0].in_features
+    x_mean = torch.zeros(n, dtype=torch.float64)
+    count = 0
+    for x in xs:
+        x2 = x.reshape(-1, n)
+        x_mean += x2.abs().double().sum(0)
+        count += x2.shape[0]
+    x_mean = (x_mean / count).float()
+    # mean over output rows of |w| normalised by its group's max |w|
+    W = torch.cat([l.weight.data.float() for l in linears])
+    gs, groups = spec.effective_group_size(n), spec.groups(n)
+    Wg = F.pad(W.abs(), (0, groups * gs - n)).reshape(W.shape[0], groups, gs)
+    w_mean = (Wg / Wg.amax(dim=2, keepdim=True).clamp(min=1e-12)).reshape(W.shape[0], -1)[:, :n].mean(0)
+
+    reference = _block_out(block, xs, kwargs)
+    originals = [l.weight.data.clone() for l in linears]
+    best = (float("inf"), -1.0, torch.ones(n))
+    errors = []
+    for i in range(N_GRID):
+        alpha = i / N_GRID
+        s = (x_mean.pow(alpha) / w_mean.clamp(min=1e-4).pow(1 - alpha)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
+        for l, w0 in zip(linears, originals):
+            l.weight.data = (fake_quantize(w0.float() * s, spec) / s).to(w0.dtype)
+        err = _mse(_block_out(block, xs, kwargs), reference)
+        errors.append(err)
+        if err < best[0]:
+            best = (err, alpha, s)
+    for l, w0 in zip(linears, originals):
+        l.weight.data = w0
+    return best[2], {"alpha": best[1], "mse_alpha0": errors[0], "mse_best": best[0]}
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, xs: list[torch.Tensor], spec: QuantSpec, generator: torch.Generator,
+                out_chunk: int = 256) -> torch.Tensor:
+    """Per (output channel, group) max |w| after the best shrink, minimising the group's output error."""
+    out, n = w.shape
+    gs, groups = spec.effective_group_size(n), spec.groups(n)
+    x = torch.cat([t.reshape(-1, n) for t in xs]).float()
+    x = x[torch.randperm(x.shape[0], generator=generator)[:CLIP_TOKENS]]
+    pad = groups * gs - n
+    xg = F.pad(x, (0, pad)).reshape(-1, groups, gs)  # tokens x groups x gs
+    group_spec = QuantSpec(spec.bits, gs, spec.sym, spec.scale_dtype)
+    best_max = []
+    # Output channels in chunks: the (out x tokens x groups) products would not fit for large layers.
+    for wc in F.pad(w.float(), (0, pad)).split(out_chunk):
+        wg = wc.reshape(-1, groups, gs)
+        ref = torch.einsum("ogk,tgk->otg", wg, xg)
+        max0 = wg.abs().amax(dim=2)  # chunk x groups
+        best_err = torch.full_like(max0, float("inf"))
+        best = max0.clone()
+        for i in range(int(CLIP_GRID * (1 - CLIP_MIN_RATIO))):
+            mx = max0 * (1 - i / CLIP_GRID)
+            clipped = torch.maximum(torch.minimum(wg, mx[..., None]), -mx[..., None])
+            q = fake_quantize(clipped.reshape(wg.shape[0], -1), group_spec).reshape(wg.shape)
+            err = (torch.einsum("ogk,tgk->otg", q, xg) - ref).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, mx, best)
+        best_max.append(best)
+    return torch.cat(best_max)
+
+
+def _group_absmax(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    out, n = w.shape
+    gs, groups = spec.effective_group_size(n), spec.groups(n)
+    return F.pad(w.float().abs(), (0, groups * gs - n)).reshape(out, groups, gs).amax(dim=2)
+
+
+def apply_clip(lin: nn.Linear, max_val: torch.Tensor, spec: QuantSpec) -> None:
+    out, n = lin.weight.shape
+    gs, groups = spec.effective_group_size(n), spec.groups(n)
+    w = F.pad(lin.weight.data.float(), (0, groups * gs - n)).reshape(out, groups, gs)
+    w = torch.maximum(torch.minimum(w, max_val[..., None]), -max_val[..., None])
+    lin.weight.data = w.reshape(out, -1)[:, :n].to(lin.weight.dtype)
+
+
+# ---- the method ----------------------------------------------------------------------
+
+class AWQ(Method):
+    name = "awq"
+    needs_calibration = True
+    default_dataset = "pile-val"  # as the AWQ reference implementation
+    final = RTN
+
+    def quantize_layer(self, layer: nn.Module, arch: Arch, targets: list[str], inputs: LayerInputs | None,
+                       log: LayerLog) -> dict:
+        assert inputs is not None
+        t0 = time.perf_counter()
+        notes = self.scale_and_clip(layer, arch, targets, inputs)
+        search_seconds = round(time.perf_counter() - t0, 3)
+        # Final rounding by the wrapped method, whose per-module records get AWQ's choices added.
+        inner = LayerLog(layer=log.layer)
+        result = self.final(self.cfg).quantize_layer(layer, arch, targets, inputs, inner)
+        for rec in inner.records:
+            module = rec.pop("module")
+            rec.pop("layer", None)
+            log.add(module, **rec, **notes.get(module, {}), awq_search_seconds=search_seconds)
+        return result
+
+    def scale_and_clip(self, layer: nn.Module, arch: Arch, targets: list[str], inputs: LayerInputs) -> dict[str, dict]:
+        """Search and fold the scales of every foldable group, then clip. Returns per-module notes."""
+        wanted = set(targets)
+        groups = [g for g in arch.scaling if all(n in wanted for n in g.linears) and can_fold(layer, g)]
+        cap = _capture(layer, groups, inputs)
+        notes: dict[str, dict[str, Any]] = {}
+        for g in groups:
+            xs = cap.x[g.linears[0]]
+            s, info = search_scale(layer, g, xs, cap.block_kwargs.get(g.block, {}), self.spec)
+            fold_scales(layer.get_submodule(g.prev), [layer.get_submodule(n) for n in g.linears], s)
+            cap.x[g.linears[0]] = [x / s.to(x.dtype) for x in xs]  # the group now sees x / s
+            for name in g.linears:
+                notes[name] = {"alpha": info["alpha"], "awq_mse_alpha0": info["mse_alpha0"], "awq_mse_best": info["mse_best"]}
+        if self.cfg.awq_clip:
+            gen = torch.Generator().manual_seed(self.cfg.calibration.seed)
+            for g in groups:
+                for name in g.linears:
+                    if name.rsplit(".", 1)[-1] in NO_CLIP:
+                        continue  # q/k errors are amplified by the softmax: the reference leaves them unclipped
+                    lin = layer.get_submodule(name)
+                    max_val = search_clip(lin.weight.data, cap.x[g.linears[0]], self.spec, gen)
+                    ratio = max_val / _group_absmax(lin.weight.data, self.spec).clamp(min=1e-12)
+                    apply_clip(lin, max_val, self.spec)
+                    notes.setdefault(name, {})["clip_ratio_mean"] = float(ratio.mean())
+        return notes
+
+
+class AWQGPTQ(AWQ):
+    name = "awq+gptq"
+    final = GPTQ
