@@ -22,7 +22,9 @@ class ScaleGroup:
     """Linears that share one input, and the op whose output channels can absorb a scale.
 
     ``prev`` is a norm or a linear inside the layer; ``block`` is the sub-module whose
-    output is compared when searching scales (AWQ).
+    output is compared when searching scales (AWQ).  Only pairs where x -> prev(x)/s
+    commutes with everything between prev and the linears belong here (a norm's affine
+    weight, a linear feeding attention values or a gated product, ReLU), never through GELU.
     """
 
     prev: str
@@ -68,7 +70,7 @@ _OPT = Arch(
         ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
         ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
         ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
-        ScaleGroup("fc1", ("fc2",), "fc2"),
+        ScaleGroup("fc1", ("fc2",), "fc2"),  # ReLU(x / s) = ReLU(x) / s for s > 0: the fold is exact
     ),
 )
 
@@ -78,7 +80,7 @@ _NEOX = Arch(
     scaling=(
         ScaleGroup("input_layernorm", ("attention.query_key_value",), "attention"),
         ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
-        ScaleGroup("mlp.dense_h_to_4h", ("mlp.dense_4h_to_h",), "mlp.dense_4h_to_h"),
+        # No dense_h_to_4h -> dense_4h_to_h: a scale cannot pass through the GELU between them.
     ),
 )
 
@@ -101,7 +103,7 @@ _PHI = Arch(
     ),
     scaling=(
         ScaleGroup("self_attn.v_proj", ("self_attn.dense",), "self_attn.dense"),
-        ScaleGroup("mlp.fc1", ("mlp.fc2",), "mlp.fc2"),
+        # No fc1 -> fc2 (GELU in between), no layernorm group (it feeds attention and MLP at once).
     ),
 )
 

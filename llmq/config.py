@@ -42,7 +42,8 @@ class QuantizeConfig:
     static_groups: bool = False  # group scales fixed from the unquantized weights; implied by act_order
     true_sequential: bool = True
     # AWQ
-    awq_clip: bool = True  # search a per-group clipping range after scaling
+    awq_clip: bool = True  # awq: search a per-group clipping range after scaling
+    awq_clip_gptq: bool = False  # awq+gptq: the same (off: tuned for RTN, it hurts GPTQ; see eval/)
     # output
     format: str = "gptq"
     dtype: str = "float16"  # dtype of the tensors that stay unquantized (embeddings, norms, biases)

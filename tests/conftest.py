@@ -28,9 +28,9 @@ def tiny_config(model_type: str, layers: int = 2, hidden: int = 64, inter: int =
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                   intermediate_size=inter, max_position_embeddings=256, tie_word_embeddings=False,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+    if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"):
         common.update(num_key_value_heads=2)
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "gemma"):
         common.update(head_dim=16)
     if model_type == "opt":
         common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,

@@ -13,7 +13,7 @@ from llmq.pipeline import quantize_model
 from llmq.source import ModelSource
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt_neox", "phi3"])
 def test_family_gptq_roundtrip(tmp_path, family):
     from transformers import AutoModelForCausalLM
 

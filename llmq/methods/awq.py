@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from llmq.activations import LayerInputs
 from llmq.arch import Arch, ScaleGroup
 from llmq.grid import QuantSpec, fit_params, quantize
 from llmq.methods.base import LayerLog, Method
-from llmq.methods.gptq import GPTQ
+from llmq.methods.gptq import GPTQ, Hessian, gptq_quantize
 from llmq.methods.rtn import RTN
 
 N_GRID = 20
@@ -132,9 +132,31 @@ def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 # ---- searches ----------------------------------------------------------------------
 
+# How a candidate scale is judged: quantize W * s the way the final method will, divide by s.
+ScaledQuantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def rtn_judge(spec: QuantSpec) -> ScaledQuantizer:
+    return lambda w, s: fake_quantize(w.float() * s, spec) / s
+
+
+def gptq_judge(spec: QuantSpec, xs: list[torch.Tensor], cfg) -> ScaledQuantizer:
+    """GPTQ on W * s against the scaled inputs' Hessian, which is H / (s s^T): computed once."""
+    h = Hessian(xs[0].shape[-1])
+    for x in xs:
+        h.add(x)
+
+    def judge(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        q, _ = gptq_quantize(w.float() * s, h.H / (s[:, None] * s[None, :]), spec, cfg.damp, cfg.block_size,
+                             cfg.act_order, cfg.static_groups)
+        return q.dequantize() / s
+
+    return judge
+
+
 @torch.no_grad()
 def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kwargs: dict[str, Any],
-                 spec: QuantSpec) -> tuple[torch.Tensor, dict[str, float]]:
+                 spec: QuantSpec, judge: ScaledQuantizer | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     linears = [layer.get_submodule(n) for n in group.linears]
     block = layer.get_submodule(group.block)
     n = linears[0].in_features
@@ -151,23 +173,28 @@ def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kw
     Wg = F.pad(W.abs(), (0, groups * gs - n)).reshape(W.shape[0], groups, gs)
     w_mean = (Wg / Wg.amax(dim=2, keepdim=True).clamp(min=1e-12)).reshape(W.shape[0], -1)[:, :n].mean(0)
 
+    judge = judge or rtn_judge(spec)
     reference = _block_out(block, xs, kwargs)
     originals = [l.weight.data.clone() for l in linears]
-    best = (float("inf"), -1.0, torch.ones(n))
-    errors = []
+    # s = 1 (leave the group unscaled) competes too: a group may gain nothing from scaling.
+    candidates: list[tuple[float | None, torch.Tensor]] = [(None, torch.ones(n))]
     for i in range(N_GRID):
         alpha = i / N_GRID
         s = (x_mean.pow(alpha) / w_mean.clamp(min=1e-4).pow(1 - alpha)).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
+        candidates.append((alpha, s / (s.max() * s.min()).sqrt()))  # centred around 1
+    best: tuple[float, float | None, torch.Tensor] = (float("inf"), None, torch.ones(n))
+    unscaled_err = float("nan")
+    for alpha, s in candidates:
         for l, w0 in zip(linears, originals):
-            l.weight.data = (fake_quantize(w0.float() * s, spec) / s).to(w0.dtype)
+            l.weight.data = judge(w0, s).to(w0.dtype)
         err = _mse(_block_out(block, xs, kwargs), reference)
-        errors.append(err)
+        if alpha is None:
+            unscaled_err = err
         if err < best[0]:
             best = (err, alpha, s)
     for l, w0 in zip(linears, originals):
         l.weight.data = w0
-    return best[2], {"alpha": best[1], "mse_alpha0": errors[0], "mse_best": best[0]}
+    return best[2], {"alpha": best[1], "mse_unscaled": unscaled_err, "mse_best": best[0]}
 
 
 @torch.no_grad()
@@ -223,6 +250,13 @@ class AWQ(Method):
     default_dataset = "pile-val"  # as the AWQ reference implementation
     final = RTN
 
+    def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:
+        return rtn_judge(self.spec)
+
+    @property
+    def clip(self) -> bool:
+        return self.cfg.awq_clip
+
     def quantize_layer(self, layer: nn.Module, arch: Arch, targets: list[str], inputs: LayerInputs | None,
                        log: LayerLog) -> dict:
         assert inputs is not None
@@ -246,12 +280,13 @@ class AWQ(Method):
         notes: dict[str, dict[str, Any]] = {}
         for g in groups:
             xs = cap.x[g.linears[0]]
-            s, info = search_scale(layer, g, xs, cap.block_kwargs.get(g.block, {}), self.spec)
+            s, info = search_scale(layer, g, xs, cap.block_kwargs.get(g.block, {}), self.spec, self.judge(xs))
             fold_scales(layer.get_submodule(g.prev), [layer.get_submodule(n) for n in g.linears], s)
             cap.x[g.linears[0]] = [x / s.to(x.dtype) for x in xs]  # the group now sees x / s
             for name in g.linears:
-                notes[name] = {"alpha": info["alpha"], "awq_mse_alpha0": info["mse_alpha0"], "awq_mse_best": info["mse_best"]}
-        if self.cfg.awq_clip:
+                # alpha None: leaving the group unscaled won; mse_* are the block's output errors
+                notes[name] = {"alpha": info["alpha"], "awq_mse_unscaled": info["mse_unscaled"], "awq_mse_best": info["mse_best"]}
+        if self.clip:
             gen = torch.Generator().manual_seed(self.cfg.calibration.seed)
             for g in groups:
                 for name in g.linears:
@@ -266,5 +301,18 @@ class AWQ(Method):
 
 
 class AWQGPTQ(AWQ):
+    """AWQ scales chosen for what GPTQ will make of them, then GPTQ.
+
+    Scales are judged by GPTQ-quantizing the scaled weights (not by RTN, whose best scales
+    measurably fight GPTQ's error feedback), and the RTN-tuned clipping search is off unless
+    asked for (awq_clip_gptq)."""
+
     name = "awq+gptq"
     final = GPTQ
+
+    def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:
+        return gptq_judge(self.spec, xs, self.cfg)
+
+    @property
+    def clip(self) -> bool:
+        return self.cfg.awq_clip_gptq

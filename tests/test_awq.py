@@ -1,0 +1,85 @@
+"""AWQ: folding the searched scales leaves every family's layer function unchanged (before rounding)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from llmq.activations import LayerInputs
+from llmq.arch import ARCHS, arch_for, get_module
+from llmq.config import build_config
+from llmq.grid import QuantSpec
+from llmq.methods.awq import AWQ, fake_quantize, fold_scales, search_clip
+
+
+def _layer_inputs(model, ids):
+    arch = arch_for(model)
+    layer0 = get_module(model, arch.layers)[0]
+    seen = {}
+
+    def grab(_m, args, kwargs):
+        seen.setdefault("h", args[0] if args else kwargs["hidden_states"])
+        seen.setdefault("kw", {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    h = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    h.remove()
+    return arch, LayerInputs(hidden=list(seen["h"].split(1)), kwargs=seen["kw"], batch_size=2)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt_neox", "phi3", "gemma"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fold_preserves_layer_function(family):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    # Trained norms are not all ones: randomise them so a wrong fold would show.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n and p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(1))
+    arch, inputs = _layer_inputs(model, ids)
+    assert arch is ARCHS[family]
+    layer = get_module(model, arch.layers)[0]
+    scaled = copy.deepcopy(layer)
+    cfg = build_config({}, {"method": "awq", "bits": 3, "group_size": 16, "awq_clip": False})
+    notes = AWQ(cfg).scale_and_clip(scaled, arch, arch.linears(), inputs)
+    assert notes, "no scaling group was applicable"
+    changed = [n for (n, a), (_, b) in zip(layer.named_parameters(), scaled.named_parameters()) if not torch.equal(a, b)]
+    assert changed, "the search folded nothing"
+    with torch.no_grad():
+        for x in inputs.hidden:
+            ref = layer(x, **inputs.kwargs)
+            out = scaled(x, **inputs.kwargs)
+            ref, out = (ref[0], out[0]) if isinstance(ref, tuple) else (ref, out)
+            assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+def test_fold_scales_on_linear_pair():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 6), torch.nn.Linear(6, 5)
+    x = torch.randn(10, 8)
+    ref = b(a(x))
+    fold_scales(a, [b], torch.rand(6) + 0.5)
+    assert torch.allclose(b(a(x)), ref, atol=1e-6)
+
+
+def test_clip_search_never_worse_than_no_clip():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 64, generator=g)
+    w[:, 3] *= 8  # outliers make clipping worthwhile
+    xs = [torch.randn(256, 64, generator=g)]
+    spec = QuantSpec(3, 32, True)
+    max_val = search_clip(w, xs, spec, torch.Generator().manual_seed(1))
+    wc = torch.maximum(torch.minimum(w.reshape(40, 2, 32), max_val[..., None]), -max_val[..., None]).reshape(40, 64)
+    err = lambda q: ((xs[0] @ (q - w).T) ** 2).sum().item()  # noqa: E731
+    assert err(fake_quantize(wc, spec)) <= err(fake_quantize(w, spec))
+    assert (max_val < w.abs().reshape(40, 2, 32).amax(2)).any()
