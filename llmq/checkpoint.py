@@ -94,26 +94,16 @@ def quantization_config_of(source: ModelSource) -> dict[str, Any] | None:
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
                trust_remote_code: bool = False) -> tuple[nn.Module, ModelSource]:
-    """Any causal LM checkpoint (plain or a quantized layout llmq reads) as a torch model in ``dtype``."""
-    from llmq.formats import FORMATS
-
+    """Any causal LM checkpoint (plain, or GPTQ / AWQ / compressed-tensors packed) as a torch model in ``dtype``."""
     source = ModelSource(name, revision=revision, trust_remote_code=trust_remote_code)
     qcfg = quantization_config_of(source)
     if qcfg is not None:
-        method = qcfg.get("quant_method")
-        if method not in FORMATS:
-            raise LlmqError(f"{name!r} is quantized with {method!r}, which llmq cannot read yet (reads: {', '.join(FORMATS)})")
         # The skeleton must be a plain model: transformers would otherwise look for a quantization backend.
         delattr(source.config, "quantization_config")
     model = source.skeleton(dtype)
     if qcfg is not None:
-        fmt = FORMATS[qcfg["quant_method"]]
-        spec = fmt.spec_from_config(qcfg)
-        for mod_name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear) and source.has_tensor(f"{mod_name}.{fmt.suffixes[0]}"):
-                tensors = {s: source.load_tensor(f"{mod_name}.{s}") for s in fmt.suffixes if source.has_tensor(f"{mod_name}.{s}")}
-                qt = fmt.unpack(tensors, spec, (mod.out_features, mod.in_features), checkpoint_format=qcfg.get("checkpoint_format"))
-                mod.weight = nn.Parameter(qt.dequantize(dtype), requires_grad=False)
+        for mod_name, qt in iter_quantized(model, source, qcfg):
+            model.get_submodule(mod_name).weight = nn.Parameter(qt.dequantize(dtype), requires_grad=False)
     source.materialize(model, "", dtype)
     if getattr(source.config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -121,3 +111,15 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, revision: str | No
     if missing:
         raise LlmqError(f"{name!r} lacks weights for {len(missing)} parameters (first: {missing[0]})")
     return model.eval(), source
+
+
+def iter_quantized(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]):
+    """(module name, QuantizedTensor) for every packed linear of a checkpoint, read one at a time."""
+    from llmq.formats import format_for_config
+
+    fmt = format_for_config(qcfg)
+    spec = fmt.spec_from_config(qcfg)
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and source.has_tensor(f"{mod_name}.{fmt.suffixes[0]}"):
+            tensors = {s: source.load_tensor(f"{mod_name}.{s}") for s in fmt.suffixes if source.has_tensor(f"{mod_name}.{s}")}
+            yield mod_name, fmt.unpack(tensors, spec, (mod.out_features, mod.in_features))

@@ -18,6 +18,7 @@ EPILOG_QUANTIZE = """examples:
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from llmq.formats import FORMATS
     from llmq.methods import METHODS
 
     p = sub.add_parser("quantize", help="quantize a causal LM, streaming one decoder layer at a time",
@@ -45,7 +46,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (default min(2048, context))")
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    p.add_argument("--format", choices=["gptq"], help="checkpoint layout (default gptq)")
+    p.add_argument("--format", choices=sorted(FORMATS), help="checkpoint layout (default: gptq, or gptq_v2 for --asym)")
     p.add_argument("--dtype", help="dtype of unquantized tensors: float16 (default), bfloat16, float32")
     p.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 4GB (default)")
     p.add_argument("--skip", action="append", help="linear name pattern to leave unquantized (repeatable)")
@@ -74,6 +75,50 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from llmq.formats import FORMATS, PLAIN
+
+    p = sub.add_parser("export", help="re-pack a quantized checkpoint in another format (exactly the same codes)",
+                       description="Read a quantized checkpoint (gptq, gptq_v2, awq, compressed-tensors; llmq's or another "
+                                   "tool's) and write it in another layout, or dequantize it (fp16/bf16/fp32).")
+    p.add_argument("--model", required=True, help="quantized checkpoint directory or hub id")
+    p.add_argument("--format", required=True, choices=[*FORMATS, *PLAIN])
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="re-hash a checkpoint against its provenance record",
+                       description="Exit 0 if every file matches llmq_provenance.json, 1 if anything was modified, removed or added.")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmq.export import export_checkpoint
+
+    out = export_checkpoint(args.model, args.format, args.out, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from llmq.provenance import verify
+
+    d = Path(args.dir)
+    if not d.is_dir():
+        raise LlmqError(f"{args.dir!r} is not a directory")
+    problems = verify(d)
+    for p in problems:
+        print(p)
+    print(f"{d}: {'OK, every file matches its recorded sha256' if not problems else f'{len(problems)} problem(s)'}")
+    return 0 if not problems else 1
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -142,11 +187,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from llmq import __version__
 
-    parser = argparse.ArgumentParser(prog="llmq", description="Calibrated LLM weight quantization (RTN, GPTQ) with layer streaming.")
+    parser = argparse.ArgumentParser(prog="llmq", description="Calibrated LLM weight quantization (RTN, GPTQ, AWQ) with layer streaming, exported to GPTQ, AWQ and compressed-tensors checkpoints.")
     parser.add_argument("--version", action="version", version=f"llmq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quantize(sub)
+    _add_export(sub)
     _add_eval(sub)
+    _add_verify(sub)
     return parser
 
 

@@ -45,7 +45,7 @@ class QuantizeConfig:
     awq_clip: bool = True  # awq: search a per-group clipping range after scaling
     awq_clip_gptq: bool = False  # awq+gptq: the same (off: tuned for RTN, it hurts GPTQ; see eval/)
     # output
-    format: str = "gptq"
+    format: str | None = None  # None: gptq (v1) for symmetric grids, gptq_v2 for asymmetric ones
     dtype: str = "float16"  # dtype of the tensors that stay unquantized (embeddings, norms, biases)
     max_shard_size: str = "4GB"
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
@@ -53,6 +53,9 @@ class QuantizeConfig:
 
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)
+
+    def format_name(self) -> str:
+        return self.format or ("gptq" if self.sym else "gptq_v2")
 
     def validate(self) -> None:
         from llmq.methods import METHODS  # late: methods import config
@@ -64,6 +67,10 @@ class QuantizeConfig:
                 raise LlmqError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
             if self.group_size != -1 and self.group_size <= 0:
                 raise LlmqError(f"--group-size must be -1 (per channel) or positive, got {self.group_size}")
+        from llmq.formats import FORMATS
+
+        if self.format is not None and self.format not in FORMATS:
+            raise LlmqError(f"unknown format {self.format!r}; choose from {', '.join(FORMATS)}")
         if self.dtype not in DTYPES:
             raise LlmqError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not 0 < self.damp < 1:

@@ -160,7 +160,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     cfg.validate()
     _release_freed_memory_to_os()
     method = METHODS[cfg.method](cfg)
-    fmt = FORMATS[cfg.format] if method.quantizes else None
+    fmt = FORMATS[cfg.format_name()] if method.quantizes else None
     out_dtype = torch_dtype(getattr(method, "dtype", cfg.dtype))
     dev = torch.device(device)
     # Calibration runs in fp32 on CPU (fp16 matmuls are slow and lossy there); on a GPU the model dtype is fine.
@@ -254,7 +254,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             qcfg = fmt.quantization_config(cfg.spec(), {
                 "act_order": cfg.act_order, "static_groups": cfg.static_groups or cfg.act_order,
                 "true_sequential": cfg.true_sequential, "damp": cfg.damp, "method": cfg.method,
-                "version": llmq.__version__,
+                "version": llmq.__version__, "ignore": _unquantized_linears(model, source, set(quantized_names)),
             })
         write_config(source.dir, tmp, str(out_dtype).removeprefix("torch."), qcfg)
         copy_sidecars(source.dir, tmp)
@@ -268,6 +268,16 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
         (tmp / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
     stats.output = output.path
     return stats
+
+
+def _unquantized_linears(model: nn.Module, source: ModelSource, quantized: set[str]) -> list[str]:
+    """Checkpoint names of the linears left in floating point (for loaders' ignore lists)."""
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name not in quantized:
+            key = source.checkpoint_key(f"{name}.weight") or f"{name}.weight"
+            names.append(key[: -len(".weight")])
+    return names
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

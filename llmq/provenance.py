@@ -47,3 +47,23 @@ def record(source_name: str, source_revision: str | None, source_files: dict[str
         "environment": environment(),
         "files_sha256": files,
     }
+
+
+def verify(root: Path) -> list[str]:
+    """Problems found when re-hashing a checkpoint against its provenance record (empty: intact)."""
+    import json
+
+    prov_file = root / PROVENANCE_FILE
+    if not prov_file.is_file():
+        return [f"no {PROVENANCE_FILE} in {root}"]
+    recorded: dict[str, str] = json.loads(prov_file.read_text()).get("files_sha256", {})
+    problems = []
+    for name, digest in sorted(recorded.items()):
+        path = root / name
+        if not path.is_file():
+            problems.append(f"missing: {name}")
+        elif sha256_file(path) != digest:
+            problems.append(f"modified: {name}")
+    present = hash_tree(root)
+    problems += [f"not in the record: {name}" for name in sorted(set(present) - set(recorded))]
+    return problems

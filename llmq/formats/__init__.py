@@ -3,9 +3,34 @@
 Formats never quantize: they receive codes, scales and zeros from a method.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+from llmq.errors import LlmqError
+from llmq.formats.awq import AWQGemmFormat
 from llmq.formats.base import Format
+from llmq.formats.compressed_tensors import CompressedTensorsFormat
 from llmq.formats.gptq import GPTQFormat
 
-FORMATS: dict[str, Format] = {f.name: f for f in (GPTQFormat(),)}
+FORMATS: dict[str, Format] = {f.name: f for f in (GPTQFormat("gptq"), GPTQFormat("gptq_v2"), AWQGemmFormat(),
+                                                  CompressedTensorsFormat())}
+PLAIN = ("fp16", "bf16", "fp32")  # export targets that dequantize into an ordinary checkpoint
 
-__all__ = ["FORMATS", "Format"]
+
+def format_for_config(qcfg: dict[str, Any]) -> Format:
+    """The reader for a checkpoint's quantization_config (ours or another tool's)."""
+    method = qcfg.get("quant_method")
+    if method == "gptq":
+        version = qcfg.get("checkpoint_format", "gptq")
+        if version not in ("gptq", "gptq_v2"):
+            raise LlmqError(f"GPTQ checkpoint_format {version!r} is not one llmq reads (gptq, gptq_v2)")
+        return FORMATS[version]
+    if method == "awq":
+        return FORMATS["awq"]
+    if method == "compressed-tensors":
+        return FORMATS["compressed-tensors"]
+    raise LlmqError(f"checkpoints quantized with {method!r} are not readable by llmq (reads gptq, awq, compressed-tensors)")
+
+
+__all__ = ["FORMATS", "PLAIN", "Format", "format_for_config"]

@@ -7,19 +7,22 @@ from typing import Any
 
 import torch
 
+from llmq.errors import LlmqError
 from llmq.grid import QuantSpec
 from llmq.qtensor import QuantizedTensor
 
 
 class Format(ABC):
-    name: str
+    name: str  # what --format calls it
+    quant_method: str  # quantization_config.quant_method
+    suffixes: tuple[str, ...]  # tensors replacing a linear's "weight"; the first marks a packed linear
 
     def check(self, spec: QuantSpec, act_order: bool) -> None:
-        """Raise LlmqError when this format cannot represent the recipe."""
+        """Raise LlmqError, before any work, when this format cannot represent the recipe."""
 
     @abstractmethod
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        """Tensors (suffixes such as 'qweight') replacing a linear's 'weight'."""
+        """Tensors (by suffix) replacing a linear's 'weight'.  Raises LlmqError if unrepresentable."""
 
     @abstractmethod
     def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> QuantizedTensor:
@@ -33,4 +36,13 @@ class Format(ABC):
     def spec_from_config(self, qcfg: dict[str, Any]) -> QuantSpec:
         """Read back the grid description from ``quantization_config``."""
 
-    suffixes: tuple[str, ...] = ()
+
+def natural_g_idx(qt: QuantizedTensor) -> bool:
+    """True when column j belongs to group j // group_size (no act-order permutation stored)."""
+    n = qt.codes.shape[1]
+    gs = qt.spec.effective_group_size(n)
+    return bool(torch.equal(qt.g_idx.long(), torch.arange(n) // gs))
+
+
+def refuse(fmt: str, why: str) -> LlmqError:
+    return LlmqError(f"format {fmt!r} cannot represent this: {why}")

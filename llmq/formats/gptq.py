@@ -5,9 +5,10 @@ Per quantized linear (out x in):
   qzeros   int32 (groups, ceil(out*bits/32))  zero points packed along the output dim
   scales   fp16  (groups, out)
   g_idx    int32 (in,)                        group of each input column
-``checkpoint_format: gptq`` (v1) stores zero-1, the historical AutoGPTQ convention the
-runtimes undo; a recipe whose zeros reach 0 (asymmetric) cannot be stored that way and
-is written as ``gptq_v2`` (zeros stored as they are).
+Version 1 (``checkpoint_format: gptq``) stores zero-1, the historical AutoGPTQ convention
+the runtimes undo, so a zero point of 0 (asymmetric grids) cannot be stored; version 2
+(``gptq_v2``) stores zeros as they are.  Dimensions that do not fill a whole int32 are
+zero-padded (runtimes' kernels want in and out to be multiples of 32/bits).
 """
 
 from __future__ import annotations
@@ -16,25 +17,32 @@ from typing import Any
 
 import torch
 
-from llmq.formats.base import Format
+from llmq.formats.base import Format, refuse
 from llmq.formats.packing import pack, unpack
 from llmq.grid import QuantSpec
 from llmq.qtensor import QuantizedTensor
 
 
 class GPTQFormat(Format):
-    name = "gptq"
+    quant_method = "gptq"
     suffixes = ("qweight", "qzeros", "scales", "g_idx")
 
-    def checkpoint_format(self, spec: QuantSpec) -> str:
-        return "gptq" if spec.sym else "gptq_v2"
+    def __init__(self, version: str = "gptq"):
+        assert version in ("gptq", "gptq_v2")
+        self.name = version
+        self.version = version
+        self.offset = 1 if version == "gptq" else 0
 
-    def _zero_offset(self, spec: QuantSpec) -> int:
-        return 1 if self.checkpoint_format(spec) == "gptq" else 0
+    def check(self, spec: QuantSpec, act_order: bool) -> None:
+        if self.version == "gptq" and not spec.sym:
+            raise refuse("gptq", "v1 stores zero points minus one, so the zero point 0 of asymmetric grids "
+                                 "would underflow; use --format gptq_v2 (or compressed-tensors)")
 
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         spec = qt.spec
-        zeros = qt.zeros.to(torch.int64) - self._zero_offset(spec)
+        zeros = qt.zeros.to(torch.int64) - self.offset
+        if zeros.min() < 0:
+            raise refuse(self.name, "a zero point of 0 cannot be stored as zero-1 in GPTQ v1; use --format gptq_v2")
         return {
             "qweight": pack(qt.codes.T, spec.bits, dim=0),
             "qzeros": pack(zeros.T, spec.bits, dim=1),
@@ -42,17 +50,17 @@ class GPTQFormat(Format):
             "g_idx": qt.g_idx.to(torch.int32).contiguous(),
         }
 
-    def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int],
-               checkpoint_format: str | None = None) -> QuantizedTensor:
+    def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> QuantizedTensor:
         out, inp = shape
-        offset = 1 if (checkpoint_format or self.checkpoint_format(spec)) == "gptq" else 0
-        codes = unpack(tensors["qweight"], spec.bits, inp, dim=0).T
-        zeros = unpack(tensors["qzeros"], spec.bits, out, dim=1).to(torch.int64) + offset
+        zeros = unpack(tensors["qzeros"], spec.bits, out, dim=1).to(torch.int64) + self.offset
+        g_idx = tensors.get("g_idx")
+        if g_idx is None:
+            g_idx = torch.arange(inp) // spec.effective_group_size(inp)
         return QuantizedTensor(
-            codes=codes.contiguous(),
+            codes=unpack(tensors["qweight"], spec.bits, inp, dim=0).T.contiguous(),
             scales=tensors["scales"].float().T.contiguous(),
             zeros=zeros.T.to(torch.uint8).contiguous(),
-            g_idx=tensors["g_idx"].to(torch.int32),
+            g_idx=g_idx.to(torch.int32),
             spec=spec,
         )
 
@@ -66,8 +74,7 @@ class GPTQFormat(Format):
             "static_groups": bool(extra.get("static_groups", False)),
             "true_sequential": bool(extra.get("true_sequential", True)),
             "damp_percent": extra.get("damp", 0.01),
-            "checkpoint_format": self.checkpoint_format(spec),
-            "modules_in_block_to_quantize": extra.get("modules_in_block_to_quantize"),
+            "checkpoint_format": self.version,
             "meta": {"quantizer": [f"llmq:{extra.get('version', '')}"], "method": extra.get("method")},
         }
 

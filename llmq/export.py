@@ -1,0 +1,91 @@
+"""Re-pack a quantized checkpoint into another format, one tensor at a time.
+
+The codes, scales and zeros are read back into QuantizedTensors and handed to the
+target format unchanged, so every export computes exactly the source's function; a
+target that cannot represent them refuses (and nothing is written).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import llmq
+from llmq.checkpoint import OutputDir, copy_sidecars, iter_quantized, quantization_config_of, write_config
+from llmq.config import parse_size
+from llmq.errors import LlmqError
+from llmq.formats import FORMATS, PLAIN, format_for_config
+from llmq.provenance import PROVENANCE_FILE, hash_tree, record, sha256_file
+from llmq.safetensors_stream import ShardedWriter
+from llmq.source import ModelSource, torch_dtype
+
+PLAIN_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def export_checkpoint(src: str, target: str, out: str | Path, *, max_shard_size: str = "4GB", overwrite: bool = False,
+                      trust_remote_code: bool = False) -> Path:
+    if target not in FORMATS and target not in PLAIN:
+        raise LlmqError(f"unknown export format {target!r}; choose from {', '.join([*FORMATS, *PLAIN])}")
+    source = ModelSource(src, trust_remote_code=trust_remote_code)
+    qcfg = quantization_config_of(source)
+    if qcfg is None:
+        raise LlmqError(f"{src!r} is not a quantized checkpoint; quantize it with `llmq quantize --format {target}`")
+    reader = format_for_config(qcfg)
+    spec = reader.spec_from_config(qcfg)
+    delattr(source.config, "quantization_config")
+    plain = target in PLAIN
+    fmt = None if plain else FORMATS[target]
+    if fmt is not None:
+        fmt.check(spec, bool(qcfg.get("desc_act", False)))
+    model = source.skeleton(torch.float32)
+    prev = _previous_provenance(source.dir)
+
+    output = OutputDir(out, overwrite=overwrite)
+    with output as tmp:
+        writer = ShardedWriter(tmp, parse_size(max_shard_size))
+        out_dtype = torch_dtype(PLAIN_DTYPES[target]) if plain else None
+        done: set[str] = set()
+        for mod_name, qt in iter_quantized(model, source, qcfg):
+            key = source.checkpoint_key(f"{mod_name}.{reader.suffixes[0]}")
+            base = key[: -len(reader.suffixes[0])]
+            if plain:
+                writer.add(base + "weight", qt.dequantize(out_dtype))
+            else:
+                for suffix, t in fmt.pack(qt).items():
+                    writer.add(base + suffix, t)
+            done.add(mod_name)
+        for name, _ in model.named_parameters():
+            owner = name.rpartition(".")[0]
+            if owner in done and name.endswith(".weight") or name in source.tied:
+                continue
+            t = source.load_tensor(name)
+            writer.add(source.checkpoint_key(name) or name, t.to(out_dtype) if plain and t.is_floating_point() else t)
+        writer.finish()
+        dtype = PLAIN_DTYPES[target] if plain else str(source.config.dtype).removeprefix("torch.") if isinstance(source.config.dtype, torch.dtype) else (source.config.dtype or "float16")
+        ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in done]
+        new_qcfg = None if plain else fmt.quantization_config(spec, {**_extra_from(qcfg), "ignore": ignore, "version": llmq.__version__})
+        write_config(source.dir, tmp, dtype, new_qcfg)
+        copy_sidecars(source.dir, tmp)
+        recipe = {"export": {"from": src, "from_format": reader.name, "to": target},
+                  "quantized_with": prev.get("recipe") if prev else None}
+        prov = record(prev["source"]["model"] if prev else src, None,
+                      {str(p.relative_to(source.dir)): sha256_file(p) for p in source.files()}, recipe, hash_tree(tmp))
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
+    return output.path
+
+
+def _extra_from(qcfg: dict) -> dict:
+    return {"act_order": qcfg.get("desc_act", False), "static_groups": qcfg.get("static_groups", False),
+            "true_sequential": qcfg.get("true_sequential", True), "damp": qcfg.get("damp_percent", 0.01),
+            "method": (qcfg.get("meta") or {}).get("method")}
+
+
+def _previous_provenance(d: Path) -> dict | None:
+    p = d / PROVENANCE_FILE
+    try:
+        return json.loads(p.read_text()) if p.is_file() else None
+    except json.JSONDecodeError:
+        return None

@@ -1,0 +1,88 @@
+"""compressed-tensors ``pack-quantized`` (llm-compressor's format, loaded by transformers and vLLM).
+
+Per quantized linear (out x in):
+  weight_packed      int32 (out, ceil(in*bits/32))     codes as one dense bit stream along the input dim
+  weight_scale       fp16  (out, groups)
+  weight_zero_point  int32 (ceil(out*bits/32), groups) only for asymmetric grids, packed along the output dim
+  weight_shape       int64 (2,)
+The format's integers are signed (q - 2**(bits-1)) and its packer adds that offset back,
+so the packed words equal our unsigned codes packed directly; its symmetric grids have
+zero point 0, i.e. our midpoint zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmq.formats.base import Format, natural_g_idx, refuse
+from llmq.formats.packing import pack, unpack
+from llmq.grid import QuantSpec
+from llmq.qtensor import QuantizedTensor
+
+
+class CompressedTensorsFormat(Format):
+    name = "compressed-tensors"
+    quant_method = "compressed-tensors"
+    suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+    def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        if not natural_g_idx(qt):
+            raise refuse(self.name, "codes with an act-order g_idx; quantize with static groups")
+        spec = qt.spec
+        sym = bool((qt.zeros == 2 ** (spec.bits - 1)).all())
+        if spec.sym and not sym:
+            raise refuse(self.name, "a symmetric recipe whose zero points are not the midpoint")
+        t = {
+            "weight_packed": pack(qt.codes, spec.bits, dim=1),
+            "weight_scale": qt.scales.to(torch.float16).contiguous(),
+            "weight_shape": torch.tensor(qt.shape, dtype=torch.int64),
+        }
+        if not spec.sym:
+            t["weight_zero_point"] = pack(qt.zeros, spec.bits, dim=0)
+        return t
+
+    def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> QuantizedTensor:
+        out, inp = shape
+        groups = tensors["weight_scale"].shape[1]
+        if "weight_zero_point" in tensors:
+            zeros = unpack(tensors["weight_zero_point"], spec.bits, out, dim=0)
+        else:
+            zeros = torch.full((out, groups), 2 ** (spec.bits - 1), dtype=torch.uint8)
+        gs = inp if spec.group_size == -1 else spec.group_size
+        return QuantizedTensor(
+            codes=unpack(tensors["weight_packed"], spec.bits, inp, dim=1),
+            scales=tensors["weight_scale"].float().contiguous(),
+            zeros=zeros.contiguous(),
+            g_idx=(torch.arange(inp) // gs).to(torch.int32),
+            spec=spec,
+        )
+
+    def quantization_config(self, spec: QuantSpec, extra: dict[str, Any]) -> dict[str, Any]:
+        weights = {
+            "num_bits": spec.bits, "type": "int", "symmetric": spec.sym, "dynamic": False, "observer": "minmax",
+            "strategy": "channel" if spec.group_size == -1 else "group",
+            "group_size": None if spec.group_size == -1 else spec.group_size, "actorder": None,
+        }
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": extra.get("ignore") or ["lm_head"],
+            "kv_cache_scheme": None,
+        }
+
+    def spec_from_config(self, qcfg: dict[str, Any]) -> QuantSpec:
+        if qcfg.get("format") != "pack-quantized":
+            raise refuse(self.name, f"compressed-tensors format {qcfg.get('format')!r}; llmq reads pack-quantized")
+        groups = list(qcfg.get("config_groups", {}).values())
+        if len(groups) != 1 or groups[0].get("weights") is None:
+            raise refuse(self.name, "several config groups (mixed schemes); llmq reads one weight scheme")
+        w = groups[0]["weights"]
+        if w.get("type") != "int" or w.get("actorder") not in (None, "static"):
+            raise refuse(self.name, f"weights of type {w.get('type')!r} / actorder {w.get('actorder')!r}")
+        gs = -1 if w.get("strategy") == "channel" else int(w["group_size"])
+        return QuantSpec(bits=int(w["num_bits"]), group_size=gs, sym=bool(w.get("symmetric", True)))
