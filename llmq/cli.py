@@ -55,6 +55,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--stats-json", help="write wall time and peak RSS of this run to this JSON file")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -90,6 +91,42 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_export)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="size/accuracy report: quantize several ways, evaluate, project to Llama-2-7B",
+                       description="Runs (or reuses) every variant of a suite, evaluates each against the FP32 model and "
+                                   "writes report.md, report.csv, report.json and size_vs_ppl.png. Interrupted reports resume.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--suite", default="configs/suites/default.yaml")
+    p.add_argument("--out", required=True, help="report directory (variants are kept here, so re-runs resume)")
+    p.add_argument("--eval", action="append", default=[], metavar="NAME=DATASET",
+                   help="map a suite eval name to a dataset spec, e.g. wikitext2=path/to/test.parquet")
+    p.add_argument("--calib-dataset", help="calibration text for every calibrated variant (overrides the suite)")
+    p.add_argument("--nsamples", type=int, help="calibration windows (overrides the suite)")
+    p.add_argument("--seqlen", type=int, help="calibration and evaluation window (default min(2048, context))")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows of each dataset (quick runs)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import shlex
+
+    from llmq.report import load_suite, run_report
+
+    eval_paths = {}
+    for item in args.eval:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise LlmqError(f"--eval takes NAME=DATASET, got {item!r}")
+        eval_paths[name] = spec
+    suite = load_suite(args.suite)
+    command = "python -m llmq " + shlex.join(sys.argv[1:])
+    run_report(args.model, suite, args.out, eval_paths=eval_paths, seqlen=args.seqlen, calib_dataset=args.calib_dataset,
+               nsamples=args.nsamples, max_windows=args.max_windows, progress=not args.quiet, command=command)
+    print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -134,6 +171,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
     stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     size = sum(p.stat().st_size for p in Path(stats.output).glob("*.safetensors"))
+    if args.stats_json:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        Path(args.stats_json).write_text(json.dumps({"seconds": stats.seconds, "peak_rss_mib": peak}) + "\n")
     print(f"wrote {stats.output} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: "
           f"{cfg.method} {'' if cfg.method in ('fp16', 'bf16', 'fp32') else f'W{cfg.bits} g{cfg.group_size} ' + ('sym' if cfg.sym else 'asym')}")
     errors = [r["error"] for r in stats.records if "error" in r]
@@ -193,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_export(sub)
     _add_eval(sub)
+    _add_report(sub)
     _add_verify(sub)
     return parser
 

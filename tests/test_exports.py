@@ -181,3 +181,18 @@ def test_quantize_direct_to_format(tmp_path):
     with pytest.raises(LlmqError, match="4-bit"):
         quantize_model(ModelSource(str(REF6M)), build_config({}, {"method": "rtn", "bits": 3, "format": "awq"}), tmp_path / "b", progress=False)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", [(256, 512), (96, 256), (128, 384)])
+@pytest.mark.parametrize("bits,gs,sym", [(4, 128, True), (3, 32, False), (8, -1, True), (2, 64, False)])
+def test_nbytes_matches_pack(fmt, shape, bits, gs, sym):
+    f = FORMATS[fmt]
+    spec = QuantSpec(bits, gs, sym)
+    qt = rtn_quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(0)) + (0 if sym else 0.5), spec)
+    try:
+        f.check(spec, False)
+        packed = f.pack(qt)
+    except LlmqError:
+        return
+    assert f.nbytes(*shape, spec) == sum(t.numel() * t.element_size() for t in packed.values())

@@ -61,6 +61,10 @@ class AWQGemmFormat(Format):
             "scales": qt.scales.T.to(torch.float16).contiguous(),
         }
 
+    def nbytes(self, out: int, inp: int, spec: QuantSpec) -> int:
+        groups = spec.groups(inp)
+        return 4 * (inp * out // 8 + groups * out // 8) + 2 * groups * out
+
     def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> QuantizedTensor:
         out, inp = shape
         return QuantizedTensor(

@@ -25,6 +25,10 @@ class Format(ABC):
         """Tensors (by suffix) replacing a linear's 'weight'.  Raises LlmqError if unrepresentable."""
 
     @abstractmethod
+    def nbytes(self, out: int, inp: int, spec: QuantSpec) -> int:
+        """Bytes pack() writes for an (out x in) linear: for size projections without packing."""
+
+    @abstractmethod
     def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> QuantizedTensor:
         """The inverse of pack for a linear of ``shape`` (out, in)."""
 

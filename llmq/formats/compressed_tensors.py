@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from llmq.formats.base import Format, natural_g_idx, refuse
-from llmq.formats.packing import pack, unpack
+from llmq.formats.packing import pack, packed_len, unpack
 from llmq.grid import QuantSpec
 from llmq.qtensor import QuantizedTensor
 
@@ -42,6 +42,11 @@ class CompressedTensorsFormat(Format):
         if not spec.sym:
             t["weight_zero_point"] = pack(qt.zeros, spec.bits, dim=0)
         return t
+
+    def nbytes(self, out: int, inp: int, spec: QuantSpec) -> int:
+        groups = spec.groups(inp)
+        zp = 0 if spec.sym else 4 * packed_len(out, spec.bits) * groups
+        return 4 * out * packed_len(inp, spec.bits) + 2 * out * groups + zp + 16
 
     def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> QuantizedTensor:
         out, inp = shape

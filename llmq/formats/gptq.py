@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from llmq.formats.base import Format, refuse
-from llmq.formats.packing import pack, unpack
+from llmq.formats.packing import pack, packed_len, unpack
 from llmq.grid import QuantSpec
 from llmq.qtensor import QuantizedTensor
 
@@ -49,6 +49,10 @@ class GPTQFormat(Format):
             "scales": qt.scales.T.to(torch.float16).contiguous(),
             "g_idx": qt.g_idx.to(torch.int32).contiguous(),
         }
+
+    def nbytes(self, out: int, inp: int, spec: QuantSpec) -> int:
+        groups = spec.groups(inp)
+        return 4 * (packed_len(inp, spec.bits) * out + groups * packed_len(out, spec.bits) + inp) + 2 * groups * out
 
     def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> QuantizedTensor:
         out, inp = shape

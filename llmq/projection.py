@@ -1,0 +1,77 @@
+"""Exact on-disk size of a recipe applied to a model described only by its config.
+
+Walks the parameters of the meta-device model tensor by tensor: decoder linears take
+the size their format packs them into, everything else (embeddings, head, norms,
+biases) the recipe's float dtype.  Safetensors headers are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmq.arch import arch_for, get_module
+from llmq.config import QuantizeConfig
+from llmq.formats import FORMATS
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_CAST = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def meta_model(config_path: str | Path) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(config_path).read_text()).items() if k != "architectures"})
+    with init_empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters; a tied head counts once whether or not the module tree shares the tensor."""
+    total = sum(p.numel() for p in model.parameters())  # parameters() already yields a shared tensor once
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None and emb is not None \
+            and head.weight is not emb.weight:
+        total -= head.weight.numel()
+    return total
+
+
+def project(model: nn.Module, cfg: QuantizeConfig) -> dict[str, Any]:
+    """Bytes by category for ``cfg`` applied to ``model`` (on the meta device)."""
+    arch = arch_for(model)
+    layers = get_module(model, arch.layers)
+    float_dtype = _CAST.get(cfg.method, cfg.dtype)
+    fbytes = _BYTES[float_dtype]
+    quantizes = cfg.method not in _CAST
+    fmt = FORMATS[cfg.format_name()] if quantizes else None
+    spec = cfg.spec() if quantizes else None
+    quantized: dict[str, nn.Linear] = {}
+    if quantizes:
+        for i in range(len(layers)):
+            for name in arch.linears():
+                quantized[f"{arch.layers}.{i}.{name}"] = layers[i].get_submodule(name)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    sizes = {"quantized_linears": 0, "float_tensors": 0}
+    qweights = 0
+    for mod_name, lin in quantized.items():
+        sizes["quantized_linears"] += fmt.nbytes(lin.out_features, lin.in_features, spec)
+        qweights += lin.out_features * lin.in_features
+    skip = {id(l.weight) for l in quantized.values()}
+    for n, p in model.named_parameters():
+        if id(p) in skip or (tied and head is not None and p is head.weight and p is not emb.weight):
+            continue
+        sizes["float_tensors"] += p.numel() * fbytes
+    total = sizes["quantized_linears"] + sizes["float_tensors"]
+    return {**sizes, "total_bytes": total, "params": parameter_count(model),
+            "bits_per_weight": 8 * total / parameter_count(model),
+            "bits_per_quantized_weight": 8 * sizes["quantized_linears"] / qweights if qweights else None}
+
+
