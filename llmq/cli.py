@@ -129,6 +129,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="upload a checkpoint to the Hugging Face Hub with a generated model card",
+                       description="Writes README.md (the model card) into DIR and uploads DIR in one commit. The token comes "
+                                   "from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another hub.")
+    p.add_argument("dir")
+    p.add_argument("--repo-id", required=True, help="user/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="write the card and list the files, upload nothing")
+    p.add_argument("--base-model", help="hub id of the source model for the card (default: from the provenance)")
+    p.add_argument("--report", help="report.json whose row(s) for this checkpoint go into the card")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from llmq.hub import push
+
+    files = push(args.dir, args.repo_id, private=args.private, dry_run=args.dry_run, base_model=args.base_model,
+                 report=args.report)
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(files)} files to {args.repo_id}{' (private)' if args.private else ''}:")
+    for f in files:
+        print(f"  {f}")
+    return 0
+
+
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="re-hash a checkpoint against its provenance record",
                        description="Exit 0 if every file matches llmq_provenance.json, 1 if anything was modified, removed or added.")
@@ -236,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_eval(sub)
     _add_report(sub)
+    _add_push(sub)
     _add_verify(sub)
     return parser
 

@@ -21,7 +21,8 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def hash_tree(root: Path, skip: tuple[str, ...] = (PROVENANCE_FILE,)) -> dict[str, str]:
+def hash_tree(root: Path, skip: tuple[str, ...] = (PROVENANCE_FILE, "README.md")) -> dict[str, str]:
+    # README.md is the model card `llmq push` generates: documentation, written after the record.
     return {
         str(p.relative_to(root)): sha256_file(p)
         for p in sorted(root.rglob("*"))

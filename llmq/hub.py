@@ -1,0 +1,97 @@
+"""Sharing: a model card generated from a checkpoint's provenance, and upload to the Hugging Face Hub.
+
+The token comes from the usual huggingface_hub mechanisms (HF_TOKEN, `hf auth login`) and
+is never printed.  HF_ENDPOINT points the upload elsewhere (a mirror, or a test server).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmq.errors import LlmqError
+from llmq.provenance import PROVENANCE_FILE
+
+CARD = "README.md"  # the model card; documentation, so provenance hashes leave it out
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_repo_id(s: str | None) -> bool:
+    return bool(s) and not s.startswith((".", "/", "~")) and s.count("/") <= 1 and bool(_REPO_ID.match(s))
+
+
+def model_card(ckpt: Path, repo_id: str | None = None, base_model: str | None = None,
+               report_rows: list[dict[str, Any]] | None = None) -> str:
+    prov_file = ckpt / PROVENANCE_FILE
+    prov = json.loads(prov_file.read_text()) if prov_file.is_file() else {}
+    config = json.loads((ckpt / "config.json").read_text())
+    q = config.get("quantization_config") or {}
+    recipe = prov.get("recipe", {})
+    source = (prov.get("source") or {}).get("model")
+    base = base_model or (source if _looks_like_repo_id(source) else None)
+    method = recipe.get("method") or (q.get("meta") or {}).get("method") or q.get("quant_method") or "fp"
+    bits = q.get("bits") or ((q.get("config_groups") or {}).get("group_0", {}).get("weights") or {}).get("num_bits")
+    fmt = q.get("quant_method", "none")
+    tags = ["llmq", "quantized", str(method)] + ([f"{bits}-bit"] if bits else []) + ([fmt] if fmt not in ("none", method) else [])
+    meta: dict[str, Any] = {"library_name": "transformers", "tags": list(dict.fromkeys(tags)), "quantized_by": "llmq"}
+    if base:
+        meta["base_model"] = base
+        meta["base_model_relation"] = "quantized"
+    name = repo_id or ckpt.name
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
+             f"{'Quantized' if q else 'Converted'} with [llmq](https://pypi.org/project/llmq/) {prov.get('llmq_version', '')} "
+             f"from `{source or 'unknown'}`: method **{method}**" + (f", {bits}-bit" if bits else "") +
+             (f", group size {q.get('group_size')}" if q.get("group_size") else "") + f", checkpoint layout `{fmt}`.", ""]
+    if recipe:
+        lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
+    if report_rows:
+        keys = [k for k in report_rows[0] if k.startswith(("variant", "bits_per_weight", "ppl_", "kld_", "top1_"))]
+        lines += ["## Measured quality", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in report_rows]
+        lines.append("")
+    repo = repo_id or "<this repo>"
+    lines += ["## How to load", "", "transformers:", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              f'model = AutoModelForCausalLM.from_pretrained("{repo}", device_map="auto")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{repo}")', "```", ""]
+    backend = {"gptq": "`gptqmodel` (or `optimum` + `auto-gptq`)", "awq": "`autoawq`",
+               "compressed-tensors": "`compressed-tensors`"}.get(fmt)
+    if backend:
+        lines += [f"(needs {backend} installed.)", ""]
+    lines += ["vLLM:", "", "```bash", f"vllm serve {repo}", "```", "",
+              "llama.cpp: this repository holds safetensors; llama.cpp needs a GGUF file.", "",
+              "## Provenance", "", f"`{PROVENANCE_FILE}` records the source model and the sha256 of its files, the full recipe, "
+              "tool versions and the sha256 of every file here; `python -m llmq verify DIR` re-checks them.", ""]
+    return "\n".join(lines)
+
+
+def push(ckpt: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False, base_model: str | None = None,
+         report: str | None = None, commit_message: str | None = None) -> list[str]:
+    d = Path(ckpt)
+    if not d.is_dir() or not (d / "config.json").is_file():
+        raise LlmqError(f"{str(ckpt)!r} is not a checkpoint directory (no config.json)")
+    if not _looks_like_repo_id(repo_id):
+        raise LlmqError(f"--repo-id {repo_id!r} is not of the form user/name")
+    rows = None
+    if report:
+        data = json.loads(Path(report).read_text())
+        rows = [r for r, rec in zip(data["rows"], data["records"]) if Path(rec["checkpoint"]).resolve() == d.resolve()] or data["rows"]
+    (d / CARD).write_text(model_card(d, repo_id, base_model, rows))
+    files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+    if dry_run:
+        return files
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.create_commit(repo_id, repo_type="model", commit_message=commit_message or f"Upload {d.name} (llmq)",
+                          operations=[CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(d / f)) for f in files])
+    except Exception as e:  # auth, network, permissions: the user's to fix; never echo the token
+        raise LlmqError(f"upload to {repo_id!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return files

@@ -1,0 +1,111 @@
+"""Model card and upload: the card parses with huggingface_hub, the upload goes to a local recording endpoint."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import ROOT, STORIES, need
+from llmq.config import build_config
+from llmq.pipeline import quantize_model
+from llmq.provenance import verify
+from llmq.source import ModelSource
+
+TOKEN = "hf_llmqTestTokenThatMustNotLeak0123"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    need(STORIES)
+    out = tmp_path_factory.mktemp("hub") / "q"
+    quantize_model(ModelSource(str(STORIES)), build_config({}, {"method": "rtn", "bits": 4, "group_size": 32}), out, progress=False)
+    return out
+
+
+def test_dry_run_card_parses(ckpt):
+    from huggingface_hub import ModelCard
+
+    p = subprocess.run([sys.executable, "-m", "llmq", "push", str(ckpt), "--repo-id", "someone/stories-w4", "--dry-run",
+                        "--base-model", "karpathy/tinyllamas"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "model.safetensors" in p.stdout and "README.md" in p.stdout
+    card = ModelCard.load(ckpt / "README.md")
+    assert card.data.base_model == "karpathy/tinyllamas"
+    assert card.data.library_name == "transformers"
+    assert {"llmq", "rtn", "4-bit"} <= set(card.data.tags)
+    assert card.data.to_dict()["quantized_by"] == "llmq"
+    assert "vllm serve someone/stories-w4" in card.text
+    assert verify(ckpt) == []  # the card is documentation: provenance still verifies
+
+
+class _Hub(BaseHTTPRequestHandler):
+    log: list = []
+
+    def log_message(self, *a):  # quiet
+        pass
+
+    def _reply(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.log.append(("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        if self.path == "/api/repos/create":
+            req = json.loads(body)
+            host = self.headers["Host"]
+            return self._reply(200, {"url": f"http://{host}/{req.get('organization')}/{req['name']}", "name": req["name"]})
+        if self.path == "/api/validate-yaml":
+            return self._reply(200, {"errors": [], "warnings": []})
+        if "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        if "/commit/" in self.path:
+            host = self.headers["Host"]
+            return self._reply(200, {"commitUrl": f"http://{host}/someone/stories-w4/commit/{'a' * 40}", "commitOid": "a" * 40,
+                                     "pullRequestUrl": None})
+        return self._reply(404, {"error": f"unexpected {self.path}"})
+
+    def do_GET(self):
+        self.log.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, b""))
+        return self._reply(404, {"error": f"unexpected {self.path}"})
+
+
+def test_upload_to_local_endpoint(ckpt):
+    _Hub.log = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_TOKEN": TOKEN,
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+        p = subprocess.run([sys.executable, "-m", "llmq", "push", str(ckpt), "--repo-id", "someone/stories-w4", "--private"],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    finally:
+        server.shutdown()
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert TOKEN not in p.stdout + p.stderr
+    create = [r for r in _Hub.log if r[1] == "/api/repos/create"]
+    req = json.loads(create[0][3])
+    assert req.get("private") is True or req.get("visibility") == "private"
+    assert create[0][2].get("authorization") == f"Bearer {TOKEN}"
+    validated = [json.loads(r[3]) for r in _Hub.log if r[1] == "/api/validate-yaml"]
+    assert validated and "quantized_by: llmq" in validated[0]["content"]
+    commits = [r for r in _Hub.log if "/commit/" in r[1]]
+    assert len(commits) == 1 and "someone/stories-w4" in commits[0][1]
+    lines = [json.loads(l) for l in commits[0][3].decode().splitlines() if l.strip()]
+    sent = {l["value"]["path"]: base64.b64decode(l["value"]["content"]) for l in lines if l["key"] == "file"}
+    expected = sorted(str(f.relative_to(ckpt)) for f in ckpt.rglob("*") if f.is_file())
+    assert sorted(sent) == expected
+    assert sent["model.safetensors"] == (ckpt / "model.safetensors").read_bytes()
+    assert b"quantized_by: llmq" in sent["README.md"]
