@@ -123,3 +123,27 @@ def iter_quantized(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]):
         if isinstance(mod, nn.Linear) and source.has_tensor(f"{mod_name}.{fmt.suffixes[0]}"):
             tensors = {s: source.load_tensor(f"{mod_name}.{s}") for s in fmt.suffixes if source.has_tensor(f"{mod_name}.{s}")}
             yield mod_name, fmt.unpack(tensors, spec, (mod.out_features, mod.in_features))
+
+
+def load_for_eval(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer, context length) for any checkpoint llmq reads, GGUF files included.
+
+    GGUF goes through transformers' GGUF reader, which dequantizes with the `gguf` package:
+    files from llama.cpp and from llmq are measured by the same code.
+    """
+    from llmq.pipeline import load_tokenizer
+
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise LlmqError(f"GGUF file {name!r} does not exist")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        except Exception as e:
+            raise LlmqError(f"cannot read GGUF file {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        return model.eval(), tokenizer, getattr(model.config, "max_position_embeddings", None)
+    model, source = load_model(name, dtype, trust_remote_code=trust_remote_code)
+    return model, load_tokenizer(source), getattr(source.config, "max_position_embeddings", None)

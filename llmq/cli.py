@@ -46,7 +46,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (default min(2048, context))")
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    p.add_argument("--format", choices=sorted(FORMATS), help="checkpoint layout (default: gptq, or gptq_v2 for --asym)")
+    p.add_argument("--format", choices=sorted([*FORMATS, "gguf"]),
+                   help="checkpoint layout (default: gptq, or gptq_v2 for --asym); gguf writes one llama.cpp file at --out")
+    p.add_argument("--gguf-type", help="with --format gguf: Q4_0, Q5_0, Q8_0 (the method quantizes on that block grid), F16, F32")
     p.add_argument("--dtype", help="dtype of unquantized tensors: float16 (default), bfloat16, float32")
     p.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 4GB (default)")
     p.add_argument("--skip", action="append", help="linear name pattern to leave unquantized (repeatable)")
@@ -85,7 +87,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                        description="Read a quantized checkpoint (gptq, gptq_v2, awq, compressed-tensors; llmq's or another "
                                    "tool's) and write it in another layout, or dequantize it (fp16/bf16/fp32).")
     p.add_argument("--model", required=True, help="quantized checkpoint directory or hub id")
-    p.add_argument("--format", required=True, choices=[*FORMATS, *PLAIN])
+    p.add_argument("--format", required=True, choices=[*FORMATS, *PLAIN, "gguf"])
+    p.add_argument("--gguf-type", help="with --format gguf: Q4_0, Q5_0, Q8_0 (RTN on that grid from an fp model), F16, F32")
     p.add_argument("--out", required=True)
     p.add_argument("--max-shard-size", default="4GB")
     p.add_argument("--overwrite", action="store_true")
@@ -162,8 +165,15 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from llmq.export import export_checkpoint
+    from llmq.export import export_checkpoint, export_gguf
 
+    if args.format == "gguf":
+        if not args.gguf_type:
+            raise LlmqError("--format gguf needs --gguf-type")
+        for n in export_gguf(args.model, args.out, args.gguf_type, overwrite=args.overwrite):
+            print(f"note: {n}")
+        print(f"wrote {args.out} (GGUF {args.gguf_type.upper()})")
+        return 0
     out = export_checkpoint(args.model, args.format, args.out, max_shard_size=args.max_shard_size,
                             overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"wrote {out} ({args.format})")
@@ -191,9 +201,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "damp", "block_size", "act_order",
                                                "static_groups", "true_sequential", "awq_clip", "dataset", "split", "nsamples",
-                                               "seqlen", "seed", "format", "dtype", "max_shard_size", "skip")}
+                                               "seqlen", "seed", "format", "gguf_type", "dtype", "max_shard_size", "skip")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    if cfg.format == "gguf":
+        from llmq.export import quantize_to_gguf
+
+        notes = quantize_to_gguf(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+        for n in notes:
+            print(f"note: {n}")
+        print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB): {cfg.method} on the {cfg.gguf_type.upper()} grid")
+        return 0
     stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     size = sum(p.stat().st_size for p in Path(stats.output).glob("*.safetensors"))
     if args.stats_json:
@@ -215,15 +233,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmq.checkpoint import load_model
+    from llmq.checkpoint import load_for_eval
     from llmq.data import eval_tokens
     from llmq.eval import evaluate
-    from llmq.pipeline import load_tokenizer
     from llmq.source import torch_dtype
 
     dtype = torch_dtype(args.dtype)
-    model, source = load_model(args.model, dtype, trust_remote_code=args.trust_remote_code)
-    context = getattr(source.config, "max_position_embeddings", None)
+    model, tokenizer, context = load_for_eval(args.model, dtype, trust_remote_code=args.trust_remote_code)
     seqlen = args.seqlen or min(2048, context or 2048)
     if seqlen < 2:
         raise LlmqError(f"--seqlen must be at least 2, got {seqlen}")
@@ -231,10 +247,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise LlmqError(f"--seqlen {seqlen} exceeds the model's context length {context}")
     reference = None
     if args.reference:
-        reference, ref_source = load_model(args.reference, dtype, trust_remote_code=args.trust_remote_code)
+        reference, _, _ = load_for_eval(args.reference, dtype, trust_remote_code=args.trust_remote_code)
         if reference.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
             raise LlmqError("--reference has a different vocabulary size; KL divergence needs the same tokenizer")
-    tokens = eval_tokens(load_tokenizer(source), args.dataset, args.split)
+    tokens = eval_tokens(tokenizer, args.dataset, args.split)
     if args.max_windows:
         tokens = tokens[: args.max_windows * seqlen]
     model.to(args.device)

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from llmq.errors import LlmqError
-from llmq.grid import SUPPORTED_BITS, QuantSpec
+from llmq.grid import GGUF_GRIDS, SUPPORTED_BITS, QuantSpec
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -46,12 +46,16 @@ class QuantizeConfig:
     awq_clip_gptq: bool = False  # awq+gptq: the same (off: tuned for RTN, it hurts GPTQ; see eval/)
     # output
     format: str | None = None  # None: gptq (v1) for symmetric grids, gptq_v2 for asymmetric ones
+    gguf_type: str | None = None  # with format gguf: Q4_0, Q5_0, Q8_0 (the grid the method quantizes on), F16, F32
     dtype: str = "float16"  # dtype of the tensors that stay unquantized (embeddings, norms, biases)
     max_shard_size: str = "4GB"
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     calibration: CalibConfig = field(default_factory=CalibConfig)
 
     def spec(self) -> QuantSpec:
+        grid = (self.gguf_type or "").lower()
+        if grid in GGUF_GRIDS:  # the GGUF block type fixes bits, block size and grid
+            return QuantSpec(bits=GGUF_GRIDS[grid], group_size=32, sym=True, grid=grid)
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)
 
     def format_name(self) -> str:
@@ -69,7 +73,14 @@ class QuantizeConfig:
                 raise LlmqError(f"--group-size must be -1 (per channel) or positive, got {self.group_size}")
         from llmq.formats import FORMATS
 
-        if self.format is not None and self.format not in FORMATS:
+        if self.format == "gguf":
+            from llmq.formats.gguf import GGUF_TYPES
+
+            if (self.gguf_type or "").upper() not in GGUF_TYPES:
+                raise LlmqError(f"--format gguf needs --gguf-type, one of {', '.join(GGUF_TYPES)}")
+        elif self.gguf_type is not None and self.format != "gptq_v2":  # gptq_v2: the staging checkpoint of a GGUF run
+            raise LlmqError("--gguf-type applies only with --format gguf")
+        elif self.format is not None and self.format not in FORMATS:
             raise LlmqError(f"unknown format {self.format!r}; choose from {', '.join(FORMATS)}")
         if self.dtype not in DTYPES:
             raise LlmqError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")

@@ -8,12 +8,14 @@ target that cannot represent them refuses (and nothing is written).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import llmq
+from llmq.arch import arch_for
 from llmq.checkpoint import OutputDir, copy_sidecars, iter_quantized, quantization_config_of, write_config
 from llmq.config import parse_size
 from llmq.errors import LlmqError
@@ -89,3 +91,93 @@ def _previous_provenance(d: Path) -> dict | None:
         return json.loads(p.read_text()) if p.is_file() else None
     except json.JSONDecodeError:
         return None
+
+
+# ---- GGUF ------------------------------------------------------------------------------
+
+def _check_file_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and (out.is_dir() or not overwrite):
+        raise LlmqError(f"output {str(out)!r} exists" + ("" if out.is_dir() else " (pass --overwrite to replace it)"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LlmqError(f"cannot create output directory {str(out.parent)!r}: {e.strerror}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise LlmqError(f"output directory {str(out.parent)!r} is not writable")
+
+
+def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = False) -> list[str]:
+    """A GGUF file from an fp checkpoint (RTN on the GGUF grid, or F16/F32) or a GGUF-grid llmq checkpoint.
+
+    Returns notes for the user (tensors that fell back to a float type)."""
+    from llmq.formats.gguf import GGUF_TYPES, check_arch, write_gguf
+    from llmq.grid import GGUF_GRIDS, QuantSpec
+    from llmq.methods.rtn import rtn_quantize
+
+    gguf_type = gguf_type.upper()
+    if gguf_type not in GGUF_TYPES:
+        raise LlmqError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}")
+    out = Path(out)
+    _check_file_output(out, overwrite)
+    source = ModelSource(src)
+    check_arch(json.loads((source.dir / "config.json").read_text()))
+    qcfg = quantization_config_of(source)
+    grid = gguf_type.lower() if gguf_type.lower() in GGUF_GRIDS else None
+    if qcfg is not None:
+        spec = format_for_config(qcfg).spec_from_config(qcfg)
+        if spec.grid != grid:
+            raise LlmqError(f"{src!r} was quantized on the {spec.grid!r} grid, not {gguf_type}; "
+                            f"quantize the fp model with --format gguf --gguf-type {gguf_type}")
+        delattr(source.config, "quantization_config")
+    model = source.skeleton(torch.float32)
+    arch_layers = arch_for(model).layers + "."
+    notes: list[str] = []
+
+    def tensors():
+        packed = set()
+        if qcfg is not None:
+            for mod_name, qt in iter_quantized(model, source, qcfg):
+                packed.add(mod_name)
+                yield source.checkpoint_key(f"{mod_name}.weight") or f"{mod_name}.weight", qt
+        spec = QuantSpec(bits=GGUF_GRIDS[grid], group_size=32, grid=grid) if grid else None
+        for name, p in model.named_parameters():
+            owner = name.rpartition(".")[0]
+            if owner in packed or name in source.tied:
+                continue
+            key = source.checkpoint_key(name) or name
+            t = source.load_tensor(name)
+            is_linear = isinstance(model.get_submodule(owner), nn.Linear) and name.startswith(arch_layers)
+            if spec is not None and qcfg is None and is_linear and t.shape[1] % 32 == 0:
+                yield key, rtn_quantize(t.float(), spec)
+            else:
+                if spec is not None and is_linear:
+                    notes.append(f"{key}: {t.shape[1]} columns are not a multiple of 32; written as "
+                                 f"{'F32' if gguf_type == 'F32' else 'F16'}")
+                yield key, t
+
+    write_gguf(source.dir, out, gguf_type, tensors(), name=Path(src).name)
+    return notes
+
+
+def quantize_to_gguf(source: ModelSource, cfg, out: str | Path, *, overwrite: bool = False, device: str = "cpu",
+                     progress: bool = True) -> list[str]:
+    """`quantize --format gguf`: the method quantizes on the GGUF block grid, then the file is written."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from llmq.formats.gguf import check_arch
+    from llmq.pipeline import quantize_model
+
+    out = Path(out)
+    _check_file_output(out, overwrite)
+    check_arch(json.loads((source.dir / "config.json").read_text()))
+    if cfg.gguf_type.upper() in ("F16", "F32"):
+        return export_gguf(str(source.dir), out, cfg.gguf_type, overwrite=overwrite)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".llmq-stage", dir=out.parent))
+    try:
+        staged = dataclasses.replace(cfg, format="gptq_v2", dtype="float32")
+        quantize_model(source, staged, stage / "q", device=device, progress=progress)
+        return export_gguf(str(stage / "q"), out, cfg.gguf_type, overwrite=overwrite)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

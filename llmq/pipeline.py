@@ -208,6 +208,8 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             stats.peak_resident_layers = max(stats.peak_resident_layers, sum(is_resident(l) for l in layers))
 
             targets = _targets(arch, cfg.skip, prefix) if method.quantizes else []
+            if cfg.spec().grid != "minmax":  # GGUF blocks hold 32 columns: other widths stay in float
+                targets = [t for t in targets if layer.get_submodule(t).in_features % 32 == 0]
             layer_log = LayerLog(layer=i)
             done = 0
 

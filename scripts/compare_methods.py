@@ -7,7 +7,8 @@ Writes a markdown table and a JSON record (with the command line) to --out.
     python scripts/compare_methods.py --model DIR --eval-dataset FILE --calib-dataset FILE \
         --seqlen 256 --group-size 128 --variants rtn-w4 gptq-w4 gptq-w4-act --out eval/results/NAME
 
-Variant names: METHOD-wBITS[-gSIZE|-pc][-asym][-act][-static][-noclip], e.g. gptq-w3-act, rtn-w8-pc, awq+gptq-w4-noclip.
+Variant names: METHOD-wBITS[-gSIZE|-pc][-asym][-act][-static][-noclip] or METHOD-q4_0|q5_0|q8_0 (a GGUF file),
+e.g. gptq-w3-act, rtn-w8-pc, awq+gptq-w4-noclip, gptq-q4_0.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def parse_variant(name: str, default_gs: int) -> dict:
             opts["static_groups"] = True
         elif p == "noclip":
             opts["awq_clip"] = False
+        elif p.lower() in ("q4_0", "q5_0", "q8_0"):
+            opts["gguf_type"] = p.upper()  # a GGUF file on that block grid
         else:
             raise SystemExit(f"cannot read variant {name!r} (part {p!r})")
     return opts
@@ -59,7 +62,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="path prefix: writes OUT.md and OUT.json")
     args = ap.parse_args()
 
-    from llmq.checkpoint import load_model
+    from llmq.checkpoint import load_for_eval, load_model
+    from llmq.export import quantize_to_gguf
     from llmq.config import build_config
     from llmq.data import eval_tokens
     from llmq.eval import evaluate
@@ -75,11 +79,19 @@ def main() -> None:
             cfg = build_config({}, {**opts, "dataset": args.calib_dataset, "nsamples": args.nsamples, "seqlen": args.seqlen,
                                     "seed": args.seed, "dtype": "float32"})
             t0 = time.perf_counter()
-            stats = quantize_model(ModelSource(args.model), cfg, Path(tmp) / v, progress=False)
-            seconds = time.perf_counter() - t0
-            model, _ = load_model(str(Path(tmp) / v))
+            if cfg.gguf_type:
+                cfg.format = "gguf"
+                quantize_to_gguf(ModelSource(args.model), cfg, Path(tmp) / f"{v}.gguf", progress=False)
+                stats = None
+                seconds = time.perf_counter() - t0
+                model, _, _ = load_for_eval(str(Path(tmp) / f"{v}.gguf"))
+            else:
+                stats = quantize_model(ModelSource(args.model), cfg, Path(tmp) / v, progress=False)
+                seconds = time.perf_counter() - t0
+                model, _ = load_model(str(Path(tmp) / v))
             r = evaluate(model, tokens, args.seqlen, reference=reference, progress=False, batch_size=8)
-            errs = [x["error"] for x in stats.records if "error" in x]
+            errs = [x["error"] for x in stats.records if "error" in x] if stats else []
+            opts.setdefault("bits", {"Q4_0": 4, "Q5_0": 5, "Q8_0": 8}.get(opts.get("gguf_type"), opts.get("bits")))
             rows.append({"variant": v, **opts, "ppl": r.ppl, "kld": r.kld, "top1": r.top1, "fp_ppl": r.reference_ppl,
                          "mean_rel_error": sum(errs) / len(errs) if errs else None, "quantize_seconds": seconds,
                          "windows": r.windows, "tokens_scored": r.tokens_scored})

@@ -83,3 +83,33 @@ def test_clip_search_never_worse_than_no_clip():
     err = lambda q: ((xs[0] @ (q - w).T) ** 2).sum().item()  # noqa: E731
     assert err(fake_quantize(wc, spec)) <= err(fake_quantize(w, spec))
     assert (max_val < w.abs().reshape(40, 2, 32).amax(2)).any()
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+_slow = pytest.mark.slow
+
+
+@pytest.mark.parametrize("bits,sym,gs", [(4, True, 128), (3, False, 64),
+                                         pytest.param(4, False, 64, marks=_slow), pytest.param(3, True, 32, marks=_slow),
+                                         pytest.param(3, False, 128, marks=_slow), pytest.param(4, True, 32, marks=_slow)])
+def test_awq_runs_and_reloads(tmp_path, method, bits, sym, gs):
+    """Every bits x sym x group combination quantizes, logs its choices, and reloads to the in-memory result."""
+    import json
+
+    from conftest import save_tiny
+    from llmq.checkpoint import load_model
+    from llmq.pipeline import quantize_model
+    from llmq.source import ModelSource
+
+    src = save_tiny("llama", tmp_path / "src", hidden=128, inter=256)
+    ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = build_config({}, {"method": method, "bits": bits, "sym": sym, "group_size": gs, "seqlen": 32, "nsamples": 4, "dtype": "float32"})
+    stats = quantize_model(ModelSource(str(src)), cfg, tmp_path / "q", progress=False, calib_ids=ids)
+    recs = [json.loads(l) for l in (tmp_path / "q" / "llmq_quantize_log.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * 7 and all("alpha" in r for r in recs if not r["module"].endswith(("o_proj",)))
+    assert all("awq_mse_best" in r and r["awq_mse_best"] <= r["awq_mse_unscaled"] for r in recs if "awq_mse_best" in r)
+    if method == "awq":
+        assert any("clip_ratio_mean" in r for r in recs)
+    model, _ = load_model(str(tmp_path / "q"))
+    assert torch.isfinite(model(ids).logits).all()
+    assert stats.peak_resident_layers == 1

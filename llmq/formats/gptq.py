@@ -79,8 +79,10 @@ class GPTQFormat(Format):
             "true_sequential": bool(extra.get("true_sequential", True)),
             "damp_percent": extra.get("damp", 0.01),
             "checkpoint_format": self.version,
+            **({"llmq_grid": spec.grid} if spec.grid != "minmax" else {}),  # a GGUF block grid, for the GGUF export
             "meta": {"quantizer": [f"llmq:{extra.get('version', '')}"], "method": extra.get("method")},
         }
 
     def spec_from_config(self, qcfg: dict[str, Any]) -> QuantSpec:
-        return QuantSpec(bits=int(qcfg["bits"]), group_size=int(qcfg.get("group_size", -1)), sym=bool(qcfg.get("sym", True)))
+        return QuantSpec(bits=int(qcfg["bits"]), group_size=int(qcfg.get("group_size", -1)), sym=bool(qcfg.get("sym", True)),
+                         grid=qcfg.get("llmq_grid", "minmax"))

@@ -12,6 +12,7 @@ clipped weights are finally rounded (RTN) or handed to GPTQ (awq+gptq).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from typing import Any, Callable
@@ -207,7 +208,7 @@ def search_clip(w: torch.Tensor, xs: list[torch.Tensor], spec: QuantSpec, genera
     x = x[torch.randperm(x.shape[0], generator=generator)[:CLIP_TOKENS]]
     pad = groups * gs - n
     xg = F.pad(x, (0, pad)).reshape(-1, groups, gs)  # tokens x groups x gs
-    group_spec = QuantSpec(spec.bits, gs, spec.sym, spec.scale_dtype)
+    group_spec = dataclasses.replace(spec, group_size=gs)
     best_max = []
     # Output channels in chunks: the (out x tokens x groups) products would not fit for large layers.
     for wc in F.pad(w.float(), (0, pad)).split(out_chunk):

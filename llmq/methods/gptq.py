@@ -85,7 +85,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    static = static_groups or act_order or gs == n
+    # GGUF block grids are fixed from the unquantized weights first; error feedback then picks the codes.
+    static = static_groups or act_order or gs == n or spec.grid != "minmax"
     scale = torch.zeros(out, groups, dtype=dtype)
     zero = torch.zeros(out, groups, dtype=dtype)
     if static:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmq.grid import QuantSpec, fit_params, group_index, quantize
+from llmq.grid import QuantSpec, fit_params, group_index, gguf_reference_codes, quantize
 from llmq.methods.base import Method
 from llmq.qtensor import QuantizedTensor
 
@@ -16,7 +16,11 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     # Zero padding of a partial last group leaves its grid unchanged: fit_params always spans 0.
     wp = F.pad(w.float(), (0, groups * gs - inp)).reshape(out * groups, gs)
     scale, zero = fit_params(wp, spec)
-    q = quantize(wp, scale[:, None], zero[:, None], spec.maxq).reshape(out, groups * gs)[:, :inp]
+    if spec.grid == "minmax":
+        q = quantize(wp, scale[:, None], zero[:, None], spec.maxq)
+    else:  # GGUF blocks: llama.cpp's own rounding, so RTN files match llama-quantize byte for byte
+        q = gguf_reference_codes(wp, spec)
+    q = q.reshape(out, groups * gs)[:, :inp]
     return QuantizedTensor.from_float_codes(q, scale.reshape(out, groups), zero.reshape(out, groups), group_index(inp, spec), spec)
 
 
