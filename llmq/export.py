@@ -61,12 +61,12 @@ def export_checkpoint(src: str, target: str, out: str | Path, *, max_shard_size:
             done.add(mod_name)
         for name, _ in model.named_parameters():
             owner = name.rpartition(".")[0]
-            if owner in done and name.endswith(".weight") or name in source.tied:
+            if (owner in done and name.endswith(".weight")) or name in source.tied:
                 continue
             t = source.load_tensor(name)
             writer.add(source.checkpoint_key(name) or name, t.to(out_dtype) if plain and t.is_floating_point() else t)
         writer.finish()
-        dtype = PLAIN_DTYPES[target] if plain else str(source.config.dtype).removeprefix("torch.") if isinstance(source.config.dtype, torch.dtype) else (source.config.dtype or "float16")
+        dtype = PLAIN_DTYPES[target] if plain else _dtype_name(getattr(source.config, "dtype", None))
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in done]
         new_qcfg = None if plain else fmt.quantization_config(spec, {**_extra_from(qcfg), "ignore": ignore, "version": llmq.__version__})
         write_config(source.dir, tmp, dtype, new_qcfg)
@@ -77,6 +77,13 @@ def export_checkpoint(src: str, target: str, out: str | Path, *, max_shard_size:
                       {str(p.relative_to(source.dir)): sha256_file(p) for p in source.files()}, recipe, hash_tree(tmp))
         (tmp / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
     return output.path
+
+
+def _dtype_name(d) -> str:
+    """A config's dtype (torch.dtype, string or unset) as the string config.json holds."""
+    if isinstance(d, torch.dtype):
+        return str(d).removeprefix("torch.")
+    return d or "float16"
 
 
 def _extra_from(qcfg: dict) -> dict:

@@ -158,6 +158,8 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
                    device: str = "cpu", progress: bool = True, calib_ids: torch.Tensor | None = None) -> RunStats:
     """Quantize ``source`` with ``cfg`` into the directory ``out``. See the module docstring."""
     cfg.validate()
+    if cfg.format == "gguf":
+        raise LlmqError("a GGUF file is written by export.quantize_to_gguf, not into a checkpoint directory")
     _release_freed_memory_to_os()
     method = METHODS[cfg.method](cfg)
     fmt = FORMATS[cfg.format_name()] if method.quantizes else None

@@ -146,3 +146,30 @@ def test_quantize_and_eval_cli(tmp_path):
 def test_help_lists_working_subcommands():
     p = run("--help")
     assert p.returncode == 0 and "quantize" in p.stdout and "eval" in p.stdout
+
+
+def test_gguf_cli_errors(tmp_path):
+    from conftest import save_tiny
+
+    src = save_tiny("gpt_neox", tmp_path / "neox")
+    p = run("quantize", "--model", str(src), "--format", "gguf", "--gguf-type", "Q4_0", "--out", str(tmp_path / "m.gguf"))
+    assert_user_error(p, "GGUF export supports")
+    need(STORIES)
+    p = run("quantize", "--model", str(STORIES), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
+    assert_user_error(p, "--gguf-type")
+    p = run("eval", "--model", str(tmp_path / "missing.gguf"))
+    assert_user_error(p, "does not exist")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["neox"]
+
+
+def test_stories260k_gguf_falls_back_for_odd_widths(tmp_path):
+    """172-wide inputs (down_proj) cannot form 32-blocks: written as F16, and the user is told."""
+    need(STORIES)
+    out = tmp_path / "s.gguf"
+    p = run("quantize", "--quiet", "--method", "rtn", "--model", str(STORIES), "--format", "gguf", "--gguf-type", "Q8_0", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "down_proj.weight: 172 columns are not a multiple of 32" in p.stdout
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"
