@@ -124,14 +124,19 @@ def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[st
     calib = {**suite.calibration, **({"dataset": calib_dataset} if calib_dataset else {}),
              **({"nsamples": nsamples} if nsamples else {}), "seqlen": seqlen}
 
+    # A record is reused only if it was measured under the same settings: rows must share their windows.
+    run_key = {"model": model, "seqlen": seqlen, "eval": datasets, "max_windows": max_windows, "calibration": calib}
     records = []
     for v in suite.variants:
         vdir = out / "variants" / v.slug
         rec_file = vdir / RECORD
         if rec_file.is_file():
-            records.append(json.loads(rec_file.read_text()))
-            print(f"[{v.name}] finished earlier: reusing {rec_file}", flush=True)
-            continue
+            old = json.loads(rec_file.read_text())
+            if old.get("run_key") == run_key and old.get("recipe") == build_config({**v.recipe, "calibration": calib}, {}).to_dict():
+                records.append(old)
+                print(f"[{v.name}] finished earlier: reusing {rec_file}", flush=True)
+                continue
+            print(f"[{v.name}] recorded under other settings: measuring again", flush=True)
         vdir.mkdir(parents=True, exist_ok=True)
         recipe = {**v.recipe, "calibration": calib}
         cfg = build_config(recipe, {})
@@ -152,7 +157,7 @@ def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[st
             r = evaluate(qmodel, toks, seqlen, reference=reference, progress=progress, batch_size=8)
             evals[name] = {"dataset": datasets[name], **r.to_dict()}
         del qmodel
-        rec = {"variant": v.name, "slug": v.slug, "recipe": cfg.to_dict(), "method": cfg.method,
+        rec = {"variant": v.name, "slug": v.slug, "run_key": run_key, "recipe": build_config(recipe, {}).to_dict(), "method": cfg.method,
                "bits": None if cfg.method in ("fp32", "fp16", "bf16") else cfg.bits,
                "group_size": None if cfg.method in ("fp32", "fp16", "bf16") else cfg.group_size,
                **_measure_sizes(ckpt, n_params, linear_shapes), "quantize_seconds": qstats["seconds"],

@@ -32,6 +32,8 @@ class Hessian:
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
+        if self.H.device != x.device:  # accumulate where the activations live (CPU or GPU)
+            self.H = self.H.to(x.device)
         x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
         m = x.shape[0]
         # Rescale the old mean before adding: no sum ever grows with the number of samples.
@@ -51,7 +53,7 @@ class SolveInfo:
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
     """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, escalating damp x10 until it works."""
     mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     frac = damp
     while frac <= 1.0 + 1e-9:
         L, info = torch.linalg.cholesky_ex(H + frac * mean_diag * eye)
@@ -74,8 +76,8 @@ def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, static_groups: bool = False) -> tuple[QuantizedTensor, SolveInfo]:
     """Quantize W (out x in) against Hessian H (in x in). Works in H's dtype."""
-    dtype = H.dtype
-    W0 = W.to(dtype)
+    dtype, device = H.dtype, H.device
+    W0 = W.to(device=device, dtype=dtype)
     W = W0.clone()
     H = H.clone()
     out, n = W.shape
@@ -87,21 +89,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
 
     # GGUF block grids are fixed from the unquantized weights first; error feedback then picks the codes.
     static = static_groups or act_order or gs == n or spec.grid != "minmax"
-    scale = torch.zeros(out, groups, dtype=dtype)
-    zero = torch.zeros(out, groups, dtype=dtype)
+    scale = torch.zeros(out, groups, dtype=dtype, device=device)
+    zero = torch.zeros(out, groups, dtype=dtype, device=device)
     if static:
         for g in range(groups):
             s, z = fit_params(W[:, g * gs : (g + 1) * gs], spec)
             scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=device)
     W = W[:, perm]
     col_group = perm // gs  # group of each (permuted) column
     U, used_damp = _inverse_cholesky(H[perm][:, perm], damp)
     if U is None:
         log.warning("Hessian not positive definite even with damp=1.0; falling back to RTN for this module")
-        qt = rtn_quantize(W0, spec)
-        return qt, SolveInfo(damp=used_damp, fallback_rtn=True, error=relative_error(W0, qt.dequantize(dtype), H))
+        qt = rtn_quantize(W0.cpu(), spec)
+        return qt, SolveInfo(damp=used_damp, fallback_rtn=True, error=relative_error(W0, qt.dequantize(dtype).to(device), H))
 
     # Dynamic groups take their grid from the error-updated weights when their first column
     # comes up; aligning blocks to groups keeps those columns fully updated (as in the naive loop).
@@ -129,8 +131,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
 
     inv = torch.argsort(perm)
     Q = Q[:, inv]
-    qt = QuantizedTensor.from_float_codes(Q, scale, zero, group_index(n, spec), spec)
-    return qt, SolveInfo(damp=used_damp, fallback_rtn=False, error=relative_error(W0, qt.dequantize(dtype), H))
+    qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, spec), spec)
+    return qt, SolveInfo(damp=used_damp, fallback_rtn=False, error=relative_error(W0, qt.dequantize(dtype).to(device), H))
 
 
 class GPTQ(Method):
@@ -155,7 +157,7 @@ class GPTQ(Method):
                 t0 = time.perf_counter()
                 qt, info = gptq_quantize(linear.weight.data, hessians[name].H, self.spec, cfg.damp, cfg.block_size,
                                          cfg.act_order, cfg.static_groups)
-                linear.weight.data = qt.dequantize(linear.weight.dtype)
+                linear.weight.data = qt.dequantize(linear.weight.dtype).to(linear.weight.device)
                 result[name] = qt
                 log.add(name, error=info.error, damp=info.damp, fallback_rtn=info.fallback_rtn,
                         seconds=round(time.perf_counter() - t0, 4), tokens=hessians[name].count)

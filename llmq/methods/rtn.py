@@ -32,8 +32,8 @@ class RTN(Method):
         for name in targets:
             linear = layer.get_submodule(name)
             w = linear.weight.data
-            qt = rtn_quantize(w, self.spec)
-            linear.weight.data = qt.dequantize(w.dtype)
+            qt = rtn_quantize(w.cpu(), self.spec)  # QuantizedTensors live on the CPU, where formats pack them
+            linear.weight.data = qt.dequantize(w.dtype).to(w.device)
             # Without activations the only error RTN can report is the weights' own.
             log.add(name, weight_error=float(((linear.weight.data - w).float().pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-30))))
             result[name] = qt
