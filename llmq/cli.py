@@ -44,7 +44,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="calibration text: wikitext2, c4, pile-val, a .txt/.jsonl/.parquet file or owner/name[:config][@split]")
     p.add_argument("--split", help="dataset split (default: train for known sets)")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default min(2048, context))")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default: 2048, AWQ 512; capped by the context)")
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
     p.add_argument("--format", choices=sorted([*FORMATS, "gguf"]),
                    help="checkpoint layout (default: gptq, or gptq_v2 for --asym); gguf writes one llama.cpp file at --out")
@@ -193,6 +193,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+def _write_stats(path: str | None, seconds: float) -> None:
+    if path:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        Path(path).write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak}) + "\n")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from llmq.config import build_config, load_recipe
     from llmq.pipeline import quantize_model
@@ -205,20 +213,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
     if cfg.format == "gguf":
+        import time
+
         from llmq.export import quantize_to_gguf
 
+        t0 = time.perf_counter()
         notes = quantize_to_gguf(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+        _write_stats(args.stats_json, time.perf_counter() - t0)
         for n in notes:
             print(f"note: {n}")
         print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB): {cfg.method} on the {cfg.gguf_type.upper()} grid")
         return 0
     stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     size = sum(p.stat().st_size for p in Path(stats.output).glob("*.safetensors"))
-    if args.stats_json:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        Path(args.stats_json).write_text(json.dumps({"seconds": stats.seconds, "peak_rss_mib": peak}) + "\n")
+    _write_stats(args.stats_json, stats.seconds)
     print(f"wrote {stats.output} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: "
           f"{cfg.method} {'' if cfg.method in ('fp16', 'bf16', 'fp32') else f'W{cfg.bits} g{cfg.group_size} ' + ('sym' if cfg.sym else 'asym')}")
     errors = [r["error"] for r in stats.records if "error" in r]

@@ -175,7 +175,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     arch = arch_for(model)
     layers = get_module(model, arch.layers)
     context = getattr(source.config, "max_position_embeddings", None)
-    seqlen = cfg.calibration.seqlen or min(2048, context or 2048)
+    seqlen = cfg.calibration.seqlen or min(method.default_seqlen, context or method.default_seqlen)
     if context is not None and seqlen > context:
         raise LlmqError(f"--seqlen {seqlen} exceeds the model's context length {context}")
     cfg.calibration.seqlen = seqlen

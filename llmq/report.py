@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from llmq.config import build_config
 from llmq.errors import LlmqError
+from llmq.formats.gguf import SUPPORTED_ARCHS as GGUF_ARCHS
 
 RECORD = "record.json"
 
@@ -90,11 +91,22 @@ def _measure_sizes(ckpt: Path, model_params: int, linear_shapes: dict[str, tuple
             "bits_per_linear_weight": 8 * lin_bytes / lin_weights}
 
 
+def _measure_gguf(path: Path, model_params: int, linear_weights: int) -> dict[str, Any]:
+    import gguf
+
+    from llmq.formats.gguf import LINEAR_TENSORS
+
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    lin = sum(b for k, b in tensors.items() if k.startswith("blk.") and k.split(".")[2] in LINEAR_TENSORS)
+    return {"file_bytes": path.stat().st_size, "tensor_bytes": sum(tensors.values()),
+            "bits_per_weight": 8 * sum(tensors.values()) / model_params, "bits_per_linear_weight": 8 * lin / linear_weights}
+
+
 def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[str, str], seqlen: int | None,
                calib_dataset: str | None = None, nsamples: int | None = None, max_windows: int | None = None,
                progress: bool = True, command: str = "") -> list[dict[str, Any]]:
     from llmq.arch import arch_for, get_module
-    from llmq.checkpoint import load_model
+    from llmq.checkpoint import load_for_eval, load_model
     from llmq.data import eval_tokens
     from llmq.eval import evaluate
     from llmq.pipeline import load_tokenizer
@@ -137,11 +149,15 @@ def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[st
                 print(f"[{v.name}] finished earlier: reusing {rec_file}", flush=True)
                 continue
             print(f"[{v.name}] recorded under other settings: measuring again", flush=True)
-        vdir.mkdir(parents=True, exist_ok=True)
         recipe = {**v.recipe, "calibration": calib}
         cfg = build_config(recipe, {})
+        is_gguf = cfg.format == "gguf"
+        if is_gguf and getattr(source.config, "model_type", None) not in GGUF_ARCHS:
+            print(f"[{v.name}] skipped: GGUF export supports {', '.join(GGUF_ARCHS)} models", flush=True)
+            continue
+        vdir.mkdir(parents=True, exist_ok=True)
         (vdir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        ckpt = vdir / "checkpoint"
+        ckpt = vdir / "checkpoint" / "model.gguf" if is_gguf else vdir / "checkpoint"
         cmd = [sys.executable, "-m", "llmq", "quantize", "--config", str(vdir / "recipe.yaml"), "--model", model,
                "--out", str(ckpt), "--overwrite", "--stats-json", str(vdir / "quantize_stats.json")]
         if not progress:
@@ -151,16 +167,19 @@ def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[st
         if p.returncode != 0:
             raise LlmqError(f"variant {v.name!r} failed to quantize: {(p.stderr or '').strip().splitlines()[-1:] or 'see above'}")
         qstats = json.loads((vdir / "quantize_stats.json").read_text())
-        qmodel, _ = load_model(str(ckpt))
+        qmodel, _, _ = load_for_eval(str(ckpt))
         evals = {}
         for name, toks in tokens.items():
             r = evaluate(qmodel, toks, seqlen, reference=reference, progress=progress, batch_size=8)
             evals[name] = {"dataset": datasets[name], **r.to_dict()}
         del qmodel
         rec = {"variant": v.name, "slug": v.slug, "run_key": run_key, "recipe": build_config(recipe, {}).to_dict(), "method": cfg.method,
-               "bits": None if cfg.method in ("fp32", "fp16", "bf16") else cfg.bits,
-               "group_size": None if cfg.method in ("fp32", "fp16", "bf16") else cfg.group_size,
-               **_measure_sizes(ckpt, n_params, linear_shapes), "quantize_seconds": qstats["seconds"],
+               "bits": None if cfg.method in ("fp32", "fp16", "bf16") else cfg.spec().bits,
+               "group_size": None if cfg.method in ("fp32", "fp16", "bf16") else cfg.spec().group_size,
+               "format": cfg.gguf_type.upper() if is_gguf else cfg.format_name(),
+               **(_measure_gguf(ckpt, n_params, sum(o * i for o, i in linear_shapes.values())) if is_gguf
+                  else _measure_sizes(ckpt, n_params, linear_shapes)),
+               "quantize_seconds": qstats["seconds"],
                "quantize_peak_rss_mib": qstats["peak_rss_mib"], "eval": evals, "seqlen": seqlen,
                "projection": project(proj_model, cfg) if proj_model is not None else None,
                "published_7b_ppl": PUBLISHED_7B.get(_anchor_key(cfg)), "checkpoint": str(ckpt), "command": command}
@@ -173,11 +192,14 @@ def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[st
     return records
 
 
-def _anchor_key(cfg) -> tuple:
+def _anchor_key(cfg) -> tuple | None:
+    """Which published Llama-2-7B number describes this recipe (safetensors INT recipes and FP only)."""
     if cfg.method in ("fp16", "fp32", "bf16"):
         return ("fp16", None, None)
-    method = "awq" if cfg.method == "awq" else cfg.method
-    return (method, cfg.bits, cfg.group_size)
+    if cfg.format == "gguf":
+        return None
+    spec = cfg.spec()
+    return (cfg.method, spec.bits, spec.group_size)
 
 
 # ---- outputs -------------------------------------------------------------------------

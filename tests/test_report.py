@@ -88,3 +88,13 @@ def test_pareto_front():
 
     pts = [(32, 5.0), (16, 5.0), (8, 5.1), (4.5, 6.0), (4.5, 6.5), (3.5, 9.0)]
     assert pareto_front(pts) == [5, 3, 2, 1]
+
+
+def test_gguf_projection_matches_block_arithmetic():
+    """Q4_0 on Llama-2-7B: 18 bytes per 32 linear weights, F16 embeddings/head, F32 norms."""
+    h, inter, layers, vocab = 4096, 11008, 32, 32000
+    linear_weights = layers * (4 * h * h + 3 * h * inter)
+    expected = linear_weights // 32 * 18 + 2 * 2 * vocab * h + 4 * (2 * layers + 1) * h
+    r = project(meta_model(LLAMA7B), build_config({}, {"method": "gptq", "format": "gguf", "gguf_type": "Q4_0"}))
+    assert r["total_bytes"] == expected
+    assert r["bits_per_quantized_weight"] == 4.5

@@ -23,6 +23,8 @@ from llmq.qtensor import QuantizedTensor
 GGUF_TYPES = ("Q4_0", "Q5_0", "Q8_0", "F16", "F32")
 SUPPORTED_ARCHS = ("llama", "mistral")
 BLOCK = 32
+BLOCK_BYTES = {"q4_0": 2 + 16, "q5_0": 2 + 4 + 16, "q8_0": 2 + 32}  # fp16 d, (5th bits), codes
+LINEAR_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def check_arch(config: dict[str, Any]) -> None:

@@ -248,7 +248,8 @@ def apply_clip(lin: nn.Linear, max_val: torch.Tensor, spec: QuantSpec) -> None:
 class AWQ(Method):
     name = "awq"
     needs_calibration = True
-    default_dataset = "pile-val"  # as the AWQ reference implementation
+    default_dataset = "pile-val"  # as the AWQ reference implementation: 128 x 512 tokens of pile-val
+    default_seqlen = 512
     final = RTN
 
     def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:

@@ -33,6 +33,7 @@ class Method(ABC):
     quantizes: ClassVar[bool] = True  # False: a plain dtype cast, no QuantizedTensors
     needs_calibration: ClassVar[bool] = False
     default_dataset: ClassVar[str] = "wikitext2"  # calibration text when the recipe names none
+    default_seqlen: ClassVar[int] = 2048  # calibration window when the recipe names none (capped by the context)
 
     def __init__(self, cfg: QuantizeConfig):
         self.cfg = cfg
