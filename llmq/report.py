@@ -256,13 +256,14 @@ def render_markdown(rows: list[dict], records: list[dict], suite: Suite, model: 
              "stored byte (scales, zeros, g_idx, unquantized embeddings) over all parameters; **bpw (linears)** only "
              "the quantized decoder linears.", "", "## Measured on this model", ""]
     evals = list(records[0]["eval"])
-    head = ["variant", "file size", "reduction", "bpw", "bpw (linears)"]
+    head = ["variant", "method", "bits", "group", "file size", "reduction", "bpw", "bpw (linears)"]
     for e in evals:
         head += [f"ppl {e}", f"Δppl {e}", f"KL {e}", f"top-1 {e}", f"accuracy {e}"]
     head += ["quantize s", "peak RSS MiB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["variant"], f"{r['file_bytes'] / 2**20:.2f} MiB", f"{100 * r['reduction_vs_fp32']:.1f}%",
+        cells = [r["variant"], r["method"], "" if r["bits"] is None else str(r["bits"]),
+                 "" if r["group"] is None else ("channel" if r["group"] == -1 else str(r["group"])), f"{r['file_bytes'] / 2**20:.2f} MiB", f"{100 * r['reduction_vs_fp32']:.1f}%",
                  f"{r['bits_per_weight']:.2f}", f"{r['bits_per_linear_weight']:.2f}"]
         for e in evals:
             cells += [f"{r[f'ppl_{e}']:.4f}", f"{r[f'dppl_{e}']:+.4f}", f"{r[f'kld_{e}']:.5f}", f"{100 * r[f'top1_{e}']:.2f}%",
