@@ -85,10 +85,10 @@ def test_clip_search_never_worse_than_no_clip():
     assert (max_val < w.abs().reshape(40, 2, 32).amax(2)).any()
 
 
-@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
 _slow = pytest.mark.slow
 
 
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
 @pytest.mark.parametrize("bits,sym,gs", [(4, True, 128), (3, False, 64),
                                          pytest.param(4, False, 64, marks=_slow), pytest.param(3, True, 32, marks=_slow),
                                          pytest.param(3, False, 128, marks=_slow), pytest.param(4, True, 32, marks=_slow)])
