@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from llmq.arch import arch_for, get_module

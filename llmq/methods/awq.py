@@ -161,7 +161,8 @@ def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kw
     linears = [layer.get_submodule(n) for n in group.linears]
     block = layer.get_submodule(group.block)
     n = linears[0].in_features
-    x_mean = torch.zeros(n, dtype=torch.float64)
+    device = linears[0].weight.device
+    x_mean = torch.zeros(n, dtype=torch.float64, device=device)
     count = 0
     for x in xs:
         x2 = x.reshape(-1, n)
@@ -178,12 +179,12 @@ def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kw
     reference = _block_out(block, xs, kwargs)
     originals = [l.weight.data.clone() for l in linears]
     # s = 1 (leave the group unscaled) competes too: a group may gain nothing from scaling.
-    candidates: list[tuple[float | None, torch.Tensor]] = [(None, torch.ones(n))]
+    candidates: list[tuple[float | None, torch.Tensor]] = [(None, torch.ones(n, device=device))]
     for i in range(N_GRID):
         alpha = i / N_GRID
         s = (x_mean.pow(alpha) / w_mean.clamp(min=1e-4).pow(1 - alpha)).clamp(min=1e-4)
         candidates.append((alpha, s / (s.max() * s.min()).sqrt()))  # centred around 1
-    best: tuple[float, float | None, torch.Tensor] = (float("inf"), None, torch.ones(n))
+    best: tuple[float, float | None, torch.Tensor] = (float("inf"), None, torch.ones(n, device=device))
     unscaled_err = float("nan")
     for alpha, s in candidates:
         for l, w0 in zip(linears, originals):
