@@ -28,9 +28,6 @@ class LayerInputs:
     # Samples per forward call.  Captured kwargs (masks, rotary tables) have batch 1 and broadcast.
     batch_size: int = 8
 
-    def __len__(self) -> int:
-        return len(self.hidden)
-
     @torch.no_grad()
     def run(self, layer: nn.Module, observers: Mapping[nn.Module, Observer] | None = None,
             keep_outputs: bool = False) -> list[torch.Tensor] | None:

@@ -179,8 +179,9 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     if context is not None and seqlen > context:
         raise LlmqError(f"--seqlen {seqlen} exceeds the model's context length {context}")
     cfg.calibration.seqlen = seqlen
+    spec = cfg.spec()
     if fmt is not None:
-        fmt.check(cfg.spec(), cfg.act_order)
+        fmt.check(spec, cfg.act_order)
 
     inputs: LayerInputs | None = None
     if method.needs_calibration and calib_ids is None:
@@ -210,7 +211,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             stats.peak_resident_layers = max(stats.peak_resident_layers, sum(is_resident(l) for l in layers))
 
             targets = _targets(arch, cfg.skip, prefix) if method.quantizes else []
-            if cfg.spec().grid != "minmax":  # GGUF blocks hold 32 columns: other widths stay in float
+            if spec.grid != "minmax":  # GGUF blocks hold 32 columns: other widths stay in float
                 targets = [t for t in targets if layer.get_submodule(t).in_features % 32 == 0]
             layer_log = LayerLog(layer=i)
             done = 0
@@ -255,7 +256,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
 
         qcfg = None
         if fmt is not None:
-            qcfg = fmt.quantization_config(cfg.spec(), {
+            qcfg = fmt.quantization_config(spec, {
                 "act_order": cfg.act_order, "static_groups": cfg.static_groups or cfg.act_order,
                 "true_sequential": cfg.true_sequential, "damp": cfg.damp, "method": cfg.method,
                 "version": llmq.__version__, "ignore": _unquantized_linears(model, source, set(quantized_names)),

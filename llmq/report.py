@@ -26,6 +26,7 @@ from safetensors import safe_open
 from llmq.config import build_config
 from llmq.errors import LlmqError
 from llmq.formats.gguf import SUPPORTED_ARCHS as GGUF_ARCHS
+from llmq.safetensors_stream import DTYPE_BYTES
 
 RECORD = "record.json"
 
@@ -76,7 +77,7 @@ def _tensor_bytes(ckpt: Path) -> dict[str, int]:
             for k in st.keys():
                 t = st.get_slice(k)
                 n = math.prod(t.get_shape())
-                sizes[k] = n * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "I16": 2}[t.get_dtype()]
+                sizes[k] = n * DTYPE_BYTES[t.get_dtype()]
     return sizes
 
 

@@ -20,6 +20,8 @@ _DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+# Bytes per element of each safetensors dtype string, for sizing files without reading their data.
+DTYPE_BYTES = {name: torch.empty(0, dtype=dt).element_size() for dt, name in _DTYPES.items()}
 
 
 class ShardedWriter:

@@ -12,8 +12,6 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator
-
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -71,7 +69,6 @@ class ModelSource:
         self.base_prefix = ""  # the model class's base_model_prefix, known once skeleton() ran
         self._key_map: dict[str, str] = {}  # model parameter name -> checkpoint key, known once skeleton() ran
         self.tied: dict[str, str] = {}  # parameter stored under another name (tied embeddings)
-        self.tensors_read = 0  # count of tensors read from disk: lets tests and logs see the streaming
 
     # ---- tensors on disk -------------------------------------------------
     def _build_index(self) -> dict[str, Path]:
@@ -126,9 +123,7 @@ class ModelSource:
         if key is None:
             raise LlmqError(f"tensor {name!r} is missing from the checkpoint of {self.name!r}")
         with safe_open(str(self._index[key]), framework="pt") as st:
-            t = st.get_tensor(key)
-        self.tensors_read += 1
-        return t
+            return st.get_tensor(key)
 
     # ---- the model skeleton ----------------------------------------------
     def skeleton(self, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -164,6 +159,8 @@ class ModelSource:
             if param.device.type != "meta":
                 continue
             full = f"{prefix}.{name}" if prefix else name
+            if full in self.tied:
+                continue  # stored under its target's name; tie_weights() shares that tensor
             t = self.load_tensor(full)
             if t.shape != param.shape:
                 raise LlmqError(f"tensor {full!r} has shape {tuple(t.shape)} on disk but {tuple(param.shape)} in the model config")
@@ -172,8 +169,6 @@ class ModelSource:
             _set_param(module, name, t)
         return module
 
-    def named_tensors(self) -> Iterator[str]:
-        return iter(self._index)
 
 
 def _checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:

@@ -21,16 +21,16 @@ PLAIN = ("fp16", "bf16", "fp32")  # export targets that dequantize into an ordin
 def format_for_config(qcfg: dict[str, Any]) -> Format:
     """The reader for a checkpoint's quantization_config (ours or another tool's)."""
     method = qcfg.get("quant_method")
-    if method == "gptq":
+    if method == "gptq":  # one quant_method, two layouts told apart by checkpoint_format
         version = qcfg.get("checkpoint_format", "gptq")
         if version not in ("gptq", "gptq_v2"):
             raise LlmqError(f"GPTQ checkpoint_format {version!r} is not one llmq reads (gptq, gptq_v2)")
         return FORMATS[version]
-    if method == "awq":
-        return FORMATS["awq"]
-    if method == "compressed-tensors":
-        return FORMATS["compressed-tensors"]
-    raise LlmqError(f"checkpoints quantized with {method!r} are not readable by llmq (reads gptq, awq, compressed-tensors)")
+    for fmt in FORMATS.values():
+        if fmt.quant_method == method:
+            return fmt
+    readable = sorted({f.quant_method for f in FORMATS.values()})
+    raise LlmqError(f"checkpoints quantized with {method!r} are not readable by llmq (reads {', '.join(readable)})")
 
 
 __all__ = ["FORMATS", "PLAIN", "Format", "format_for_config"]
