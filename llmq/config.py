@@ -46,16 +46,21 @@ class QuantizeConfig:
     awq_clip_gptq: bool = False  # awq+gptq: the same (off: tuned for RTN, it hurts GPTQ; see eval/)
     # output
     format: str | None = None  # None: gptq (v1) for symmetric grids, gptq_v2 for asymmetric ones
-    gguf_type: str | None = None  # with format gguf: Q4_0, Q5_0, Q8_0 (the grid the method quantizes on), F16, F32
+    gguf_type: str | None = None  # with format gguf: a block type, a mix (Q4_K_M) or a float type, see gguf_plan
     dtype: str = "float16"  # dtype of the tensors that stay unquantized (embeddings, norms, biases)
     max_shard_size: str = "4GB"
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     calibration: CalibConfig = field(default_factory=CalibConfig)
 
     def spec(self) -> QuantSpec:
-        grid = (self.gguf_type or "").lower()
-        if grid in GGUF_GRIDS:  # the GGUF block type fixes bits, block size and grid
-            return QuantSpec(bits=GGUF_GRIDS[grid], group_size=32, sym=True, grid=grid)
+        """The grid of the recipe; with a GGUF type, that of its base type (a GGUF plan may give
+        single tensors other types, see gguf_plan)."""
+        if self.gguf_type:
+            from llmq.gguf_plan import MIXES
+
+            grid = MIXES.get(self.gguf_type.upper(), self.gguf_type.upper()).lower()
+            if grid in GGUF_GRIDS:  # the GGUF block type fixes bits, group size and grid
+                return QuantSpec.for_gguf(grid)
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)
 
     def format_name(self) -> str:
@@ -74,11 +79,11 @@ class QuantizeConfig:
         from llmq.formats import FORMATS
 
         if self.format == "gguf":
-            from llmq.formats.gguf import GGUF_TYPES
+            from llmq.gguf_plan import GGUF_TYPES
 
             if (self.gguf_type or "").upper() not in GGUF_TYPES:
                 raise LlmqError(f"--format gguf needs --gguf-type, one of {', '.join(GGUF_TYPES)}")
-        elif self.gguf_type is not None and self.format != "gptq_v2":  # gptq_v2: the staging checkpoint of a GGUF run
+        elif self.gguf_type is not None and self.format not in ("raw", "gptq_v2"):  # the staging checkpoint of a GGUF run
             raise LlmqError("--gguf-type applies only with --format gguf")
         elif self.format is not None and self.format not in FORMATS:
             raise LlmqError(f"unknown format {self.format!r}; choose from {', '.join(FORMATS)}")

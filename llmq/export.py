@@ -20,6 +20,7 @@ from llmq.checkpoint import OutputDir, copy_sidecars, iter_quantized, quantizati
 from llmq.config import parse_size
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS, PLAIN, format_for_config
+from llmq.grid import QuantSpec
 from llmq.provenance import PROVENANCE_FILE, hash_tree, record, sha256_file
 from llmq.safetensors_stream import ShardedWriter
 from llmq.source import ModelSource, torch_dtype
@@ -114,53 +115,60 @@ def _check_file_output(out: Path, overwrite: bool) -> None:
 
 
 def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = False) -> list[str]:
-    """A GGUF file from an fp checkpoint (RTN on the GGUF grid, or F16/F32) or a GGUF-grid llmq checkpoint.
+    """A GGUF file from an fp checkpoint (RTN on the GGUF grids, or a float type) or from the staged
+    checkpoint of `quantize --format gguf` (the method's codes for the decoder linears).
 
-    Returns notes for the user (tensors that fell back to a float type)."""
-    from llmq.formats.gguf import GGUF_TYPES, check_arch, write_gguf
-    from llmq.grid import GGUF_GRIDS, QuantSpec
+    Each tensor gets the type the plan gives it (gguf_plan); quantized tensors the staged
+    checkpoint lacks (token embedding, output head) are rounded to nearest, as llama-quantize
+    does.  Returns notes for the user (tensors written as another type than planned)."""
+    from llmq.formats.gguf import check_arch, write_gguf
+    from llmq.gguf_plan import GGUFPlan, check_gguf_type, tensor_namer
     from llmq.methods.rtn import rtn_quantize
 
-    gguf_type = gguf_type.upper()
-    if gguf_type not in GGUF_TYPES:
-        raise LlmqError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}")
+    gguf_type = check_gguf_type(gguf_type)
     out = Path(out)
     _check_file_output(out, overwrite)
     source = ModelSource(src)
-    check_arch(json.loads((source.dir / "config.json").read_text()))
+    config = json.loads((source.dir / "config.json").read_text())
+    check_arch(config)
     qcfg = quantization_config_of(source)
-    grid = gguf_type.lower() if gguf_type.lower() in GGUF_GRIDS else None
     if qcfg is not None:
-        spec = format_for_config(qcfg).spec_from_config(qcfg)
-        if spec.grid != grid:
-            raise LlmqError(f"{src!r} was quantized on the {spec.grid!r} grid, not {gguf_type}; "
-                            f"quantize the fp model with --format gguf --gguf-type {gguf_type}")
         delattr(source.config, "quantization_config")
     model = source.skeleton(torch.float32)
-    arch_layers = arch_for(model).layers + "."
+    namer = tensor_namer(config)
+    has_output = any(namer(source.checkpoint_key(n) or n) == "output.weight" for n, _ in model.named_parameters()
+                     if n not in source.tied)  # tied embeddings: token_embd is the head too
+    plan = GGUFPlan(gguf_type, config["num_hidden_layers"], has_output=has_output)
     notes: list[str] = []
+
+    def planned(key: str, shape: tuple[int, ...]) -> str:
+        t, note = plan.tensor_type(namer(key) or key, shape)
+        if note:
+            notes.append(note)
+        return t
 
     def tensors():
         packed = set()
         if qcfg is not None:
             for mod_name, qt in iter_quantized(model, source, qcfg):
+                key = source.checkpoint_key(f"{mod_name}.weight") or f"{mod_name}.weight"
+                want = planned(key, qt.shape)
+                if qt.spec.grid != want.lower():
+                    raise LlmqError(f"{src!r}: {key} was quantized on the {qt.spec.grid!r} grid, but {gguf_type} stores "
+                                    f"it as {want}; quantize the fp model with --format gguf --gguf-type {gguf_type}")
                 packed.add(mod_name)
-                yield source.checkpoint_key(f"{mod_name}.weight") or f"{mod_name}.weight", qt
-        spec = QuantSpec(bits=GGUF_GRIDS[grid], group_size=32, grid=grid) if grid else None
-        for name, p in model.named_parameters():
+                yield key, qt, want
+        for name, _ in model.named_parameters():
             owner = name.rpartition(".")[0]
             if owner in packed or name in source.tied:
                 continue
             key = source.checkpoint_key(name) or name
             t = source.load_tensor(name)
-            is_linear = isinstance(model.get_submodule(owner), nn.Linear) and name.startswith(arch_layers)
-            if spec is not None and qcfg is None and is_linear and t.shape[1] % 32 == 0:
-                yield key, rtn_quantize(t.float(), spec)
+            want = planned(key, tuple(t.shape))
+            if want in ("F32", "F16", "BF16"):
+                yield key, t, want
             else:
-                if spec is not None and is_linear:
-                    notes.append(f"{key}: {t.shape[1]} columns are not a multiple of 32; written as "
-                                 f"{'F32' if gguf_type == 'F32' else 'F16'}")
-                yield key, t
+                yield key, rtn_quantize(t.float(), QuantSpec.for_gguf(want.lower())), want
 
     write_gguf(source.dir, out, gguf_type, tensors(), name=Path(src).name)
     return notes
@@ -174,16 +182,18 @@ def quantize_to_gguf(source: ModelSource, cfg, out: str | Path, *, overwrite: bo
     import tempfile
 
     from llmq.formats.gguf import check_arch
+    from llmq.gguf_plan import FLOAT_TYPES
     from llmq.pipeline import quantize_model
 
     out = Path(out)
     _check_file_output(out, overwrite)
     check_arch(json.loads((source.dir / "config.json").read_text()))
-    if cfg.gguf_type.upper() in ("F16", "F32"):
+    if cfg.gguf_type.upper() in FLOAT_TYPES:
         return export_gguf(str(source.dir), out, cfg.gguf_type, overwrite=overwrite)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".llmq-stage", dir=out.parent))
     try:
-        staged = dataclasses.replace(cfg, format="gptq_v2", dtype="float32")
+        # the staged checkpoint keeps every code, scale and minimum exactly (the raw layout)
+        staged = dataclasses.replace(cfg, format="raw", dtype="float32")
         quantize_model(source, staged, stage / "q", device=device, progress=progress)
         return export_gguf(str(stage / "q"), out, cfg.gguf_type, overwrite=overwrite)
     finally:

@@ -1,10 +1,11 @@
-"""Uniform integer quantization grids shared by every method.
+"""Quantization grids shared by every method.
 
-A weight w in a group is represented as  w ~= scale * (q - zero)  with integer
-q in [0, 2**bits - 1].  Symmetric grids fix zero at 2**(bits-1) (the GPTQ
-convention), asymmetric grids fit [min, max] of the group.  Scales are rounded to
-the dtype they will be stored in *before* any code is chosen, so what a method
-optimises is exactly what a format later writes.
+A weight w in a group is represented as  w ~= scale * (q - zero) [+ offset]  with integer
+q in [0, 2**bits - 1].  Uniform ("minmax") grids: symmetric ones fix zero at 2**(bits-1)
+(the GPTQ convention), asymmetric ones fit [min, max] of the group; there is no offset.
+GGUF block grids follow llama.cpp's types, some of which carry a float minimum (the
+offset).  Scales and offsets are rounded to what will be stored *before* any code is
+chosen, so what a method optimises is exactly what a format later writes.
 """
 
 from __future__ import annotations
@@ -12,14 +13,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
-# GGUF block grids (llama.cpp's legacy types without a float minimum): codes q in [0, 2**bits),
-# w = d * (q - zero) with one fp16 d per block of 32.  Q4_0/Q5_0 take d = m / -2**(bits-1), m the
-# block's value of largest magnitude (sign kept), so that value lands exactly on code 0.
-GGUF_GRIDS = {"q4_0": 4, "q5_0": 5, "q8_0": 8}
+@dataclass(frozen=True)
+class BlockType:
+    """A GGUF block grid: ``bits``-bit codes, one scale (and, with ``has_min``, one minimum) per
+    ``group`` columns.  K-quants quantize those per-group scales and minimums once more: to
+    ``sub_bits``-bit integers against fp16 super-scales shared by ``super_block`` (256) columns.
+    Legacy types store each group's scale (and minimum) directly in fp16."""
+
+    bits: int
+    group: int
+    has_min: bool
+    super_block: int = 0  # 0: a legacy type
+    sub_bits: int = 0
+    signed_sub: bool = False  # Q3_K/Q6_K: signed group scales
+
+    @property
+    def unit(self) -> int:
+        """Columns a row must be a multiple of."""
+        return self.super_block or self.group
+
+
+GGUF_GRIDS: dict[str, BlockType] = {
+    "q4_0": BlockType(4, 32, False), "q4_1": BlockType(4, 32, True),
+    "q5_0": BlockType(5, 32, False), "q5_1": BlockType(5, 32, True),
+    "q8_0": BlockType(8, 32, False),
+    "q2_k": BlockType(2, 16, True, 256, 4), "q3_k": BlockType(3, 16, False, 256, 6, True),
+    "q4_k": BlockType(4, 32, True, 256, 6), "q5_k": BlockType(5, 32, True, 256, 6),
+    "q6_k": BlockType(6, 16, False, 256, 8, True),
+}
 
 
 @dataclass(frozen=True)
@@ -32,12 +58,26 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.grid != "minmax":
-            if GGUF_GRIDS.get(self.grid) != self.bits or self.group_size != 32:
-                raise ValueError(f"grid {self.grid} has {GGUF_GRIDS.get(self.grid)}-bit codes in blocks of 32")
+            bt = GGUF_GRIDS.get(self.grid)
+            if bt is None or (bt.bits, bt.group) != (self.bits, self.group_size):
+                raise ValueError(f"grid {self.grid!r} is not {self.bits}-bit codes in groups of {self.group_size}")
         elif self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"group size must be -1 (per channel) or positive, got {self.group_size}")
+
+    @staticmethod
+    def for_gguf(grid: str) -> "QuantSpec":
+        bt = GGUF_GRIDS[grid]
+        return QuantSpec(bits=bt.bits, group_size=bt.group, sym=not bt.has_min, grid=grid)
+
+    @property
+    def block(self) -> BlockType | None:
+        return GGUF_GRIDS.get(self.grid)
+
+    @property
+    def has_offsets(self) -> bool:
+        return self.block is not None and self.block.has_min
 
     @property
     def maxq(self) -> int:
@@ -51,16 +91,32 @@ class QuantSpec:
     def effective_group_size(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
+    def fits(self, in_features: int) -> bool:
+        """Whether rows of this width can be stored on the grid (GGUF blocks never straddle rows)."""
+        return self.block is None or in_features % self.block.unit == 0
+
+
+@dataclass
+class GridParams:
+    """Per (row, group): w = scale * (q - zero) + offset (offset None: zero)."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    offset: torch.Tensor | None = None
+
+
+# ---- fitting ------------------------------------------------------------------------
 
 def fit_params(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero for each row of ``w`` (rows x group columns).
+    """Scale and zero for each row of ``w`` (rows x group columns), for grids whose groups are
+    fitted independently and carry no offset (uniform grids, Q4_0/Q5_0/Q8_0).
 
     ``shrink`` (<= 1) narrows the range, as clipping searches do.  Returns fp32 scale
     (exactly representable in ``spec.scale_dtype``) and an integer-valued fp32 zero.
     """
     w = w.float()
     if spec.grid != "minmax":
-        return _fit_gguf(w * shrink, spec)
+        return _fit_legacy_sym(w * shrink, spec)
     wmin = w.amin(dim=1).clamp(max=0) * shrink
     wmax = w.amax(dim=1).clamp(min=0) * shrink
     if spec.sym:
@@ -79,22 +135,167 @@ def fit_params(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 
     return scale, zero
 
 
-def _fit_gguf(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_legacy_sym(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    # Q4_0/Q5_0: d = m / -2**(bits-1), m the block's value of largest magnitude (sign kept), so
+    # that value lands exactly on code 0.  Q8_0: d = max|w| / 127, codes q + 128, q in [-127, 127].
     half = 2 ** (spec.bits - 1)
     if spec.grid == "q8_0":
-        d = w.abs().amax(dim=1) / 127  # codes q + 128, q in [-127, 127]
+        d = w.abs().amax(dim=1) / 127
     else:
         idx = w.abs().argmax(dim=1, keepdim=True)
         d = w.gather(1, idx)[:, 0] / -half
     return d.to(torch.float16).float(), torch.full_like(d, half)
 
 
-def gguf_reference_codes(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Codes exactly as llama.cpp's reference quantizer picks them (rows are blocks).
+def fit_grid(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> GridParams:
+    """The grid of a whole (out x in) matrix: (out x groups) parameters.
 
-    It rounds against the fp32 d and stores d in fp16, so RTN GGUF files are byte-identical
-    to llama-quantize's; the error-feedback methods instead round on the stored grid.
-    """
+    ``importance`` (in,), e.g. diag(H) from calibration, weights the K-quants' range search as
+    llama.cpp's importance matrix does; the other grids are fixed by each group's extremes."""
+    out, n = W.shape
+    gs, groups = spec.effective_group_size(n), spec.groups(n)
+    W = W.float()
+    bt = spec.block
+    if bt is None or not (bt.has_min or bt.super_block):
+        # Zero padding of a partial last group leaves its grid unchanged: these grids always span 0.
+        wp = F.pad(W, (0, groups * gs - n)).reshape(out * groups, gs)
+        scale, zero = fit_params(wp, spec)
+        return GridParams(scale.reshape(out, groups), zero.reshape(out, groups))
+    if n % bt.unit:
+        raise ValueError(f"{spec.grid} needs rows that are a multiple of {bt.unit}, got {n}")
+    x = W.reshape(out * groups, gs)
+    if bt.super_block == 0:  # Q4_1/Q5_1: [min, max] of the block, d and min in fp16
+        lo, hi = x.amin(dim=1), x.amax(dim=1)
+        d = ((hi - lo) / spec.maxq).to(torch.float16).float()
+        return GridParams(d.reshape(out, groups), torch.zeros(out, groups), lo.to(torch.float16).float().reshape(out, groups))
+    weights = _element_weights(x, spec.grid, bt)
+    if importance is not None:
+        weights = weights * importance.float().to(x.device).clamp(min=0).reshape(groups, gs).repeat(out, 1)
+    per_super = bt.super_block // gs
+    if bt.has_min:
+        a, m = _search_affine(x, weights, spec.maxq)
+        scale = _quantize_sub(a.reshape(-1, per_super), bt.sub_bits, signed=False)
+        mins = _quantize_sub(m.reshape(-1, per_super), bt.sub_bits, signed=False)
+        return GridParams(scale.reshape(out, groups), torch.zeros(out, groups), (-mins).reshape(out, groups))
+    half = 2 ** (spec.bits - 1)
+    a = _search_signed(x, weights, half)
+    scale = _quantize_sub(a.reshape(-1, per_super), bt.sub_bits, signed=True)
+    return GridParams(scale.reshape(out, groups), torch.full((out, groups), float(half)))
+
+
+def _element_weights(x: torch.Tensor, grid: str, bt: BlockType) -> torch.Tensor:
+    """How much each weight's error counts in the range search, as llama.cpp weighs it without
+    an importance matrix: av + |x| (Q4_K/Q5_K; av the super-block's rms), |x| (Q2_K), x^2 (Q3_K/Q6_K)."""
+    if grid in ("q4_k", "q5_k"):
+        per_super = x.reshape(-1, bt.super_block)
+        av = per_super.pow(2).mean(dim=1, keepdim=True).sqrt()
+        return (av + per_super.abs()).reshape(x.shape)
+    if grid == "q2_k":
+        return x.abs()
+    return x.pow(2)
+
+
+def _search_affine(x: torch.Tensor, wt: torch.Tensor, maxq: int, nstep: int = 20, rmin: float = -1.0,
+                   rdelta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: scale a >= 0 and minimum m >= 0 with x ~= a*q - m, q in [0, maxq], minimising the
+    weighted squared error.  Candidate codes come from stretched [min, max] ranges; for each,
+    (a, m) is the weighted least-squares fit (the idea of llama.cpp's make_qkx2_quants)."""
+    lo = x.amin(dim=1).clamp(max=0)
+    hi = x.amax(dim=1)
+    rng = hi - lo
+    live = rng > 0
+    safe = torch.where(live, rng, torch.ones_like(rng))
+
+    def err_of(a, b, L):
+        return (wt * (a[:, None] * L + b[:, None] - x).pow(2)).sum(dim=1)
+
+    a_best = torch.where(live, rng / maxq, torch.zeros_like(rng))
+    b_best = lo.clone()
+    L0 = torch.clamp(torch.round((x - lo[:, None]) / torch.where(live, a_best, torch.ones_like(a_best))[:, None]), 0, maxq)
+    e_best = err_of(a_best, b_best, L0)
+    sw = wt.sum(dim=1)
+    sx = (wt * x).sum(dim=1)
+    for i in range(nstep + 1):
+        iscale = (rmin + rdelta * i + maxq) / safe
+        L = torch.clamp(torch.round(iscale[:, None] * (x - lo[:, None])), 0, maxq)
+        sl, sl2, sxl = (wt * L).sum(dim=1), (wt * L * L).sum(dim=1), (wt * x * L).sum(dim=1)
+        D = sw * sl2 - sl * sl
+        ok = live & (D > 0)
+        Dsafe = torch.where(ok, D, torch.ones_like(D))
+        a = (sw * sxl - sx * sl) / Dsafe
+        b = (sl2 * sx - sl * sxl) / Dsafe
+        pos = b > 0  # the minimum must not be positive (m >= 0): refit the scale alone
+        a = torch.where(pos, sxl / sl2.clamp(min=1e-30), a)
+        b = torch.where(pos, torch.zeros_like(b), b)
+        e = err_of(a, b, L)
+        better = ok & (a > 0) & (e < e_best)
+        a_best, b_best, e_best = torch.where(better, a, a_best), torch.where(better, b, b_best), torch.where(better, e, e_best)
+    return a_best, -b_best
+
+
+def _search_signed(x: torch.Tensor, wt: torch.Tensor, half: int, nstep: int = 9, rdelta: float = 0.1) -> torch.Tensor:
+    """Per row: signed scale a with x ~= a*(q - half), codes in [0, 2*half), minimising the weighted
+    squared error over candidates around d = m / -half (m the value of largest magnitude), each
+    refitted by least squares (the idea of llama.cpp's make_qx_quants)."""
+    m = x.gather(1, x.abs().argmax(dim=1, keepdim=True))[:, 0]
+    live = m != 0
+    msafe = torch.where(live, m, torch.ones_like(m))
+    a_best = torch.where(live, m / -half, torch.zeros_like(m))
+    L0 = torch.clamp(torch.round(x / torch.where(live, a_best, torch.ones_like(a_best))[:, None]), -half, half - 1)
+    e_best = (wt * (a_best[:, None] * L0 - x).pow(2)).sum(dim=1)
+    for i in range(-nstep, nstep + 1):
+        iscale = -(half + rdelta * i) / msafe
+        L = torch.clamp(torch.round(iscale[:, None] * x), -half, half - 1)
+        sl2, sxl = (wt * L * L).sum(dim=1), (wt * x * L).sum(dim=1)
+        a = sxl / sl2.clamp(min=1e-30)
+        e = (wt * (a[:, None] * L - x).pow(2)).sum(dim=1)
+        better = live & (sl2 > 0) & (e < e_best)
+        a_best, e_best = torch.where(better, a, a_best), torch.where(better, e, e_best)
+    return a_best
+
+
+def _quantize_sub(v: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """K-quant group values (rows = super-blocks) as fp16 super-scale d times ``bits``-bit integers.
+
+    Unsigned: d = max / (2**bits - 1).  Signed: d = v* / -2**(bits-1) with v* the value of
+    largest magnitude, so it lands on the most negative integer.  Returns d * integer in fp32,
+    which is exactly what llama.cpp computes from the stored d and integer."""
+    if signed:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        ext = v.gather(1, v.abs().argmax(dim=1, keepdim=True))
+        d = (ext / lo).to(torch.float16).float()
+    else:
+        lo, hi = 0, 2**bits - 1
+        d = (v.amax(dim=1, keepdim=True).clamp(min=0) / hi).to(torch.float16).float()
+    k = torch.clamp(torch.round(v / torch.where(d == 0, torch.ones_like(d), d)), lo, hi)
+    return d * torch.where(d == 0, torch.zeros_like(k), k)
+
+
+def split_sub(values: torch.Tensor, bt: BlockType, signed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of _quantize_sub for packing: (fp16 d per super-block, integers per group).
+
+    ``values``: (super-blocks, groups per super-block).  Raises ValueError if the values are not
+    d * integer for one fp16 d (the tensor was not quantized on this grid)."""
+    signed = bt.signed_sub if signed is None else signed
+    v = values.float()
+    if signed:
+        lo, hi = -(2 ** (bt.sub_bits - 1)), 2 ** (bt.sub_bits - 1) - 1
+        ext = v.gather(1, v.abs().argmax(dim=1, keepdim=True))
+        d = (ext / lo).to(torch.float16)
+    else:
+        lo, hi = 0, 2**bt.sub_bits - 1
+        d = (v.amax(dim=1, keepdim=True) / hi).to(torch.float16)
+    k = torch.round(v / torch.where(d == 0, torch.ones_like(d), d).float()).clamp(lo, hi)
+    if not torch.equal(d.float() * k, v):
+        raise ValueError("group scales are not on the K-quant grid (fp16 super-scale x integer)")
+    return d, k.to(torch.int16)
+
+
+def gguf_reference_codes(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Codes exactly as llama.cpp's reference quantizer picks them for the legacy types (rows are blocks).
+
+    It rounds against the fp32 d (and min) and stores them in fp16, so RTN GGUF files are
+    byte-identical to llama-quantize's; the error-feedback methods instead round on the stored grid."""
     w = w.float()
     half = 2 ** (spec.bits - 1)
     if spec.grid == "q8_0":
@@ -103,21 +304,33 @@ def gguf_reference_codes(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         x = w * inv
         q = torch.sign(x) * torch.floor(x.abs() + 0.5)  # round half away from zero, as roundf
         return q + 128
+    if spec.grid in ("q4_1", "q5_1"):
+        lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+        d = (hi - lo) / spec.maxq
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        return torch.trunc((w - lo) * inv + 0.5).clamp(0, spec.maxq)
     idx = w.abs().argmax(dim=1, keepdim=True)
     d = w.gather(1, idx) / -half
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     return torch.trunc(w * inv + (half + 0.5)).clamp(0, 2 * half - 1)
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (as float) of ``w`` on the grid; scale/zero broadcast against w.
+# ---- codes ---------------------------------------------------------------------------
 
-    A zero scale (an all-zero GGUF block) maps everything to the zero point."""
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+             offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes (as float) of ``w`` on the grid; parameters broadcast against w.
+
+    A zero scale (an all-zero block) maps everything to the zero point."""
+    if offset is not None:
+        w = w - offset
     return torch.clamp(torch.round(torch.nan_to_num(w / scale, nan=0.0, posinf=0.0, neginf=0.0)) + zero, 0, maxq)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale * (q - zero)
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    # The operation order matters: it is llama.cpp's (d * q + m), so values match its bit for bit.
+    w = scale * (q - zero)
+    return w if offset is None else w + offset
 
 
 def group_index(in_features: int, spec: QuantSpec) -> torch.Tensor:

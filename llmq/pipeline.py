@@ -30,6 +30,7 @@ from llmq.checkpoint import OutputDir, copy_sidecars, write_config
 from llmq.config import QuantizeConfig, parse_size
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
+from llmq.grid import QuantSpec
 from llmq.methods import METHODS, LayerLog
 from llmq.provenance import PROVENANCE_FILE, hash_tree, record, sha256_file
 from llmq.safetensors_stream import ShardedWriter
@@ -139,6 +140,22 @@ def capture_inputs(model: nn.Module, source: ModelSource, arch: Arch, ids: torch
     return LayerInputs(hidden=catcher.hidden, kwargs=kwargs)
 
 
+def _layer_specs(names: list[str], layer: nn.Module, prefix: str, spec: QuantSpec, plan, source: ModelSource) -> dict[str, QuantSpec]:
+    """The grid of each linear to quantize: the recipe's, or what the GGUF plan gives it (linears
+    whose width no GGUF type holds stay in float)."""
+    if plan is None:
+        return {n: spec for n in names}
+    plan, namer = plan
+    specs = {}
+    for n in names:
+        key = source.checkpoint_key(f"{prefix}.{n}.weight") or f"{prefix}.{n}.weight"
+        gname = namer(key)
+        s = plan.spec(gname, tuple(layer.get_submodule(n).weight.shape)) if gname else None
+        if s is not None:
+            specs[n] = s
+    return specs
+
+
 def _targets(arch: Arch, skip: list[str], layer_prefix: str) -> list[str]:
     def skipped(name: str) -> bool:
         full = f"{layer_prefix}.{name}"
@@ -182,6 +199,11 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     spec = cfg.spec()
     if fmt is not None:
         fmt.check(spec, cfg.act_order)
+    plan = None
+    if cfg.gguf_type and method.quantizes:  # the staging run of a GGUF file: types per tensor
+        from llmq.gguf_plan import GGUFPlan, tensor_namer
+
+        plan = (GGUFPlan(cfg.gguf_type.upper(), len(layers)), tensor_namer(source.config.to_dict()))
 
     inputs: LayerInputs | None = None
     if method.needs_calibration and calib_ids is None:
@@ -210,9 +232,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             _move_resident(layer, dev)
             stats.peak_resident_layers = max(stats.peak_resident_layers, sum(is_resident(l) for l in layers))
 
-            targets = _targets(arch, cfg.skip, prefix) if method.quantizes else []
-            if spec.grid != "minmax":  # GGUF blocks hold 32 columns: other widths stay in float
-                targets = [t for t in targets if layer.get_submodule(t).in_features % 32 == 0]
+            targets = _layer_specs(_targets(arch, cfg.skip, prefix), layer, prefix, spec, plan, source) if method.quantizes else {}
             layer_log = LayerLog(layer=i)
             done = 0
 

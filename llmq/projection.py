@@ -79,27 +79,30 @@ def project(model: nn.Module, cfg: QuantizeConfig) -> dict[str, Any]:
 
 
 def _project_gguf(model: nn.Module, gguf_type: str) -> dict[str, Any]:
-    """GGUF tensor bytes: decoder linears in blocks of 32 (others F16), norms F32, embeddings/head F16."""
-    from llmq.formats.gguf import BLOCK_BYTES
+    """GGUF tensor bytes, each tensor at the type the GGUF plan gives it (llama.cpp's block sizes)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    arch = arch_for(model)
-    layers = get_module(model, arch.layers)
-    block = BLOCK_BYTES.get(gguf_type.lower())
-    fbytes = 4 if gguf_type == "F32" else 2
-    linears = {id(layers[i].get_submodule(n).weight): layers[i].get_submodule(n) for i in range(len(layers)) for n in arch.linears()}
+    from llmq.gguf_plan import GGUFPlan, tensor_namer
+
+    config = model.config.to_dict()
+    namer = tensor_namer(config)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    lin_bytes = float_bytes = qweights = 0
-    for _, p in model.named_parameters():
+    plan = GGUFPlan(gguf_type, config["num_hidden_layers"], has_output=not tied)
+    lin_bytes = other_bytes = qweights = 0
+    for name, p in model.named_parameters():
         if tied and head is not None and p is head.weight and p is not emb.weight:
             continue
-        lin = linears.get(id(p))
-        if lin is not None and block and lin.in_features % 32 == 0:
-            lin_bytes += lin.out_features * lin.in_features // 32 * block
+        gname = namer(name) or name
+        t, _ = plan.tensor_type(gname, tuple(p.shape))
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t]]
+        nbytes = p.numel() // block * size
+        if gname.startswith("blk.") and p.ndim == 2:
+            lin_bytes += nbytes
             qweights += p.numel()
         else:
-            float_bytes += p.numel() * (4 if p.ndim == 1 else fbytes)
-    total = lin_bytes + float_bytes
+            other_bytes += nbytes
+    total = lin_bytes + other_bytes
     n = parameter_count(model)
-    return {"quantized_linears": lin_bytes, "float_tensors": float_bytes, "total_bytes": total, "params": n,
+    return {"quantized_linears": lin_bytes, "float_tensors": other_bytes, "total_bytes": total, "params": n,
             "bits_per_weight": 8 * total / n, "bits_per_quantized_weight": 8 * lin_bytes / qweights if qweights else None}

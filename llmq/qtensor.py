@@ -1,7 +1,8 @@
 """QuantizedTensor: the seam between methods and formats.
 
-Methods produce integer codes plus per-group scales and zeros; formats only pack
-them.  Nothing here knows how the bits end up on disk.
+Methods produce integer codes plus per-group scales and zeros (and, on GGUF grids with a
+float minimum, offsets); formats only pack them.  Nothing here knows how the bits end up
+on disk.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmq.grid import QuantSpec
+from llmq.grid import QuantSpec, dequantize
 
 
 @dataclass
@@ -20,12 +21,15 @@ class QuantizedTensor:
     zeros: torch.Tensor  # (out, groups) uint8, integer zero points
     g_idx: torch.Tensor  # (in,) int32: group of each input column
     spec: QuantSpec
+    offsets: torch.Tensor | None = None  # (out, groups) fp32: w = scale * (q - zero) + offset
 
     def __post_init__(self) -> None:
         out, inp = self.codes.shape
         groups = self.scales.shape[1]
         if self.scales.shape != (out, groups) or self.zeros.shape != (out, groups):
             raise ValueError("scales/zeros must be (out_features, groups)")
+        if self.offsets is not None and self.offsets.shape != (out, groups):
+            raise ValueError("offsets must be (out_features, groups)")
         if self.g_idx.shape != (inp,):
             raise ValueError("g_idx must have one entry per input column")
 
@@ -34,17 +38,25 @@ class QuantizedTensor:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """w = scale * (q - zero) in fp32, then cast: the one definition every format must reproduce."""
+        """w = scale * (q - zero) [+ offset] in fp32, then cast: the one definition every format must reproduce."""
         g = self.g_idx.long()
-        w = self.scales[:, g] * (self.codes.float() - self.zeros[:, g].float())
+        w = dequantize(self.codes.float(), self.scales[:, g], self.zeros[:, g].float(),
+                       None if self.offsets is None else self.offsets[:, g])
         return w.to(dtype)
 
+    def rows(self, order: torch.Tensor) -> "QuantizedTensor":
+        """The same tensor with its output rows reordered."""
+        return QuantizedTensor(codes=self.codes[order], scales=self.scales[order], zeros=self.zeros[order], g_idx=self.g_idx,
+                               spec=self.spec, offsets=None if self.offsets is None else self.offsets[order])
+
     @staticmethod
-    def from_float_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, spec: QuantSpec) -> "QuantizedTensor":
+    def from_float_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, spec: QuantSpec,
+                         offsets: torch.Tensor | None = None) -> "QuantizedTensor":
         return QuantizedTensor(
             codes=q.round().to(torch.uint8),
             scales=scales.float().contiguous(),
             zeros=zeros.round().to(torch.uint8),
             g_idx=g_idx.to(torch.int32),
             spec=spec,
+            offsets=None if offsets is None else offsets.float().contiguous(),
         )

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from llmq.config import build_config
 from llmq.errors import LlmqError
-from llmq.formats.gguf import SUPPORTED_ARCHS as GGUF_ARCHS
+from llmq.gguf_plan import GGUF_ARCHS
 from llmq.safetensors_stream import DTYPE_BYTES
 
 RECORD = "record.json"

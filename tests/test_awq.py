@@ -51,7 +51,7 @@ def test_fold_preserves_layer_function(family):
     layer = get_module(model, arch.layers)[0]
     scaled = copy.deepcopy(layer)
     cfg = build_config({}, {"method": "awq", "bits": 3, "group_size": 16, "awq_clip": False})
-    notes = AWQ(cfg).scale_and_clip(scaled, arch, arch.linears(), inputs)
+    notes = AWQ(cfg).scale_and_clip(scaled, arch, {n: cfg.spec() for n in arch.linears()}, inputs)
     assert notes, "no scaling group was applicable"
     changed = [n for (n, a), (_, b) in zip(layer.named_parameters(), scaled.named_parameters()) if not torch.equal(a, b)]
     assert changed, "the search folded nothing"

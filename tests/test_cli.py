@@ -162,13 +162,16 @@ def test_gguf_cli_errors(tmp_path):
 
 
 def test_stories260k_gguf_falls_back_for_odd_widths(tmp_path):
-    """172-wide inputs (down_proj) cannot form 32-blocks: written as F16, and the user is told."""
+    """stories260K's 64-wide rows cannot form 256-value K-quant super-blocks (Q5_0 instead, as
+    llama.cpp does) and its 172-wide ones not even 32-blocks (F16); the user is told."""
     need(STORIES)
     out = tmp_path / "s.gguf"
-    p = run("quantize", "--quiet", "--method", "rtn", "--model", str(STORIES), "--format", "gguf", "--gguf-type", "Q8_0", "--out", str(out))
+    p = run("quantize", "--quiet", "--method", "rtn", "--model", str(STORIES), "--format", "gguf", "--gguf-type", "Q4_K", "--out", str(out))
     assert p.returncode == 0, p.stderr
-    assert "down_proj.weight: 172 columns are not a multiple of 32" in p.stdout
+    assert "blk.0.ffn_down.weight: 172 columns do not fit Q4_K blocks; written as F16" in p.stdout
+    assert "blk.0.ffn_up.weight: 64 columns do not fit Q4_K blocks; written as Q5_0" in p.stdout
     import gguf
 
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
-    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q5_0"
+    assert types["token_embd.weight"] == "Q8_0"  # tied head: Q6_K wanted, 64 wide, so Q8_0

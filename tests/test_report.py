@@ -91,10 +91,20 @@ def test_pareto_front():
 
 
 def test_gguf_projection_matches_block_arithmetic():
-    """Q4_0 on Llama-2-7B: 18 bytes per 32 linear weights, F16 embeddings/head, F32 norms."""
+    """Q4_0 on Llama-2-7B: 18 bytes per 32 weights (linears and token embedding), the head at Q6_K
+    (210 bytes per 256, as llama-quantize does), F32 norms."""
     h, inter, layers, vocab = 4096, 11008, 32, 32000
     linear_weights = layers * (4 * h * h + 3 * h * inter)
-    expected = linear_weights // 32 * 18 + 2 * 2 * vocab * h + 4 * (2 * layers + 1) * h
+    expected = (linear_weights + vocab * h) // 32 * 18 + vocab * h // 256 * 210 + 4 * (2 * layers + 1) * h
     r = project(meta_model(LLAMA7B), build_config({}, {"method": "gptq", "format": "gguf", "gguf_type": "Q4_0"}))
     assert r["total_bytes"] == expected
     assert r["bits_per_quantized_weight"] == 4.5
+
+
+@pytest.mark.parametrize("gtype,published_gb", [("Q4_0", 3.83), ("Q4_K_M", 4.08), ("Q5_0", 4.65), ("Q5_K_M", 4.78),
+                                                ("Q6_K", 5.53), ("Q8_0", 7.16)])
+def test_gguf_projection_matches_published_llama2_files(gtype, published_gb):
+    """The llama.cpp files of Llama-2-7B published on the Hub (TheBloke/Llama-2-7B-GGUF, sizes in GB as
+    listed there; they include ~1 MB of metadata and vocabulary): the projection lands on them."""
+    r = project(meta_model(LLAMA7B), build_config({}, {"method": "gptq", "format": "gguf", "gguf_type": gtype}))
+    assert abs(r["total_bytes"] / 1e9 - published_gb) < 0.006

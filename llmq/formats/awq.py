@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llmq.formats.base import Format, natural_g_idx, refuse
+from llmq.formats.base import Format, natural_g_idx, refuse, require_plain_grid
 from llmq.formats.packing import pack, unpack
 from llmq.grid import QuantSpec
 from llmq.qtensor import QuantizedTensor
@@ -42,6 +42,7 @@ class AWQGemmFormat(Format):
     suffixes = ("qweight", "qzeros", "scales")
 
     def check(self, spec: QuantSpec, act_order: bool) -> None:
+        require_plain_grid(self.name, spec)
         if spec.bits != 4:
             raise refuse("awq", f"AWQ GEMM stores 4-bit codes only, not {spec.bits}-bit")
         if spec.group_size == -1:

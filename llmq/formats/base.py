@@ -48,5 +48,13 @@ def natural_g_idx(qt: QuantizedTensor) -> bool:
     return bool(torch.equal(qt.g_idx.long(), torch.arange(n) // gs))
 
 
+def require_plain_grid(fmt: str, spec: QuantSpec) -> None:
+    """Layouts with one scale and an integer zero per group cannot hold GGUF grids with float
+    minimums or quantized group scales (Q4_1, Q5_1, K-quants)."""
+    bt = spec.block
+    if bt is not None and (bt.has_min or bt.super_block):
+        raise refuse(fmt, f"the {spec.grid.upper()} grid exists only in GGUF files; use --format gguf")
+
+
 def refuse(fmt: str, why: str) -> LlmqError:
     return LlmqError(f"format {fmt!r} cannot represent this: {why}")

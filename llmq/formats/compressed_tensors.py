@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llmq.formats.base import Format, natural_g_idx, refuse
+from llmq.formats.base import Format, natural_g_idx, refuse, require_plain_grid
 from llmq.formats.packing import pack, packed_len, unpack
 from llmq.grid import QuantSpec
 from llmq.qtensor import QuantizedTensor
@@ -27,7 +27,11 @@ class CompressedTensorsFormat(Format):
     quant_method = "compressed-tensors"
     suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
+    def check(self, spec: QuantSpec, act_order: bool) -> None:
+        require_plain_grid(self.name, spec)
+
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        require_plain_grid(self.name, qt.spec)
         if not natural_g_idx(qt):
             raise refuse(self.name, "codes with an act-order g_idx; quantize with static groups")
         spec = qt.spec

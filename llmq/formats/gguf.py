@@ -1,10 +1,12 @@
 """GGUF files for llama.cpp: block packing of GGUF-grid QuantizedTensors, metadata, tokenizer.
 
-Quantized linears arrive as QuantizedTensors whose grid is a GGUF block type (one fp16 d
-per block of 32, codes q, w = d * (q - zero)); this module only lays their bytes out as
-llama.cpp's blocks.  The container, metadata keys, tensor names and tokenizer tables
-come from the `gguf` package.  Llama-family models only (llama, mistral): llama.cpp's
-q/k weights use the rotary layout of the original checkpoints, so their rows are permuted.
+Quantized tensors arrive as QuantizedTensors on a GGUF block grid (grid.GGUF_GRIDS); this
+module only lays their bytes out as llama.cpp's blocks: the legacy types (Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0: 32 values with an fp16 scale and maybe an fp16 minimum) and the K-quants (Q2_K ...
+Q6_K: 256 values with fp16 super-scales and 4/6/8-bit group scales).  The container, metadata
+keys, tensor names and tokenizer tables come from the `gguf` package.  Llama-family q/k
+weights use the rotary layout of the original checkpoints in llama.cpp, so their rows are
+permuted; Qwen2/Qwen3 are written as they are.
 """
 
 from __future__ import annotations
@@ -18,45 +20,104 @@ import numpy as np
 import torch
 
 from llmq.errors import LlmqError
+from llmq.gguf_plan import GGUF_ARCHS, PERMUTE_QK, GGUFPlan, tensor_namer
+from llmq.grid import split_sub
 from llmq.qtensor import QuantizedTensor
 
-GGUF_TYPES = ("Q4_0", "Q5_0", "Q8_0", "F16", "F32")
-SUPPORTED_ARCHS = ("llama", "mistral")
-BLOCK = 32
-BLOCK_BYTES = {"q4_0": 2 + 16, "q5_0": 2 + 4 + 16, "q8_0": 2 + 32}  # fp16 d, (5th bits), codes
 LINEAR_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
 
 def check_arch(config: dict[str, Any]) -> None:
     mt = config.get("model_type")
-    if mt not in SUPPORTED_ARCHS:
-        raise LlmqError(f"GGUF export supports {', '.join(SUPPORTED_ARCHS)} models, not {mt!r}")
+    if mt not in GGUF_ARCHS:
+        raise LlmqError(f"GGUF export supports {', '.join(GGUF_ARCHS)} models, not {mt!r}")
+
+
+def _f16_bytes(x: torch.Tensor) -> np.ndarray:
+    return x.float().numpy().astype(np.float16).view(np.uint8).reshape(x.shape[0], 2)
+
+
+def _nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return (lo & 0x0F) | ((hi & 0x0F) << 4)
+
+
+def _crumbs(q: np.ndarray) -> np.ndarray:
+    """2-bit fields of 128 values per row -> 32 bytes: value j*32 + l in bits 2j of byte l."""
+    q = q.reshape(q.shape[0], 4, 32)
+    return q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
+
+
+def _bitplane(bits: np.ndarray) -> np.ndarray:
+    """One bit of 256 values per row -> 32 bytes: value b*32 + l in bit b of byte l."""
+    bits = bits.reshape(bits.shape[0], 8, 32).astype(np.uint8)
+    return np.bitwise_or.reduce(bits << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
 
 
 def pack_blocks(qt: QuantizedTensor) -> np.ndarray:
-    """The raw GGUF blocks of a (out x in) linear quantized on a GGUF grid: uint8 (out, in/32 * bytes)."""
-    grid = qt.spec.grid
+    """The raw GGUF blocks of an (out x in) tensor quantized on a GGUF grid: uint8 (out, bytes per row).
+
+    Layouts are llama.cpp's block structs (ggml-common.h), byte for byte."""
+    grid, bt = qt.spec.grid, qt.spec.block
+    if bt is None:
+        raise LlmqError(f"no GGUF block layout for grid {grid!r}")
     out, inp = qt.shape
-    q = qt.codes.to(torch.int16).reshape(out * inp // BLOCK, BLOCK).numpy()
-    d = qt.scales.reshape(-1).numpy().astype(np.float16).view(np.uint8).reshape(-1, 2)
-    if grid == "q8_0":
-        body = (q - 128).astype(np.int8).view(np.uint8)
-    elif grid == "q4_0":
-        q = q.astype(np.uint8)
-        body = q[:, :16] | (q[:, 16:] << 4)  # byte j: code j low nibble, code j+16 high nibble
-    elif grid == "q5_0":
-        q = q.astype(np.uint8)
-        qh = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")  # bit j of a 32-bit word: 5th bit of code j
-        body = np.concatenate([qh, (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)], axis=1)
+    if inp % bt.unit:
+        raise LlmqError(f"{grid} needs rows that are a multiple of {bt.unit}, got {inp}")
+    if bt.super_block == 0:
+        q = qt.codes.reshape(-1, 32).numpy().astype(np.uint8)
+        d = _f16_bytes(qt.scales.reshape(-1))
+        m = [_f16_bytes(qt.offsets.reshape(-1))] if bt.has_min else []
+        if grid == "q8_0":
+            body = [(q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
+        elif bt.bits == 4:
+            body = [_nibbles(q[:, :16], q[:, 16:])]  # byte j: value j (low nibble), value j+16 (high)
+        else:  # 5 bits: the 5th bits as one little-endian 32-bit word, then the low nibbles
+            body = [np.packbits((q >> 4) & 1, axis=-1, bitorder="little"), _nibbles(q[:, :16], q[:, 16:])]
+        return np.concatenate([d, *m, *body], axis=1).reshape(out, -1)
+
+    nsup = out * inp // 256
+    q = qt.codes.reshape(nsup, 256).numpy().astype(np.uint8)
+    per = 256 // bt.group
+    try:
+        d, k = split_sub(qt.scales.reshape(nsup, per), bt)
+        if bt.has_min:
+            dmin, km = split_sub(-qt.offsets.reshape(nsup, per), bt, signed=False)
+    except ValueError as e:
+        raise LlmqError(f"cannot pack {grid}: {e}") from None
+    d = _f16_bytes(d.reshape(-1))
+    k = k.numpy()
+    if grid in ("q4_k", "q5_k"):
+        sc, mn = k.astype(np.uint8), km.numpy().astype(np.uint8)
+        scales = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                                 _nibbles(sc[:, 4:], mn[:, 4:])], axis=1)
+        chunks = q.reshape(nsup, 4, 2, 32)  # 64 values per chunk: the first 32 low nibbles, the next 32 high
+        qs = _nibbles(chunks[:, :, 0], chunks[:, :, 1]).reshape(nsup, 128)
+        qh = [_bitplane(q >> 4)] if grid == "q5_k" else []
+        blocks = [d, _f16_bytes(dmin.reshape(-1)), scales, *qh, qs]
+    elif grid == "q6_k":
+        halves = q.reshape(nsup, 2, 2, 64)  # per 128 values: low nibbles of the first 64, then of the next 64
+        ql = _nibbles(halves[:, :, 0], halves[:, :, 1]).reshape(nsup, 128)
+        qh = np.concatenate([_crumbs(q[:, :128] >> 4), _crumbs(q[:, 128:] >> 4)], axis=1)
+        blocks = [ql, qh, k.astype(np.int8).view(np.uint8), d]
+    elif grid == "q3_k":
+        s = (k + 32).astype(np.uint8)  # 6-bit scales, stored with a bias of 32
+        low = _nibbles(s[:, :8], s[:, 8:])
+        high = (s >> 4) & 3
+        high = high[:, 0:4] | (high[:, 4:8] << 2) | (high[:, 8:12] << 4) | (high[:, 12:16] << 6)
+        qs = np.concatenate([_crumbs(q[:, :128] & 3), _crumbs(q[:, 128:] & 3)], axis=1)
+        blocks = [_bitplane(q >> 2), qs, low, high, d]
+    elif grid == "q2_k":
+        scales = _nibbles(k.astype(np.uint8), km.numpy().astype(np.uint8))
+        qs = np.concatenate([_crumbs(q[:, :128]), _crumbs(q[:, 128:])], axis=1)
+        blocks = [scales, qs, d, _f16_bytes(dmin.reshape(-1))]
     else:
         raise LlmqError(f"no GGUF block layout for grid {grid!r}")
-    return np.concatenate([d, body], axis=1).reshape(out, -1)
+    return np.concatenate(blocks, axis=1).reshape(out, -1)
 
 
-def ggml_type(grid: str):
+def ggml_type(name: str):
     from gguf import GGMLQuantizationType
 
-    return {"q4_0": GGMLQuantizationType.Q4_0, "q5_0": GGMLQuantizationType.Q5_0, "q8_0": GGMLQuantizationType.Q8_0}[grid]
+    return GGMLQuantizationType[name.upper()]
 
 
 def rotary_row_order(rows: int, heads: int) -> torch.Tensor:
@@ -64,15 +125,12 @@ def rotary_row_order(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
-def permute_rows(qt: QuantizedTensor, order: torch.Tensor) -> QuantizedTensor:
-    return QuantizedTensor(codes=qt.codes[order], scales=qt.scales[order], zeros=qt.zeros[order], g_idx=qt.g_idx, spec=qt.spec)
-
-
 def _file_type(gguf_type: str) -> int:
     from gguf import LlamaFileType
 
-    return {"Q4_0": LlamaFileType.MOSTLY_Q4_0, "Q5_0": LlamaFileType.MOSTLY_Q5_0, "Q8_0": LlamaFileType.MOSTLY_Q8_0,
-            "F16": LlamaFileType.MOSTLY_F16, "F32": LlamaFileType.ALL_F32}[gguf_type]
+    special = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
+               "Q4_K": LlamaFileType.MOSTLY_Q4_K_S, "Q5_K": LlamaFileType.MOSTLY_Q5_K_S, "Q3_K": LlamaFileType.MOSTLY_Q3_K_S}
+    return special[gguf_type] if gguf_type in special else LlamaFileType[f"MOSTLY_{gguf_type}"]
 
 
 def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
@@ -96,7 +154,11 @@ def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
     w.add_file_type(_file_type(gguf_type))
 
 
-def add_tokenizer(w, model_dir: Path, vocab_size: int) -> None:
+# llama.cpp picks its pre-tokenizer (the regex splitting text before BPE) by this name.
+PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2"}
+
+
+def add_tokenizer(w, model_dir: Path, vocab_size: int, model_type: str = "llama") -> None:
     """tokenizer.ggml.*: SentencePiece-style (llama) or GPT-2-style BPE tables, and special tokens."""
     from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
@@ -119,7 +181,7 @@ def add_tokenizer(w, model_dir: Path, vocab_size: int) -> None:
         raise LlmqError(f"the tokenizer has {len(tokens)} tokens but the model's vocab_size is {vocab_size}")
     w.add_tokenizer_model(vocab.tokenizer_model)
     if vocab.tokenizer_model == "gpt2":
-        w.add_tokenizer_pre("default")
+        w.add_tokenizer_pre(PRE_TOKENIZER.get(model_type, "default"))
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
@@ -127,37 +189,43 @@ def add_tokenizer(w, model_dir: Path, vocab_size: int) -> None:
 
 
 def write_gguf(model_dir: Path, out_file: Path, gguf_type: str, tensors, name: str) -> None:
-    """Write ``tensors``: an iterable of (hf_name, payload) where payload is a QuantizedTensor or a float tensor.
+    """Write ``tensors``: an iterable of (hf_key, payload, type) where payload is a QuantizedTensor
+    (type: its grid) or a float tensor written as ``type`` (F32, F16 or BF16).
 
     Written to a temporary file beside ``out_file`` and renamed when complete.
     """
     import gguf
+    from gguf.quants import quantize as gguf_quantize
 
     cfg = json.loads((model_dir / "config.json").read_text())
     check_arch(cfg)
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    permute = cfg["model_type"] in PERMUTE_QK
+    gguf_name = tensor_namer(cfg)
     tmp = out_file.with_name(f".{out_file.name}.llmq-tmp")
     try:
-        w = gguf.GGUFWriter(str(tmp), "llama", use_temp_file=True)
+        w = gguf.GGUFWriter(str(tmp), GGUF_ARCHS[cfg["model_type"]], use_temp_file=True)
         add_metadata(w, cfg, name, gguf_type)
-        add_tokenizer(w, model_dir, cfg["vocab_size"])
-        float_dtype = np.float32 if gguf_type == "F32" else np.float16
-        for hf_name, payload in tensors:
-            gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        add_tokenizer(w, model_dir, cfg["vocab_size"], cfg["model_type"])
+        for hf_name, payload, ttype in tensors:
+            gname = gguf_name(hf_name)
             if gname is None:
                 raise LlmqError(f"no GGUF name for tensor {hf_name!r}")
-            heads_here = heads if ".q_proj." in hf_name else kv if ".k_proj." in hf_name else None
+            heads_here = None
+            if permute:
+                heads_here = heads if ".q_proj." in hf_name else kv if ".k_proj." in hf_name else None
             if isinstance(payload, QuantizedTensor):
                 if heads_here:
-                    payload = permute_rows(payload, rotary_row_order(payload.shape[0], heads_here))
+                    payload = payload.rows(rotary_row_order(payload.shape[0], heads_here))
                 w.add_tensor(gname, pack_blocks(payload), raw_dtype=ggml_type(payload.spec.grid))  # shape from the byte shape
+                continue
+            t = payload.float()
+            if heads_here:
+                t = t[rotary_row_order(t.shape[0], heads_here)]
+            if ttype == "BF16":
+                w.add_tensor(gname, gguf_quantize(t.numpy(), gguf.GGMLQuantizationType.BF16), raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
-                t = payload.float()
-                if heads_here:
-                    t = t[rotary_row_order(t.shape[0], heads_here)]
-                # Norms (1-D) stay F32, as llama.cpp expects; other float tensors take the file's float type.
-                w.add_tensor(gname, t.numpy().astype(np.float32 if t.ndim == 1 else float_dtype))
+                w.add_tensor(gname, t.numpy().astype(np.float32 if ttype == "F32" else np.float16))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llmq.formats.base import Format, refuse
+from llmq.formats.base import Format, refuse, require_plain_grid
 from llmq.formats.packing import pack, packed_len, unpack
 from llmq.grid import QuantSpec
 from llmq.qtensor import QuantizedTensor
@@ -34,12 +34,14 @@ class GPTQFormat(Format):
         self.offset = 1 if version == "gptq" else 0
 
     def check(self, spec: QuantSpec, act_order: bool) -> None:
+        require_plain_grid(self.name, spec)
         if self.version == "gptq" and not spec.sym:
             raise refuse("gptq", "v1 stores zero points minus one, so the zero point 0 of asymmetric grids "
                                  "would underflow; use --format gptq_v2 (or compressed-tensors)")
 
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         spec = qt.spec
+        require_plain_grid(self.name, spec)
         zeros = qt.zeros.to(torch.int64) - self.offset
         if zeros.min() < 0:
             raise refuse(self.name, "a zero point of 0 cannot be stored as zero-1 in GPTQ v1; use --format gptq_v2")

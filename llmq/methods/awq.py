@@ -23,7 +23,7 @@ from torch import nn
 
 from llmq.activations import LayerInputs
 from llmq.arch import Arch, ScaleGroup
-from llmq.grid import QuantSpec, fit_params, quantize
+from llmq.grid import QuantSpec, dequantize, fit_grid, quantize
 from llmq.methods.base import LayerLog, Method
 from llmq.methods.gptq import GPTQ, Hessian, gptq_quantize
 from llmq.methods.rtn import RTN
@@ -39,10 +39,11 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Round-to-nearest on the grid, returned in w's dtype (for searching, not storing)."""
     out, n = w.shape
     gs, groups = spec.effective_group_size(n), spec.groups(n)
+    p = fit_grid(w, spec)
     wp = F.pad(w.float(), (0, groups * gs - n)).reshape(out * groups, gs)
-    scale, zero = fit_params(wp, spec)
-    q = quantize(wp, scale[:, None], zero[:, None], spec.maxq)
-    return (scale[:, None] * (q - zero[:, None])).reshape(out, groups * gs)[:, :n].to(w.dtype)
+    off = None if p.offset is None else p.offset.reshape(-1, 1)
+    q = quantize(wp, p.scale.reshape(-1, 1), p.zero.reshape(-1, 1), spec.maxq, off)
+    return dequantize(q, p.scale.reshape(-1, 1), p.zero.reshape(-1, 1), off).reshape(out, groups * gs)[:, :n].to(w.dtype)
 
 
 # ---- folding scales into the producing op -----------------------------------------
@@ -134,20 +135,20 @@ def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 # ---- searches ----------------------------------------------------------------------
 
 # How a candidate scale is judged: quantize W * s the way the final method will, divide by s.
-ScaledQuantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ScaledQuantizer = Callable[[torch.Tensor, torch.Tensor, QuantSpec], torch.Tensor]  # (w, s, grid) -> Q(w*s)/s
 
 
-def rtn_judge(spec: QuantSpec) -> ScaledQuantizer:
-    return lambda w, s: fake_quantize(w.float() * s, spec) / s
+def rtn_judge() -> ScaledQuantizer:
+    return lambda w, s, spec: fake_quantize(w.float() * s, spec) / s
 
 
-def gptq_judge(spec: QuantSpec, xs: list[torch.Tensor], cfg) -> ScaledQuantizer:
+def gptq_judge(xs: list[torch.Tensor], cfg) -> ScaledQuantizer:
     """GPTQ on W * s against the scaled inputs' Hessian, which is H / (s s^T): computed once."""
     h = Hessian(xs[0].shape[-1])
     for x in xs:
         h.add(x)
 
-    def judge(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def judge(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         q, _ = gptq_quantize(w.float() * s, h.H / (s[:, None] * s[None, :]), spec, cfg.damp, cfg.block_size,
                              cfg.act_order, cfg.static_groups)
         return q.dequantize() / s
@@ -157,7 +158,8 @@ def gptq_judge(spec: QuantSpec, xs: list[torch.Tensor], cfg) -> ScaledQuantizer:
 
 @torch.no_grad()
 def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kwargs: dict[str, Any],
-                 spec: QuantSpec, judge: ScaledQuantizer | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 specs: list[QuantSpec], judge: ScaledQuantizer | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The best scale for the group's shared input; ``specs``: the grid of each of its linears."""
     linears = [layer.get_submodule(n) for n in group.linears]
     block = layer.get_submodule(group.block)
     n = linears[0].in_features
@@ -170,12 +172,14 @@ def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kw
         count += x2.shape[0]
     x_mean = (x_mean / count).float()
     # mean over output rows of |w| normalised by its group's max |w|
-    W = torch.cat([l.weight.data.float() for l in linears])
-    gs, groups = spec.effective_group_size(n), spec.groups(n)
-    Wg = F.pad(W.abs(), (0, groups * gs - n)).reshape(W.shape[0], groups, gs)
-    w_mean = (Wg / Wg.amax(dim=2, keepdim=True).clamp(min=1e-12)).reshape(W.shape[0], -1)[:, :n].mean(0)
+    normalised = []
+    for l, spec in zip(linears, specs):
+        gs, groups = spec.effective_group_size(n), spec.groups(n)
+        Wg = F.pad(l.weight.data.float().abs(), (0, groups * gs - n)).reshape(-1, groups, gs)
+        normalised.append((Wg / Wg.amax(dim=2, keepdim=True).clamp(min=1e-12)).reshape(Wg.shape[0], -1)[:, :n])
+    w_mean = torch.cat(normalised).mean(0)
 
-    judge = judge or rtn_judge(spec)
+    judge = judge or rtn_judge()
     reference = _block_out(block, xs, kwargs)
     originals = [l.weight.data.clone() for l in linears]
     # s = 1 (leave the group unscaled) competes too: a group may gain nothing from scaling.
@@ -187,8 +191,8 @@ def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kw
     best: tuple[float, float | None, torch.Tensor] = (float("inf"), None, torch.ones(n, device=device))
     unscaled_err = float("nan")
     for alpha, s in candidates:
-        for l, w0 in zip(linears, originals):
-            l.weight.data = judge(w0, s).to(w0.dtype)
+        for l, w0, spec in zip(linears, originals, specs):
+            l.weight.data = judge(w0, s, spec).to(w0.dtype)
         err = _mse(_block_out(block, xs, kwargs), reference)
         if alpha is None:
             unscaled_err = err
@@ -254,13 +258,13 @@ class AWQ(Method):
     final = RTN
 
     def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:
-        return rtn_judge(self.spec)
+        return rtn_judge()
 
     @property
     def clip(self) -> bool:
         return self.cfg.awq_clip
 
-    def quantize_layer(self, layer: nn.Module, arch: Arch, targets: list[str], inputs: LayerInputs | None,
+    def quantize_layer(self, layer: nn.Module, arch: Arch, targets: dict[str, QuantSpec], inputs: LayerInputs | None,
                        log: LayerLog) -> dict:
         assert inputs is not None
         t0 = time.perf_counter()
@@ -275,7 +279,7 @@ class AWQ(Method):
             log.add(module, **rec, **notes.get(module, {}), awq_search_seconds=search_seconds)
         return result
 
-    def scale_and_clip(self, layer: nn.Module, arch: Arch, targets: list[str], inputs: LayerInputs) -> dict[str, dict]:
+    def scale_and_clip(self, layer: nn.Module, arch: Arch, targets: dict[str, QuantSpec], inputs: LayerInputs) -> dict[str, dict]:
         """Search and fold the scales of every foldable group, then clip. Returns per-module notes."""
         wanted = set(targets)
         groups = [g for g in arch.scaling if all(n in wanted for n in g.linears) and can_fold(layer, g)]
@@ -283,7 +287,8 @@ class AWQ(Method):
         notes: dict[str, dict[str, Any]] = {}
         for g in groups:
             xs = cap.x[g.linears[0]]
-            s, info = search_scale(layer, g, xs, cap.block_kwargs.get(g.block, {}), self.spec, self.judge(xs))
+            s, info = search_scale(layer, g, xs, cap.block_kwargs.get(g.block, {}), [targets[n] for n in g.linears],
+                                   self.judge(xs))
             fold_scales(layer.get_submodule(g.prev), [layer.get_submodule(n) for n in g.linears], s)
             cap.x[g.linears[0]] = [x / s.to(x.dtype) for x in xs]  # the group now sees x / s
             for name in g.linears:
@@ -296,9 +301,10 @@ class AWQ(Method):
                     if name.rsplit(".", 1)[-1] in NO_CLIP:
                         continue  # q/k errors are amplified by the softmax: the reference leaves them unclipped
                     lin = layer.get_submodule(name)
-                    max_val = search_clip(lin.weight.data, cap.x[g.linears[0]], self.spec, gen)
-                    ratio = max_val / _group_absmax(lin.weight.data, self.spec).clamp(min=1e-12)
-                    apply_clip(lin, max_val, self.spec)
+                    spec = targets[name]
+                    max_val = search_clip(lin.weight.data, cap.x[g.linears[0]], spec, gen)
+                    ratio = max_val / _group_absmax(lin.weight.data, spec).clamp(min=1e-12)
+                    apply_clip(lin, max_val, spec)
                     notes.setdefault(name, {})["clip_ratio_mean"] = float(ratio.mean())
         return notes
 
@@ -314,7 +320,7 @@ class AWQGPTQ(AWQ):
     final = GPTQ
 
     def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:
-        return gptq_judge(self.spec, xs, self.cfg)
+        return gptq_judge(xs, self.cfg)
 
     @property
     def clip(self) -> bool:

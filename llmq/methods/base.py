@@ -11,6 +11,7 @@ from torch import nn
 from llmq.activations import LayerInputs
 from llmq.arch import Arch
 from llmq.config import QuantizeConfig
+from llmq.grid import QuantSpec
 from llmq.qtensor import QuantizedTensor
 
 
@@ -37,12 +38,12 @@ class Method(ABC):
 
     def __init__(self, cfg: QuantizeConfig):
         self.cfg = cfg
-        self.spec = cfg.spec()
 
     @abstractmethod
-    def quantize_layer(self, layer: nn.Module, arch: Arch, targets: list[str],
+    def quantize_layer(self, layer: nn.Module, arch: Arch, targets: dict[str, QuantSpec],
                        inputs: LayerInputs | None, log: LayerLog) -> dict[str, QuantizedTensor]:
-        """Quantize ``targets`` (linear names relative to ``layer``).
+        """Quantize ``targets`` (linear names relative to ``layer``, each with the grid it goes on:
+        usually the recipe's for all, but a GGUF mix gives some linears more bits).
 
         On return every target's weight in ``layer`` holds its dequantized value, so the
         pipeline can compute the next layer's inputs from the quantized layer.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmq.grid import QuantSpec, dequantize, fit_params, group_index, quantize
+from llmq.grid import QuantSpec, dequantize, fit_grid, fit_params, group_index, quantize
 from llmq.methods.base import Method
 from llmq.methods.rtn import rtn_quantize
 from llmq.qtensor import QuantizedTensor
@@ -89,12 +89,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
 
     # GGUF block grids are fixed from the unquantized weights first; error feedback then picks the codes.
     static = static_groups or act_order or gs == n or spec.grid != "minmax"
-    scale = torch.zeros(out, groups, dtype=dtype, device=device)
-    zero = torch.zeros(out, groups, dtype=dtype, device=device)
+    offset = None
     if static:
-        for g in range(groups):
-            s, z = fit_params(W[:, g * gs : (g + 1) * gs], spec)
-            scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
+        # diag(H) weighs the K-quants' range search, as llama.cpp's importance matrix does.
+        p = fit_grid(W, spec, importance=torch.diag(H).clone().masked_fill_(dead, 0))
+        scale, zero = p.scale.to(device=device, dtype=dtype), p.zero.to(device=device, dtype=dtype)
+        offset = None if p.offset is None else p.offset.to(device=device, dtype=dtype)
+    else:
+        scale = torch.zeros(out, groups, dtype=dtype, device=device)
+        zero = torch.zeros(out, groups, dtype=dtype, device=device)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=device)
     W = W[:, perm]
@@ -122,16 +125,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
                 s, z = fit_params(W1[:, i : i + gs], spec)
                 scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
             w = W1[:, i]
-            q = quantize(w, scale[:, g], zero[:, g], spec.maxq)
+            off = None if offset is None else offset[:, g]
+            q = quantize(w, scale[:, g], zero[:, g], spec.maxq, off)
             Q[:, col] = q
-            err = (w - dequantize(q, scale[:, g], zero[:, g])) / U1[i, i]
+            err = (w - dequantize(q, scale[:, g], zero[:, g], off)) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
     inv = torch.argsort(perm)
     Q = Q[:, inv]
-    qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, spec), spec)
+    qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, spec), spec,
+                                          None if offset is None else offset.cpu())
     return qt, SolveInfo(damp=used_damp, fallback_rtn=False, error=relative_error(W0, qt.dequantize(dtype).to(device), H))
 
 
@@ -155,7 +160,7 @@ class GPTQ(Method):
             for name in names:
                 linear = modules[name]
                 t0 = time.perf_counter()
-                qt, info = gptq_quantize(linear.weight.data, hessians[name].H, self.spec, cfg.damp, cfg.block_size,
+                qt, info = gptq_quantize(linear.weight.data, hessians[name].H, targets[name], cfg.damp, cfg.block_size,
                                          cfg.act_order, cfg.static_groups)
                 linear.weight.data = qt.dequantize(linear.weight.dtype).to(linear.weight.device)
                 result[name] = qt

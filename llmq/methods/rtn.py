@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmq.grid import QuantSpec, fit_params, group_index, gguf_reference_codes, quantize
+from llmq.grid import QuantSpec, fit_grid, group_index, gguf_reference_codes, quantize
 from llmq.methods.base import Method
 from llmq.qtensor import QuantizedTensor
 
@@ -13,15 +13,16 @@ from llmq.qtensor import QuantizedTensor
 def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     out, inp = w.shape
     gs, groups = spec.effective_group_size(inp), spec.groups(inp)
-    # Zero padding of a partial last group leaves its grid unchanged: fit_params always spans 0.
+    p = fit_grid(w, spec)
     wp = F.pad(w.float(), (0, groups * gs - inp)).reshape(out * groups, gs)
-    scale, zero = fit_params(wp, spec)
-    if spec.grid == "minmax":
-        q = quantize(wp, scale[:, None], zero[:, None], spec.maxq)
-    else:  # GGUF blocks: llama.cpp's own rounding, so RTN files match llama-quantize byte for byte
+    if spec.block is not None and not spec.block.super_block:
+        # legacy GGUF blocks: llama.cpp's own rounding, so RTN files match llama-quantize byte for byte
         q = gguf_reference_codes(wp, spec)
+    else:
+        off = None if p.offset is None else p.offset.reshape(-1, 1)
+        q = quantize(wp, p.scale.reshape(-1, 1), p.zero.reshape(-1, 1), spec.maxq, off)
     q = q.reshape(out, groups * gs)[:, :inp]
-    return QuantizedTensor.from_float_codes(q, scale.reshape(out, groups), zero.reshape(out, groups), group_index(inp, spec), spec)
+    return QuantizedTensor.from_float_codes(q, p.scale, p.zero, group_index(inp, spec), spec, p.offset)
 
 
 class RTN(Method):
@@ -29,10 +30,10 @@ class RTN(Method):
 
     def quantize_layer(self, layer, arch, targets, inputs, log):
         result = {}
-        for name in targets:
+        for name, spec in targets.items():
             linear = layer.get_submodule(name)
             w = linear.weight.data
-            qt = rtn_quantize(w.cpu(), self.spec)  # QuantizedTensors live on the CPU, where formats pack them
+            qt = rtn_quantize(w.cpu(), spec)  # QuantizedTensors live on the CPU, where formats pack them
             linear.weight.data = qt.dequantize(w.dtype).to(w.device)
             # Without activations the only error RTN can report is the weights' own.
             log.add(name, weight_error=float(((linear.weight.data - w).float().pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-30))))

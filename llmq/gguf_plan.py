@@ -1,0 +1,101 @@
+"""Which GGUF type each tensor of a model gets.
+
+A `--gguf-type` is either one block type for every decoder linear (Q4_0 ... Q6_K), a mix in the
+spirit of llama.cpp's (Q4_K_M / Q5_K_M: attn_v and ffn_down of some layers at Q6_K), or a float
+type.  As llama-quantize does, quantized files also store the token embedding at the base type
+and the output head at Q6_K; norms stay F32.  A row length a type cannot hold (K-quants need
+multiples of 256, the legacy types multiples of 32) falls back to the nearest type that fits,
+and the user is told.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from llmq.grid import GGUF_GRIDS, QuantSpec
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+BLOCK_TYPES = tuple(g.upper() for g in GGUF_GRIDS)  # Q4_0 ... Q6_K
+MIXES = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}  # mix -> its base type
+GGUF_TYPES = (*BLOCK_TYPES, *MIXES, *FLOAT_TYPES)
+# K-quants on rows that are not a multiple of 256: llama.cpp's substitutes of about the same size.
+K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+# model_type -> gguf's architecture name.  q/k rows are permuted only for the Llama family, whose
+# llama.cpp graph expects the rotary layout of the original Meta checkpoints.
+GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+PERMUTE_QK = ("llama", "mistral")
+
+
+def check_gguf_type(name: str) -> str:
+    from llmq.errors import LlmqError
+
+    t = (name or "").upper()
+    if t not in GGUF_TYPES:
+        raise LlmqError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {name!r}")
+    return t
+
+
+def tensor_namer(config: dict[str, Any]) -> Callable[[str], str | None]:
+    """HF checkpoint key -> GGUF tensor name (None when gguf knows no name for it)."""
+    import gguf
+
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == GGUF_ARCHS[config["model_type"]])
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    return lambda key: names.get_name(key, try_suffixes=(".weight", ".bias"))
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of layers that get more bits in its _M mixes: the first and last
+    eighth, and every third layer in between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+@dataclass(frozen=True)
+class GGUFPlan:
+    file_type: str  # one of GGUF_TYPES
+    n_layers: int
+    has_output: bool = True  # False: tied embeddings, token_embd doubles as the head
+
+    @property
+    def quantized(self) -> bool:
+        return self.file_type not in FLOAT_TYPES
+
+    @property
+    def base(self) -> str:
+        return MIXES.get(self.file_type, self.file_type)
+
+    def preferred(self, gguf_name: str) -> str:
+        """The type this tensor gets when its width allows."""
+        parts = gguf_name.split(".")
+        if not self.quantized:
+            return self.file_type
+        if gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not self.has_output):
+            return "Q8_0" if self.base == "Q8_0" else "Q6_K"
+        if self.file_type in MIXES and parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down"):
+            if use_more_bits(int(parts[1]), self.n_layers):
+                return "Q6_K"
+        return self.base
+
+    def tensor_type(self, gguf_name: str, shape: tuple[int, ...]) -> tuple[str, str | None]:
+        """(type, note): the type written for a tensor of ``shape`` and, when the width forced
+        a different type than preferred, a note saying so.  1-D tensors are always F32."""
+        if len(shape) == 1:
+            return "F32", None
+        want = self.preferred(gguf_name)
+        if want in FLOAT_TYPES:
+            return want, None
+        width = shape[-1]
+        got = want
+        if width % GGUF_GRIDS[got.lower()].unit:
+            got = K_FALLBACK.get(got, got)
+            if width % GGUF_GRIDS[got.lower()].unit:
+                got = "F16"
+        note = None if got == want else f"{gguf_name}: {width} columns do not fit {want} blocks; written as {got}"
+        return got, note
+
+    def spec(self, gguf_name: str, shape: tuple[int, ...]) -> QuantSpec | None:
+        """The grid a method quantizes this tensor on (None: it stays in float)."""
+        t, _ = self.tensor_type(gguf_name, shape)
+        return QuantSpec.for_gguf(t.lower()) if t.lower() in GGUF_GRIDS else None
