@@ -4,4 +4,4 @@ Data flows  data -> pipeline (layer streaming) -> methods (rtn/gptq) -> Quantize
 -> formats (packing) -> checkpoint -> eval.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

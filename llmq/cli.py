@@ -48,7 +48,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
     p.add_argument("--format", choices=sorted([*FORMATS, "gguf"]),
                    help="checkpoint layout (default: gptq, or gptq_v2 for --asym); gguf writes one llama.cpp file at --out")
-    p.add_argument("--gguf-type", help="with --format gguf: Q4_0, Q5_0, Q8_0 (the method quantizes on that block grid), F16, F32")
+    p.add_argument("--gguf-type", help="with --format gguf: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K (the method "
+                                       "quantizes on that block grid), Q4_K_M Q5_K_M (mixes), F16 BF16 F32")
     p.add_argument("--dtype", help="dtype of unquantized tensors: float16 (default), bfloat16, float32")
     p.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 4GB (default)")
     p.add_argument("--skip", action="append", help="linear name pattern to leave unquantized (repeatable)")
@@ -88,7 +89,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                    "tool's) and write it in another layout, or dequantize it (fp16/bf16/fp32).")
     p.add_argument("--model", required=True, help="quantized checkpoint directory or hub id")
     p.add_argument("--format", required=True, choices=[*FORMATS, *PLAIN, "gguf"])
-    p.add_argument("--gguf-type", help="with --format gguf: Q4_0, Q5_0, Q8_0 (RTN on that grid from an fp model), F16, F32")
+    p.add_argument("--gguf-type", help="with --format gguf: a GGUF type (RTN on its grid from an fp model; see quantize "
+                                       "--help), or the type a `quantize --format raw --gguf-type T` checkpoint was made for")
     p.add_argument("--out", required=True)
     p.add_argument("--max-shard-size", default="4GB")
     p.add_argument("--overwrite", action="store_true")

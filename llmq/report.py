@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from safetensors import safe_open
 
+import llmq
 from llmq.config import build_config
 from llmq.errors import LlmqError
 from llmq.gguf_plan import GGUF_ARCHS
@@ -138,7 +139,9 @@ def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[st
              **({"nsamples": nsamples} if nsamples else {}), "seqlen": seqlen}
 
     # A record is reused only if it was measured under the same settings: rows must share their windows.
-    run_key = {"model": model, "seqlen": seqlen, "eval": datasets, "max_windows": max_windows, "calibration": calib}
+    # The tool version is part of the key: a record measured by other code is measured again.
+    run_key = {"model": model, "seqlen": seqlen, "eval": datasets, "max_windows": max_windows, "calibration": calib,
+               "llmq": llmq.__version__}
     records = []
     for v in suite.variants:
         vdir = out / "variants" / v.slug

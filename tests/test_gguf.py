@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import C4, REF6M, need, save_tiny
+from conftest import C4, REF6M, need, save_tiny, tiny_config
 from llmq.checkpoint import iter_quantized, load_model, quantization_config_of
 from llmq.config import build_config
 from llmq.errors import LlmqError
@@ -232,3 +232,71 @@ def test_unsupported_architecture_writes_nothing(tmp_path):
 def test_gguf_needs_a_type():
     with pytest.raises(LlmqError, match="--gguf-type"):
         build_config({}, {"format": "gguf"})
+
+
+def _tiny_with_ref_tokenizer(family: str, path):
+    """A random model of ``family`` with 256-wide rows (K-quants fit) and llmq-ref-6m's 4096-token BPE tokenizer."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    need(REF6M)
+    config = tiny_config(family, layers=2, hidden=256, inter=512, vocab=4096)
+    # transformers' GGUF reader ignores attention.key_length: Qwen3 gets its config default (128),
+    # other families hidden/heads.  llama.cpp reads the key; the test picks dims both agree on.
+    config.head_dim = 128 if family == "qwen3" else 64
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REF6M / f, path / f)
+    return path
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_families_round_trip_through_transformers(tmp_path, family):
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms, head_dim != hidden/heads) and Mistral: an F32 GGUF reads
+    back through transformers' GGUF loader as exactly the source model; a Q4_K file as llmq's RTN model."""
+    from transformers import AutoModelForCausalLM
+
+    src = _tiny_with_ref_tokenizer(family, tmp_path / "src")
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(3, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
+    for gtype in ("F32", "Q4_K"):
+        d = tmp_path / gtype
+        d.mkdir()
+        export_gguf(str(src), d / "m.gguf", gtype)
+        theirs = AutoModelForCausalLM.from_pretrained(d, gguf_file="m.gguf", dtype=torch.float32).eval()
+        ours = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        if gtype == "Q4_K":
+            plan = GGUFPlan("Q4_K", 2)
+            for name, mod in ours.named_modules():
+                if isinstance(mod, torch.nn.Linear):
+                    gname = "output.weight" if name == "lm_head" else "blk"
+                    t = plan.preferred(gname) if gname == "output.weight" else "Q4_K"
+                    mod.weight.data = rtn_quantize(mod.weight.data, QuantSpec.for_gguf(t.lower())).dequantize()
+            emb = ours.get_input_embeddings()
+            emb.weight.data = rtn_quantize(emb.weight.data, QuantSpec.for_gguf("q4_k")).dequantize()
+        with torch.no_grad():
+            a, b = ours(ids).logits, theirs(ids).logits
+        assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item()), (family, gtype)
+    with torch.no_grad():
+        assert not torch.allclose(fp(ids).logits, a, atol=1e-4 * a.abs().max().item())  # Q4_K did change the model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_llama_cpp_runs_other_families(tmp_path, family):
+    """With llama-cpp-python: Qwen2/Qwen3 files (no q/k permutation, biases, q/k norms) run in llama.cpp
+    as they do through gguf's dequantizer in torch."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    src = _tiny_with_ref_tokenizer(family, tmp_path / "src")
+    export_gguf(str(src), tmp_path / "m.gguf", "Q8_0")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, logits_all=True, verbose=False)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(3, 4096, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.eval(ids)
+    got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
