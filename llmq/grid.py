@@ -196,59 +196,72 @@ def _element_weights(x: torch.Tensor, grid: str, bt: BlockType) -> torch.Tensor:
 
 
 def _search_affine(x: torch.Tensor, wt: torch.Tensor, maxq: int, nstep: int = 20, rmin: float = -1.0,
-                   rdelta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                   rdelta: float = 0.1, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: scale a >= 0 and minimum m >= 0 with x ~= a*q - m, q in [0, maxq], minimising the
     weighted squared error.  Candidate codes come from stretched [min, max] ranges; for each,
     (a, m) is the weighted least-squares fit (the idea of llama.cpp's make_qkx2_quants)."""
+    if x.shape[0] > chunk:  # rows are independent: bound the temporaries
+        parts = [_search_affine(xc, wc, maxq, nstep, rmin, rdelta, chunk) for xc, wc in zip(x.split(chunk), wt.split(chunk))]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     lo = x.amin(dim=1).clamp(max=0)
-    hi = x.amax(dim=1)
-    rng = hi - lo
+    rng = x.amax(dim=1) - lo
     live = rng > 0
-    safe = torch.where(live, rng, torch.ones_like(rng))
-
-    def err_of(a, b, L):
-        return (wt * (a[:, None] * L + b[:, None] - x).pow(2)).sum(dim=1)
-
+    xs = x - lo[:, None]
+    sw, sx, sx2 = wt.sum(dim=1), (wt * x).sum(dim=1), (wt * x * x).sum(dim=1)
+    # the plain [min, max] grid is the first candidate
     a_best = torch.where(live, rng / maxq, torch.zeros_like(rng))
     b_best = lo.clone()
-    L0 = torch.clamp(torch.round((x - lo[:, None]) / torch.where(live, a_best, torch.ones_like(a_best))[:, None]), 0, maxq)
-    e_best = err_of(a_best, b_best, L0)
-    sw = wt.sum(dim=1)
-    sx = (wt * x).sum(dim=1)
-    for i in range(nstep + 1):
-        iscale = (rmin + rdelta * i + maxq) / safe
-        L = torch.clamp(torch.round(iscale[:, None] * (x - lo[:, None])), 0, maxq)
-        sl, sl2, sxl = (wt * L).sum(dim=1), (wt * L * L).sum(dim=1), (wt * x * L).sum(dim=1)
-        D = sw * sl2 - sl * sl
-        ok = live & (D > 0)
-        Dsafe = torch.where(ok, D, torch.ones_like(D))
-        a = (sw * sxl - sx * sl) / Dsafe
-        b = (sl2 * sx - sl * sxl) / Dsafe
-        pos = b > 0  # the minimum must not be positive (m >= 0): refit the scale alone
-        a = torch.where(pos, sxl / sl2.clamp(min=1e-30), a)
-        b = torch.where(pos, torch.zeros_like(b), b)
-        e = err_of(a, b, L)
-        better = ok & (a > 0) & (e < e_best)
+    e_best = torch.full_like(rng, float("inf"))
+    for i in range(-1, nstep + 1):
+        if i < 0:
+            a, b = a_best, b_best
+            L = torch.round(xs / torch.where(live, a, torch.ones_like(a))[:, None]).clamp_(0, maxq)
+        else:
+            L = torch.round(xs * ((rmin + rdelta * i + maxq) / torch.where(live, rng, torch.ones_like(rng)))[:, None]).clamp_(0, maxq)
+        wL = wt * L
+        sl, sl2, sxl = wL.sum(dim=1), (wL * L).sum(dim=1), (wL * x).sum(dim=1)
+        if i >= 0:
+            D = sw * sl2 - sl * sl
+            ok = D > 0
+            Dsafe = torch.where(ok, D, torch.ones_like(D))
+            a = (sw * sxl - sx * sl) / Dsafe
+            b = (sl2 * sx - sl * sxl) / Dsafe
+            pos = b > 0  # the minimum must not be positive (m >= 0): refit the scale alone
+            a = torch.where(pos, sxl / sl2.clamp(min=1e-30), a)
+            b = torch.where(pos, torch.zeros_like(b), b)
+        else:
+            ok = torch.ones_like(live)
+        # sum w (aL + b - x)^2, expanded into the sums at hand
+        e = a * a * sl2 + 2 * a * b * sl + b * b * sw - 2 * a * sxl - 2 * b * sx + sx2
+        better = live & ok & (a > 0) & (e < e_best)
         a_best, b_best, e_best = torch.where(better, a, a_best), torch.where(better, b, b_best), torch.where(better, e, e_best)
     return a_best, -b_best
 
 
-def _search_signed(x: torch.Tensor, wt: torch.Tensor, half: int, nstep: int = 9, rdelta: float = 0.1) -> torch.Tensor:
+def _search_signed(x: torch.Tensor, wt: torch.Tensor, half: int, nstep: int = 9, rdelta: float = 0.1,
+                   chunk: int = 1 << 16) -> torch.Tensor:
     """Per row: signed scale a with x ~= a*(q - half), codes in [0, 2*half), minimising the weighted
     squared error over candidates around d = m / -half (m the value of largest magnitude), each
     refitted by least squares (the idea of llama.cpp's make_qx_quants)."""
+    if x.shape[0] > chunk:
+        return torch.cat([_search_signed(xc, wc, half, nstep, rdelta, chunk) for xc, wc in zip(x.split(chunk), wt.split(chunk))])
     m = x.gather(1, x.abs().argmax(dim=1, keepdim=True))[:, 0]
     live = m != 0
     msafe = torch.where(live, m, torch.ones_like(m))
+    sx2 = (wt * x * x).sum(dim=1)
     a_best = torch.where(live, m / -half, torch.zeros_like(m))
-    L0 = torch.clamp(torch.round(x / torch.where(live, a_best, torch.ones_like(a_best))[:, None]), -half, half - 1)
-    e_best = (wt * (a_best[:, None] * L0 - x).pow(2)).sum(dim=1)
-    for i in range(-nstep, nstep + 1):
-        iscale = -(half + rdelta * i) / msafe
-        L = torch.clamp(torch.round(iscale[:, None] * x), -half, half - 1)
-        sl2, sxl = (wt * L * L).sum(dim=1), (wt * x * L).sum(dim=1)
-        a = sxl / sl2.clamp(min=1e-30)
-        e = (wt * (a[:, None] * L - x).pow(2)).sum(dim=1)
+    e_best = torch.full_like(m, float("inf"))
+    for i in range(-nstep - 1, nstep + 1):
+        if i < -nstep:  # the plain d = m / -half grid first
+            a = a_best
+            L = torch.round(x / torch.where(live, a, torch.ones_like(a))[:, None]).clamp_(-half, half - 1)
+        else:
+            L = torch.round(x * (-(half + rdelta * i) / msafe)[:, None]).clamp_(-half, half - 1)
+        wL = wt * L
+        sl2, sxl = (wL * L).sum(dim=1), (wL * x).sum(dim=1)
+        if i >= -nstep:
+            a = sxl / sl2.clamp(min=1e-30)
+        e = a * a * sl2 - 2 * a * sxl + sx2
         better = live & (sl2 > 0) & (e < e_best)
         a_best, e_best = torch.where(better, a, a_best), torch.where(better, e, e_best)
     return a_best

@@ -300,3 +300,34 @@ def test_llama_cpp_runs_other_families(tmp_path, family):
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0]
     assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("gtype,ftype", [("Q4_0", 2), ("Q8_0", 7), ("Q4_K_M", 15), ("Q5_K_M", 17)])
+def test_llama_quantize_agrees_on_types_and_bytes(tmp_path, gtype, ftype):
+    """With llama-cpp-python: llama.cpp's own quantizer (llama-quantize's library call) on llmq's F32
+    file picks the same type for every tensor as llmq's plan; for the legacy types the bytes match too,
+    and for the K-quants llmq's rounding-to-nearest fit is within 5% of llama.cpp's weight error."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    import gguf
+    from gguf.quants import dequantize
+
+    need(REF6M)
+    export_gguf(str(REF6M), tmp_path / "f32.gguf", "F32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(tmp_path / "theirs.gguf").encode(),
+                                          ctypes.byref(params)) == 0
+    export_gguf(str(REF6M), tmp_path / "ours.gguf", gtype)
+    read = lambda p: {t.name: t for t in gguf.GGUFReader(str(p)).tensors}  # noqa: E731
+    ours, theirs, f32 = read(tmp_path / "ours.gguf"), read(tmp_path / "theirs.gguf"), read(tmp_path / "f32.gguf")
+    assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in theirs.items()}
+    sse = {"ours": 0.0, "theirs": 0.0}
+    for n, t in ours.items():
+        if t.tensor_type.name in LEGACY:
+            assert np.array_equal(np.asarray(t.data), np.asarray(theirs[n].data)), n
+        w = dequantize(f32[n].data, f32[n].tensor_type)
+        sse["ours"] += float(((dequantize(t.data, t.tensor_type) - w) ** 2).sum())
+        sse["theirs"] += float(((dequantize(theirs[n].data, theirs[n].tensor_type) - w) ** 2).sum())
+    assert sse["ours"] < 1.05 * sse["theirs"], sse
