@@ -252,7 +252,7 @@ def _tiny_with_ref_tokenizer(family: str, path):
     return path
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "phi3"])
 def test_other_families_round_trip_through_transformers(tmp_path, family):
     """Qwen2 (q/k/v biases), Qwen3 (q/k norms, head_dim != hidden/heads) and Mistral: an F32 GGUF reads
     back through transformers' GGUF loader as exactly the source model; a Q4_K file as llmq's RTN model."""
@@ -283,7 +283,7 @@ def test_other_families_round_trip_through_transformers(tmp_path, family):
         assert not torch.allclose(fp(ids).logits, a, atol=1e-4 * a.abs().max().item())  # Q4_K did change the model
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3"])
 def test_llama_cpp_runs_other_families(tmp_path, family):
     """With llama-cpp-python: Qwen2/Qwen3 files (no q/k permutation, biases, q/k norms) run in llama.cpp
     as they do through gguf's dequantizer in torch."""

@@ -6,7 +6,8 @@ Q5_1, Q8_0: 32 values with an fp16 scale and maybe an fp16 minimum) and the K-qu
 Q6_K: 256 values with fp16 super-scales and 4/6/8-bit group scales).  The container, metadata
 keys, tensor names and tokenizer tables come from the `gguf` package.  Llama-family q/k
 weights use the rotary layout of the original checkpoints in llama.cpp, so their rows are
-permuted; Qwen2/Qwen3 are written as they are.
+permuted; Qwen2/Qwen3 and Phi-3 (fused qkv and gate/up, as llama.cpp wants them) are written as
+they are.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from llmq.gguf_plan import GGUF_ARCHS, PERMUTE_QK, GGUFPlan, tensor_namer
 from llmq.grid import split_sub
 from llmq.qtensor import QuantizedTensor
 
-LINEAR_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+LINEAR_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 def check_arch(config: dict[str, Any]) -> None:
     mt = config.get("model_type")
@@ -145,7 +146,8 @@ def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
     w.add_head_count(heads)
     w.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
     w.add_rope_freq_base(float(rope))
-    w.add_rope_dimension_count(head_dim)
+    # Phi-3.5/4-mini rotate only part of each head
+    w.add_rope_dimension_count(int(head_dim * cfg.get("partial_rotary_factor", 1.0)))
     if head_dim != hidden // heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
