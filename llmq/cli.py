@@ -50,6 +50,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint layout (default: gptq, or gptq_v2 for --asym); gguf writes one llama.cpp file at --out")
     p.add_argument("--gguf-type", help="with --format gguf: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K (the method "
                                        "quantizes on that block grid), Q4_K_M Q5_K_M (mixes), F16 BF16 F32")
+    _add_gguf_tensor_types(p)
     p.add_argument("--dtype", help="dtype of unquantized tensors: float16 (default), bfloat16, float32")
     p.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 4GB (default)")
     p.add_argument("--skip", action="append", help="linear name pattern to leave unquantized (repeatable)")
@@ -81,6 +82,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _add_gguf_tensor_types(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf-token-embedding-type", help="GGUF: type of token_embd (default: llama-quantize's, the base type)")
+    p.add_argument("--gguf-output-type", help="GGUF: type of the output head (default: llama-quantize's, Q6_K)")
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     from llmq.formats import FORMATS, PLAIN
 
@@ -91,6 +97,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=[*FORMATS, *PLAIN, "gguf"])
     p.add_argument("--gguf-type", help="with --format gguf: a GGUF type (RTN on its grid from an fp model; see quantize "
                                        "--help), or the type a `quantize --format raw --gguf-type T` checkpoint was made for")
+    _add_gguf_tensor_types(p)
     p.add_argument("--out", required=True)
     p.add_argument("--max-shard-size", default="4GB")
     p.add_argument("--overwrite", action="store_true")
@@ -172,7 +179,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         if not args.gguf_type:
             raise LlmqError("--format gguf needs --gguf-type")
-        for n in export_gguf(args.model, args.out, args.gguf_type, overwrite=args.overwrite):
+        for n in export_gguf(args.model, args.out, args.gguf_type, overwrite=args.overwrite,
+                             token_embedding_type=args.gguf_token_embedding_type, output_type=args.gguf_output_type):
             print(f"note: {n}")
         print(f"wrote {args.out} (GGUF {args.gguf_type.upper()})")
         return 0
@@ -211,7 +219,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "damp", "block_size", "act_order",
                                                "static_groups", "true_sequential", "awq_clip", "dataset", "split", "nsamples",
-                                               "seqlen", "seed", "format", "gguf_type", "dtype", "max_shard_size", "skip")}
+                                               "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
+                                               "dtype", "max_shard_size", "skip")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
     if cfg.format == "gguf":

@@ -47,6 +47,8 @@ class QuantizeConfig:
     # output
     format: str | None = None  # None: gptq (v1) for symmetric grids, gptq_v2 for asymmetric ones
     gguf_type: str | None = None  # with format gguf: a block type, a mix (Q4_K_M) or a float type, see gguf_plan
+    gguf_token_embedding_type: str | None = None  # None: llama-quantize's choice (the base type)
+    gguf_output_type: str | None = None  # None: llama-quantize's choice (Q6_K)
     dtype: str = "float16"  # dtype of the tensors that stay unquantized (embeddings, norms, biases)
     max_shard_size: str = "4GB"
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
@@ -83,6 +85,12 @@ class QuantizeConfig:
 
             if (self.gguf_type or "").upper() not in GGUF_TYPES:
                 raise LlmqError(f"--format gguf needs --gguf-type, one of {', '.join(GGUF_TYPES)}")
+            from llmq.gguf_plan import check_gguf_type
+
+            if self.gguf_token_embedding_type:
+                check_gguf_type(self.gguf_token_embedding_type, "--gguf-token-embedding-type", mixes=False)
+            if self.gguf_output_type:
+                check_gguf_type(self.gguf_output_type, "--gguf-output-type", mixes=False)
         elif self.gguf_type is not None and self.format not in ("raw", "gptq_v2"):  # the staging checkpoint of a GGUF run
             raise LlmqError("--gguf-type applies only with --format gguf")
         elif self.format is not None and self.format not in FORMATS:

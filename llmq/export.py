@@ -114,7 +114,8 @@ def _check_file_output(out: Path, overwrite: bool) -> None:
         raise LlmqError(f"output directory {str(out.parent)!r} is not writable")
 
 
-def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = False) -> list[str]:
+def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = False,
+                token_embedding_type: str | None = None, output_type: str | None = None) -> list[str]:
     """A GGUF file from an fp checkpoint (RTN on the GGUF grids, or a float type) or from the staged
     checkpoint of `quantize --format gguf` (the method's codes for the decoder linears).
 
@@ -126,6 +127,10 @@ def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = 
     from llmq.methods.rtn import rtn_quantize
 
     gguf_type = check_gguf_type(gguf_type)
+    if token_embedding_type:
+        token_embedding_type = check_gguf_type(token_embedding_type, "--gguf-token-embedding-type", mixes=False)
+    if output_type:
+        output_type = check_gguf_type(output_type, "--gguf-output-type", mixes=False)
     out = Path(out)
     _check_file_output(out, overwrite)
     source = ModelSource(src)
@@ -138,7 +143,8 @@ def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = 
     namer = tensor_namer(config)
     has_output = any(namer(source.checkpoint_key(n) or n) == "output.weight" for n, _ in model.named_parameters()
                      if n not in source.tied)  # tied embeddings: token_embd is the head too
-    plan = GGUFPlan(gguf_type, config["num_hidden_layers"], has_output=has_output)
+    plan = GGUFPlan(gguf_type, config["num_hidden_layers"], has_output=has_output,
+                    token_embd_type=token_embedding_type, output_type=output_type)
     notes: list[str] = []
 
     def planned(key: str, shape: tuple[int, ...]) -> str:
@@ -181,20 +187,22 @@ def quantize_to_gguf(source: ModelSource, cfg, out: str | Path, *, overwrite: bo
     import shutil
     import tempfile
 
-    from llmq.formats.gguf import check_arch
+    from llmq.formats.gguf import check_arch, load_vocab
     from llmq.gguf_plan import FLOAT_TYPES
     from llmq.pipeline import quantize_model
 
     out = Path(out)
     _check_file_output(out, overwrite)
     check_arch(json.loads((source.dir / "config.json").read_text()))
+    load_vocab(source.dir)  # a tokenizer GGUF cannot hold fails now, not after the calibration
+    types = {"token_embedding_type": cfg.gguf_token_embedding_type, "output_type": cfg.gguf_output_type}
     if cfg.gguf_type.upper() in FLOAT_TYPES:
-        return export_gguf(str(source.dir), out, cfg.gguf_type, overwrite=overwrite)
+        return export_gguf(str(source.dir), out, cfg.gguf_type, overwrite=overwrite, **types)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".llmq-stage", dir=out.parent))
     try:
         # the staged checkpoint keeps every code, scale and minimum exactly (the raw layout)
         staged = dataclasses.replace(cfg, format="raw", dtype="float32")
         quantize_model(source, staged, stage / "q", device=device, progress=progress)
-        return export_gguf(str(stage / "q"), out, cfg.gguf_type, overwrite=overwrite)
+        return export_gguf(str(stage / "q"), out, cfg.gguf_type, overwrite=overwrite, **types)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -24,16 +24,17 @@ K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q
 
 # model_type -> gguf's architecture name.  q/k rows are permuted only for the Llama family, whose
 # llama.cpp graph expects the rotary layout of the original Meta checkpoints.
-GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gpt_neox": "gptneox"}
 PERMUTE_QK = ("llama", "mistral")
 
 
-def check_gguf_type(name: str) -> str:
+def check_gguf_type(name: str, flag: str = "--gguf-type", mixes: bool = True) -> str:
     from llmq.errors import LlmqError
 
     t = (name or "").upper()
-    if t not in GGUF_TYPES:
-        raise LlmqError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {name!r}")
+    allowed = GGUF_TYPES if mixes else (*BLOCK_TYPES, *FLOAT_TYPES)
+    if t not in allowed:
+        raise LlmqError(f"{flag} must be one of {', '.join(allowed)}, got {name!r}")
     return t
 
 
@@ -57,6 +58,8 @@ class GGUFPlan:
     file_type: str  # one of GGUF_TYPES
     n_layers: int
     has_output: bool = True  # False: tied embeddings, token_embd doubles as the head
+    token_embd_type: str | None = None  # overrides, as llama-quantize's --token-embedding-type
+    output_type: str | None = None  # and --output-tensor-type
 
     @property
     def quantized(self) -> bool:
@@ -69,6 +72,11 @@ class GGUFPlan:
     def preferred(self, gguf_name: str) -> str:
         """The type this tensor gets when its width allows."""
         parts = gguf_name.split(".")
+        if gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not self.has_output):
+            if self.output_type:
+                return self.output_type
+        if gguf_name == "token_embd.weight" and self.token_embd_type:
+            return self.token_embd_type
         if not self.quantized:
             return self.file_type
         if gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not self.has_output):

@@ -173,7 +173,9 @@ def fit_grid(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None =
         weights = weights * importance.float().to(x.device).clamp(min=0).reshape(groups, gs).repeat(out, 1)
     per_super = bt.super_block // gs
     if bt.has_min:
-        a, m = _search_affine(x, weights, spec.maxq)
+        # llama.cpp's search ranges: wider for Q4_K than for Q5_K/Q2_K
+        rmin, nstep = (-1.0, 20) if spec.grid == "q4_k" else (-0.5, 15)
+        a, m = _search_affine(x, weights, spec.maxq, nstep=nstep, rmin=rmin)
         scale = _quantize_sub(a.reshape(-1, per_super), bt.sub_bits, signed=False)
         mins = _quantize_sub(m.reshape(-1, per_super), bt.sub_bits, signed=False)
         return GridParams(scale.reshape(out, groups), torch.zeros(out, groups), (-mins).reshape(out, groups))
@@ -185,11 +187,9 @@ def fit_grid(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None =
 
 def _element_weights(x: torch.Tensor, grid: str, bt: BlockType) -> torch.Tensor:
     """How much each weight's error counts in the range search, as llama.cpp weighs it without
-    an importance matrix: av + |x| (Q4_K/Q5_K; av the super-block's rms), |x| (Q2_K), x^2 (Q3_K/Q6_K)."""
+    an importance matrix: av + |x| (Q4_K/Q5_K; av the group's rms), |x| (Q2_K), x^2 (Q3_K/Q6_K)."""
     if grid in ("q4_k", "q5_k"):
-        per_super = x.reshape(-1, bt.super_block)
-        av = per_super.pow(2).mean(dim=1, keepdim=True).sqrt()
-        return (av + per_super.abs()).reshape(x.shape)
+        return x.pow(2).mean(dim=1, keepdim=True).sqrt() + x.abs()
     if grid == "q2_k":
         return x.abs()
     return x.pow(2)
@@ -204,20 +204,22 @@ def _search_affine(x: torch.Tensor, wt: torch.Tensor, maxq: int, nstep: int = 20
         parts = [_search_affine(xc, wc, maxq, nstep, rmin, rdelta, chunk) for xc, wc in zip(x.split(chunk), wt.split(chunk))]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     lo = x.amin(dim=1).clamp(max=0)
-    rng = x.amax(dim=1) - lo
-    live = rng > 0
-    xs = x - lo[:, None]
+    hi = x.amax(dim=1)
+    live = hi > lo
     sw, sx, sx2 = wt.sum(dim=1), (wt * x).sum(dim=1), (wt * x * x).sum(dim=1)
     # the plain [min, max] grid is the first candidate
-    a_best = torch.where(live, rng / maxq, torch.zeros_like(rng))
+    a_best = torch.where(live, (hi - lo) / maxq, torch.zeros_like(lo))
     b_best = lo.clone()
-    e_best = torch.full_like(rng, float("inf"))
+    e_best = torch.full_like(lo, float("inf"))
     for i in range(-1, nstep + 1):
         if i < 0:
             a, b = a_best, b_best
-            L = torch.round(xs / torch.where(live, a, torch.ones_like(a))[:, None]).clamp_(0, maxq)
+            L = torch.round((x - lo[:, None]) / torch.where(live, a, torch.ones_like(a))[:, None]).clamp_(0, maxq)
         else:
-            L = torch.round(xs * ((rmin + rdelta * i + maxq) / torch.where(live, rng, torch.ones_like(rng)))[:, None]).clamp_(0, maxq)
+            # Each candidate stretches the range from the best offset found so far (as llama.cpp's
+            # loop does: it updates its minimum as it goes, which measurably helps).
+            rng = torch.where(live & (hi > b_best), hi - b_best, torch.ones_like(hi))
+            L = torch.round((x - b_best[:, None]) * ((rmin + rdelta * i + maxq) / rng)[:, None]).clamp_(0, maxq)
         wL = wt * L
         sl, sl2, sxl = wL.sum(dim=1), (wL * L).sum(dim=1), (wL * x).sum(dim=1)
         if i >= 0:

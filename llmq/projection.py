@@ -45,7 +45,7 @@ def parameter_count(model: nn.Module) -> int:
 def project(model: nn.Module, cfg: QuantizeConfig) -> dict[str, Any]:
     """Bytes by category for ``cfg`` applied to ``model`` (on the meta device)."""
     if cfg.format == "gguf":
-        return _project_gguf(model, cfg.gguf_type.upper())
+        return _project_gguf(model, cfg)
     arch = arch_for(model)
     layers = get_module(model, arch.layers)
     float_dtype = _CAST.get(cfg.method, cfg.dtype)
@@ -78,7 +78,7 @@ def project(model: nn.Module, cfg: QuantizeConfig) -> dict[str, Any]:
 
 
 
-def _project_gguf(model: nn.Module, gguf_type: str) -> dict[str, Any]:
+def _project_gguf(model: nn.Module, cfg: QuantizeConfig) -> dict[str, Any]:
     """GGUF tensor bytes, each tensor at the type the GGUF plan gives it (llama.cpp's block sizes)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -88,7 +88,9 @@ def _project_gguf(model: nn.Module, gguf_type: str) -> dict[str, Any]:
     namer = tensor_namer(config)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    plan = GGUFPlan(gguf_type, config["num_hidden_layers"], has_output=not tied)
+    plan = GGUFPlan(cfg.gguf_type.upper(), config["num_hidden_layers"], has_output=not tied,
+                    token_embd_type=(cfg.gguf_token_embedding_type or "").upper() or None,
+                    output_type=(cfg.gguf_output_type or "").upper() or None)
     lin_bytes = other_bytes = qweights = 0
     for name, p in model.named_parameters():
         if tied and head is not None and p is head.weight and p is not emb.weight:

@@ -148,7 +148,7 @@ def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[st
         rec_file = vdir / RECORD
         if rec_file.is_file():
             old = json.loads(rec_file.read_text())
-            if old.get("run_key") == run_key and old.get("recipe") == build_config({**v.recipe, "calibration": calib}, {}).to_dict():
+            if old.get("run_key") == run_key and _same_recipe(old.get("recipe") or {}, build_config({**v.recipe, "calibration": calib}, {}).to_dict()):
                 records.append(old)
                 print(f"[{v.name}] finished earlier: reusing {rec_file}", flush=True)
                 continue
@@ -194,6 +194,15 @@ def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[st
         print(f"[{v.name}] " + "  ".join(f"{k}: ppl {e['ppl']:.4f} KL {e['kld']:.5f}" for k, e in evals.items()), flush=True)
     write_outputs(records, suite, out, model, command)
     return records
+
+
+def _same_recipe(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Recipes equal, where a key the old record lacks (a later-added option) counts as its default:
+    options are added with defaults that keep the earlier behaviour."""
+    from llmq.config import QuantizeConfig
+
+    defaults = QuantizeConfig().to_dict()
+    return all(old.get(k, defaults[k]) == v for k, v in new.items())
 
 
 def _anchor_key(cfg) -> tuple | None:

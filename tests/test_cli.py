@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,9 +151,13 @@ def test_help_lists_working_subcommands():
 def test_gguf_cli_errors(tmp_path):
     from conftest import save_tiny
 
-    src = save_tiny("gpt_neox", tmp_path / "neox")
+    src = save_tiny("opt", tmp_path / "neox")
     p = run("quantize", "--model", str(src), "--format", "gguf", "--gguf-type", "Q4_0", "--out", str(tmp_path / "m.gguf"))
     assert_user_error(p, "GGUF export supports")
+    neox = save_tiny("gpt_neox", tmp_path / "neox2")  # supported, but saved without a tokenizer: refused before calibrating
+    p = run("quantize", "--model", str(neox), "--format", "gguf", "--gguf-type", "Q4_0", "--method", "gptq", "--out", str(tmp_path / "m.gguf"))
+    assert_user_error(p, "cannot describe the tokenizer")
+    shutil.rmtree(neox)
     need(STORIES)
     p = run("quantize", "--model", str(STORIES), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
     assert_user_error(p, "--gguf-type")

@@ -126,6 +126,24 @@ def rotary_row_order(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
+def neox_qkv_order(rows: int, heads: int) -> torch.Tensor:
+    """GPT-NeoX fuses q, k, v per head ([h0: q k v, h1: q k v, ...]); llama.cpp wants [q; k; v]."""
+    return torch.arange(rows).reshape(heads, 3, rows // heads // 3).transpose(0, 1).reshape(-1)
+
+
+def row_order(cfg: dict[str, Any], hf_name: str, rows: int) -> torch.Tensor | None:
+    """How llama.cpp orders the rows of this tensor differently from the HF checkpoint (None: it does not)."""
+    heads = cfg["num_attention_heads"]
+    if cfg["model_type"] in PERMUTE_QK:
+        if ".q_proj." in hf_name:
+            return rotary_row_order(rows, heads)
+        if ".k_proj." in hf_name:
+            return rotary_row_order(rows, cfg.get("num_key_value_heads") or heads)
+    if cfg["model_type"] == "gpt_neox" and ".query_key_value." in hf_name:
+        return neox_qkv_order(rows, heads)
+    return None
+
+
 def _file_type(gguf_type: str) -> int:
     from gguf import LlamaFileType
 
@@ -137,7 +155,10 @@ def _file_type(gguf_type: str) -> int:
 def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
-    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    rope_params = cfg.get("rope_parameters") or {}
+    rope = cfg.get("rope_theta") or rope_params.get("rope_theta") or cfg.get("rotary_emb_base") or 10000.0
+    # Phi-3.5/4-mini and GPT-NeoX rotate only part of each head
+    partial = cfg.get("partial_rotary_factor") or rope_params.get("partial_rotary_factor") or cfg.get("rotary_pct") or 1.0
     w.add_name(name)
     w.add_context_length(cfg.get("max_position_embeddings", 2048))
     w.add_embedding_length(hidden)
@@ -146,14 +167,30 @@ def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
     w.add_head_count(heads)
     w.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
     w.add_rope_freq_base(float(rope))
-    # Phi-3.5/4-mini rotate only part of each head
-    w.add_rope_dimension_count(int(head_dim * cfg.get("partial_rotary_factor", 1.0)))
+    w.add_rope_dimension_count(int(head_dim * partial))
     if head_dim != hidden // heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    if cfg["model_type"] == "gpt_neox":  # LayerNorm, and attention and MLP side by side
+        w.add_layer_norm_eps(float(cfg.get("layer_norm_eps", 1e-5)))
+        w.add_parallel_residual(bool(cfg.get("use_parallel_residual", True)))
+    else:
+        w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(_file_type(gguf_type))
+
+
+def load_vocab(model_dir: Path):
+    """The tokenizer as gguf describes it; a clear error when it cannot (checked before any work)."""
+    from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab
+
+    errors = []
+    for cls in (LlamaHfVocab, SentencePieceVocab, BpeVocab):
+        try:
+            return cls(model_dir)
+        except Exception as e:  # each class refuses tokenizers it does not describe
+            errors.append(f"{cls.__name__}: {e}")
+    raise LlmqError(f"cannot describe the tokenizer of {str(model_dir)!r} in GGUF ({'; '.join(errors)})")
 
 
 # llama.cpp picks its pre-tokenizer (the regex splitting text before BPE) by this name.
@@ -162,18 +199,9 @@ PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2"}
 
 def add_tokenizer(w, model_dir: Path, vocab_size: int, model_type: str = "llama") -> None:
     """tokenizer.ggml.*: SentencePiece-style (llama) or GPT-2-style BPE tables, and special tokens."""
-    from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
+    from gguf.vocab import SpecialVocab
 
-    vocab = None
-    errors = []
-    for cls in (LlamaHfVocab, SentencePieceVocab, BpeVocab):
-        try:
-            vocab = cls(model_dir)
-            break
-        except Exception as e:  # each class refuses tokenizers it does not describe
-            errors.append(f"{cls.__name__}: {e}")
-    if vocab is None:
-        raise LlmqError(f"cannot describe the tokenizer of {str(model_dir)!r} in GGUF ({'; '.join(errors)})")
+    vocab = load_vocab(model_dir)
     tokens, scores, types = [], [], []
     for text, score, ttype in vocab.all_tokens():
         tokens.append(text)
@@ -201,8 +229,6 @@ def write_gguf(model_dir: Path, out_file: Path, gguf_type: str, tensors, name: s
 
     cfg = json.loads((model_dir / "config.json").read_text())
     check_arch(cfg)
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    permute = cfg["model_type"] in PERMUTE_QK
     gguf_name = tensor_namer(cfg)
     tmp = out_file.with_name(f".{out_file.name}.llmq-tmp")
     try:
@@ -213,17 +239,15 @@ def write_gguf(model_dir: Path, out_file: Path, gguf_type: str, tensors, name: s
             gname = gguf_name(hf_name)
             if gname is None:
                 raise LlmqError(f"no GGUF name for tensor {hf_name!r}")
-            heads_here = None
-            if permute:
-                heads_here = heads if ".q_proj." in hf_name else kv if ".k_proj." in hf_name else None
+            order = row_order(cfg, hf_name, payload.shape[0])
             if isinstance(payload, QuantizedTensor):
-                if heads_here:
-                    payload = payload.rows(rotary_row_order(payload.shape[0], heads_here))
+                if order is not None:
+                    payload = payload.rows(order)
                 w.add_tensor(gname, pack_blocks(payload), raw_dtype=ggml_type(payload.spec.grid))  # shape from the byte shape
                 continue
             t = payload.float()
-            if heads_here:
-                t = t[rotary_row_order(t.shape[0], heads_here)]
+            if order is not None:
+                t = t[order]
             if ttype == "BF16":
                 w.add_tensor(gname, gguf_quantize(t.numpy(), gguf.GGMLQuantizationType.BF16), raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:

@@ -44,8 +44,12 @@ class RawFormat(Format):
                                g_idx=tensors["g_idx"].to(torch.int32), spec=QuantSpec(**s), offsets=tensors.get("offsets"))
 
     def quantization_config(self, spec: QuantSpec, extra: dict[str, Any]) -> dict[str, Any]:
-        return {"quant_method": self.quant_method, "bits": spec.bits, "group_size": spec.group_size,
-                "meta": {"quantizer": [f"llmq:{extra.get('version', '')}"], "method": extra.get("method")}}
+        # the recipe's grid, for the record: each linear's own grid is stored beside its codes
+        return {"quant_method": self.quant_method, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
+                "grid": spec.grid, "meta": {"quantizer": [f"llmq:{extra.get('version', '')}"], "method": extra.get("method")}}
 
     def spec_from_config(self, qcfg: dict[str, Any]) -> QuantSpec:
-        return QuantSpec(bits=int(qcfg.get("bits", 4)), group_size=int(qcfg.get("group_size", 128)))
+        grid = qcfg.get("grid", "minmax")
+        if grid != "minmax":
+            return QuantSpec.for_gguf(grid)
+        return QuantSpec(bits=int(qcfg.get("bits", 4)), group_size=int(qcfg.get("group_size", 128)), sym=bool(qcfg.get("sym", True)))
