@@ -406,3 +406,21 @@ def test_llama_cpp_runs_gpt_neox(tmp_path):
         llm.eval(ids)
         got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
         assert (got - want).abs().max().item() < tol * want.abs().max().item(), gtype
+
+
+@pytest.mark.parametrize("gtype,dtype", [("BF16", torch.bfloat16), ("F16", torch.float16)])
+def test_float_types_hold_the_rounded_weights(tmp_path, gtype, dtype):
+    """BF16/F16 files: gguf's reader returns exactly torch's rounding of each matrix; norms stay F32."""
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    need(REF6M)
+    export_gguf(str(REF6M), tmp_path / "m.gguf", gtype)
+    read = _gguf_tensors(tmp_path / "m.gguf")
+    for name, w in load_file(REF6M / "model.safetensors").items():
+        t, values = read[_gguf_name(name)]
+        if w.ndim == 1:
+            assert t.tensor_type.name == "F32" and np.array_equal(values, w.numpy())
+        else:
+            assert t.tensor_type.name == gtype
+            assert np.array_equal(values.reshape(w.shape), _permuted(name, w).to(dtype).float().numpy()), name
