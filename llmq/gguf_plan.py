@@ -24,7 +24,8 @@ K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q
 
 # model_type -> gguf's architecture name.  q/k rows are permuted only for the Llama family, whose
 # llama.cpp graph expects the rotary layout of the original Meta checkpoints.
-GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gpt_neox": "gptneox"}
+GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "phi": "phi2",
+              "gpt_neox": "gptneox"}
 PERMUTE_QK = ("llama", "mistral")
 
 

@@ -389,13 +389,15 @@ def test_token_embedding_and_output_types_can_be_chosen(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_llama_cpp_runs_gpt_neox(tmp_path):
-    """With llama-cpp-python: GPT-NeoX (fused per-head q/k/v reordered for llama.cpp, LayerNorm with
-    biases, parallel residual, partial rotary) computes the HF model's logits in llama.cpp."""
+@pytest.mark.parametrize("family", ["gpt_neox", "phi"])
+def test_llama_cpp_runs_layernorm_families(tmp_path, family):
+    """With llama-cpp-python: GPT-NeoX (fused per-head q/k/v reordered for llama.cpp, parallel residual)
+    and Phi-2 (LayerNorm with biases, partial rotary, biased head) compute the HF model's logits in
+    llama.cpp, which transformers' GGUF loader cannot check for them."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM
 
-    src = _tiny_with_ref_tokenizer("gpt_neox", tmp_path / "src")
+    src = _tiny_with_ref_tokenizer(family, tmp_path / "src")
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     ids = torch.randint(3, 4096, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():

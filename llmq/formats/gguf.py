@@ -6,8 +6,8 @@ Q5_1, Q8_0: 32 values with an fp16 scale and maybe an fp16 minimum) and the K-qu
 Q6_K: 256 values with fp16 super-scales and 4/6/8-bit group scales).  The container, metadata
 keys, tensor names and tokenizer tables come from the `gguf` package.  Llama-family q/k
 weights use the rotary layout of the original checkpoints in llama.cpp, so their rows are
-permuted; Qwen2/Qwen3 and Phi-3 (fused qkv and gate/up, as llama.cpp wants them) are written as
-they are.
+permuted, GPT-NeoX's per-head fused q/k/v rows regrouped; Qwen2/Qwen3, Phi-3 (fused qkv and
+gate/up, as llama.cpp wants them) and Phi-2 are written as they are.
 """
 
 from __future__ import annotations
@@ -171,9 +171,10 @@ def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
     if head_dim != hidden // heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if cfg["model_type"] == "gpt_neox":  # LayerNorm, and attention and MLP side by side
-        w.add_layer_norm_eps(float(cfg.get("layer_norm_eps", 1e-5)))
-        w.add_parallel_residual(bool(cfg.get("use_parallel_residual", True)))
+    if "layer_norm_eps" in cfg:  # LayerNorm families (GPT-NeoX, Phi-2)
+        w.add_layer_norm_eps(float(cfg["layer_norm_eps"]))
+        if cfg["model_type"] == "gpt_neox":  # attention and MLP side by side, or one after the other
+            w.add_parallel_residual(bool(cfg.get("use_parallel_residual", True)))
     else:
         w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(cfg["vocab_size"])
