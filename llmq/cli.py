@@ -238,8 +238,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     size = sum(p.stat().st_size for p in Path(stats.output).glob("*.safetensors"))
     _write_stats(args.stats_json, stats.seconds)
-    print(f"wrote {stats.output} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: "
-          f"{cfg.method} {'' if cfg.method in ('fp16', 'bf16', 'fp32') else f'W{cfg.bits} g{cfg.group_size} ' + ('sym' if cfg.sym else 'asym')}")
+    if cfg.method in ("fp16", "bf16", "fp32"):
+        recipe = ""
+    elif cfg.gguf_type:  # a staging checkpoint on GGUF grids
+        recipe = f"on the {cfg.gguf_type.upper()} grids"
+    else:
+        recipe = f"W{cfg.bits} g{cfg.group_size} " + ("sym" if cfg.sym else "asym")
+    print(f"wrote {stats.output} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: {cfg.method} {recipe}")
     errors = [r["error"] for r in stats.records if "error" in r]
     if errors:
         worst = max(stats.records, key=lambda r: r.get("error", -1))
