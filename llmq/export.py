@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 import llmq
-from llmq.arch import arch_for
 from llmq.checkpoint import OutputDir, copy_sidecars, iter_quantized, quantization_config_of, write_config
 from llmq.config import parse_size
 from llmq.errors import LlmqError
@@ -176,7 +175,7 @@ def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = 
             else:
                 yield key, rtn_quantize(t.float(), QuantSpec.for_gguf(want.lower())), want
 
-    write_gguf(source.dir, out, gguf_type, tensors(), name=Path(src).name)
+    write_gguf(source.dir, config, out, gguf_type, tensors(), name=Path(src).name)
     return notes
 
 

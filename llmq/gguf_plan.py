@@ -73,14 +73,14 @@ class GGUFPlan:
     def preferred(self, gguf_name: str) -> str:
         """The type this tensor gets when its width allows."""
         parts = gguf_name.split(".")
-        if gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not self.has_output):
-            if self.output_type:
-                return self.output_type
+        is_head = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not self.has_output)
+        if is_head and self.output_type:
+            return self.output_type
         if gguf_name == "token_embd.weight" and self.token_embd_type:
             return self.token_embd_type
         if not self.quantized:
             return self.file_type
-        if gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not self.has_output):
+        if is_head:
             return "Q8_0" if self.base == "Q8_0" else "Q6_K"
         if self.file_type in MIXES and parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down"):
             if use_more_bits(int(parts[1]), self.n_layers):
@@ -108,3 +108,16 @@ class GGUFPlan:
         """The grid a method quantizes this tensor on (None: it stays in float)."""
         t, _ = self.tensor_type(gguf_name, shape)
         return QuantSpec.for_gguf(t.lower()) if t.lower() in GGUF_GRIDS else None
+
+
+def linear_grids(config: dict[str, Any], gguf_type: str) -> Callable[[str, tuple[int, ...]], QuantSpec | None]:
+    """For the quantize run of a GGUF file: checkpoint key and shape of a decoder linear -> the grid
+    the method quantizes it on (None: no GGUF type holds it, it stays in float)."""
+    plan = GGUFPlan(gguf_type.upper(), config["num_hidden_layers"])
+    namer = tensor_namer(config)
+
+    def grid(key: str, shape: tuple[int, ...]) -> QuantSpec | None:
+        name = namer(key)
+        return plan.spec(name, shape) if name else None
+
+    return grid

@@ -91,10 +91,6 @@ class QuantSpec:
     def effective_group_size(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
-    def fits(self, in_features: int) -> bool:
-        """Whether rows of this width can be stored on the grid (GGUF blocks never straddle rows)."""
-        return self.block is None or in_features % self.block.unit == 0
-
 
 @dataclass
 class GridParams:
@@ -103,6 +99,15 @@ class GridParams:
     scale: torch.Tensor
     zero: torch.Tensor
     offset: torch.Tensor | None = None
+
+    def per_column(self, in_features: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(scale, zero, offset) of every column (out x in), for rounding whole matrices at once."""
+        gs = spec.effective_group_size(in_features)
+
+        def expand(t: torch.Tensor) -> torch.Tensor:
+            return t.repeat_interleave(gs, dim=1)[:, :in_features]
+
+        return expand(self.scale), expand(self.zero), None if self.offset is None else expand(self.offset)
 
 
 # ---- fitting ------------------------------------------------------------------------
@@ -167,8 +172,8 @@ def fit_grid(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None =
     if bt.super_block == 0:  # Q4_1/Q5_1: [min, max] of the block, d and min in fp16
         lo, hi = x.amin(dim=1), x.amax(dim=1)
         d = ((hi - lo) / spec.maxq).to(torch.float16).float()
-        return GridParams(d.reshape(out, groups), torch.zeros(out, groups), lo.to(torch.float16).float().reshape(out, groups))
-    weights = _element_weights(x, spec.grid, bt)
+        return GridParams(d.reshape(out, groups), torch.zeros(out, groups, device=x.device), lo.to(torch.float16).float().reshape(out, groups))
+    weights = _element_weights(x, spec.grid)
     if importance is not None:
         weights = weights * importance.float().to(x.device).clamp(min=0).reshape(groups, gs).repeat(out, 1)
     per_super = bt.super_block // gs
@@ -178,14 +183,14 @@ def fit_grid(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None =
         a, m = _search_affine(x, weights, spec.maxq, nstep=nstep, rmin=rmin)
         scale = _quantize_sub(a.reshape(-1, per_super), bt.sub_bits, signed=False)
         mins = _quantize_sub(m.reshape(-1, per_super), bt.sub_bits, signed=False)
-        return GridParams(scale.reshape(out, groups), torch.zeros(out, groups), (-mins).reshape(out, groups))
+        return GridParams(scale.reshape(out, groups), torch.zeros(out, groups, device=x.device), (-mins).reshape(out, groups))
     half = 2 ** (spec.bits - 1)
     a = _search_signed(x, weights, half)
     scale = _quantize_sub(a.reshape(-1, per_super), bt.sub_bits, signed=True)
-    return GridParams(scale.reshape(out, groups), torch.full((out, groups), float(half)))
+    return GridParams(scale.reshape(out, groups), torch.full((out, groups), float(half), device=x.device))
 
 
-def _element_weights(x: torch.Tensor, grid: str, bt: BlockType) -> torch.Tensor:
+def _element_weights(x: torch.Tensor, grid: str) -> torch.Tensor:
     """How much each weight's error counts in the range search, as llama.cpp weighs it without
     an importance matrix: av + |x| (Q4_K/Q5_K; av the group's rms), |x| (Q2_K), x^2 (Q3_K/Q6_K)."""
     if grid in ("q4_k", "q5_k"):
@@ -269,21 +274,28 @@ def _search_signed(x: torch.Tensor, wt: torch.Tensor, half: int, nstep: int = 9,
     return a_best
 
 
-def _quantize_sub(v: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """K-quant group values (rows = super-blocks) as fp16 super-scale d times ``bits``-bit integers.
+def _sub_integers(v: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-quant group values (rows = super-blocks) as (fp16 super-scale d, ``bits``-bit integers k).
 
     Unsigned: d = max / (2**bits - 1).  Signed: d = v* / -2**(bits-1) with v* the value of
-    largest magnitude, so it lands on the most negative integer.  Returns d * integer in fp32,
-    which is exactly what llama.cpp computes from the stored d and integer."""
+    largest magnitude, so it lands on the most negative integer.  d is returned as fp32 holding
+    an fp16 value; k is 0 wherever d is."""
     if signed:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        ext = v.gather(1, v.abs().argmax(dim=1, keepdim=True))
-        d = (ext / lo).to(torch.float16).float()
+        d = v.gather(1, v.abs().argmax(dim=1, keepdim=True)) / lo
     else:
         lo, hi = 0, 2**bits - 1
-        d = (v.amax(dim=1, keepdim=True).clamp(min=0) / hi).to(torch.float16).float()
+        d = v.amax(dim=1, keepdim=True).clamp(min=0) / hi
+    d = d.to(torch.float16).float()
     k = torch.clamp(torch.round(v / torch.where(d == 0, torch.ones_like(d), d)), lo, hi)
-    return d * torch.where(d == 0, torch.zeros_like(k), k)
+    return d, torch.where(d == 0, torch.zeros_like(k), k)
+
+
+def _quantize_sub(v: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """K-quant group values rounded to d * integer (see _sub_integers), in fp32: exactly what
+    llama.cpp computes from the stored d and integer."""
+    d, k = _sub_integers(v, bits, signed)
+    return d * k
 
 
 def split_sub(values: torch.Tensor, bt: BlockType, signed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,19 +303,11 @@ def split_sub(values: torch.Tensor, bt: BlockType, signed: bool | None = None) -
 
     ``values``: (super-blocks, groups per super-block).  Raises ValueError if the values are not
     d * integer for one fp16 d (the tensor was not quantized on this grid)."""
-    signed = bt.signed_sub if signed is None else signed
     v = values.float()
-    if signed:
-        lo, hi = -(2 ** (bt.sub_bits - 1)), 2 ** (bt.sub_bits - 1) - 1
-        ext = v.gather(1, v.abs().argmax(dim=1, keepdim=True))
-        d = (ext / lo).to(torch.float16)
-    else:
-        lo, hi = 0, 2**bt.sub_bits - 1
-        d = (v.amax(dim=1, keepdim=True) / hi).to(torch.float16)
-    k = torch.round(v / torch.where(d == 0, torch.ones_like(d), d).float()).clamp(lo, hi)
-    if not torch.equal(d.float() * k, v):
+    d, k = _sub_integers(v, bt.sub_bits, bt.signed_sub if signed is None else signed)
+    if not torch.equal(d * k, v):
         raise ValueError("group scales are not on the K-quant grid (fp16 super-scale x integer)")
-    return d, k.to(torch.int16)
+    return d.to(torch.float16), k.to(torch.int16)
 
 
 def gguf_reference_codes(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

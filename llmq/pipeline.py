@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -140,17 +140,17 @@ def capture_inputs(model: nn.Module, source: ModelSource, arch: Arch, ids: torch
     return LayerInputs(hidden=catcher.hidden, kwargs=kwargs)
 
 
-def _layer_specs(names: list[str], layer: nn.Module, prefix: str, spec: QuantSpec, plan, source: ModelSource) -> dict[str, QuantSpec]:
+def _layer_specs(names: list[str], layer: nn.Module, prefix: str, spec: QuantSpec,
+                 gguf_grid: Callable[[str, tuple[int, ...]], QuantSpec | None] | None,
+                 source: ModelSource) -> dict[str, QuantSpec]:
     """The grid of each linear to quantize: the recipe's, or what the GGUF plan gives it (linears
     whose width no GGUF type holds stay in float)."""
-    if plan is None:
+    if gguf_grid is None:
         return {n: spec for n in names}
-    plan, namer = plan
     specs = {}
     for n in names:
         key = source.checkpoint_key(f"{prefix}.{n}.weight") or f"{prefix}.{n}.weight"
-        gname = namer(key)
-        s = plan.spec(gname, tuple(layer.get_submodule(n).weight.shape)) if gname else None
+        s = gguf_grid(key, tuple(layer.get_submodule(n).weight.shape))
         if s is not None:
             specs[n] = s
     return specs
@@ -199,11 +199,11 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     spec = cfg.spec()
     if fmt is not None:
         fmt.check(spec, cfg.act_order)
-    plan = None
+    gguf_grid = None
     if cfg.gguf_type and method.quantizes:  # the staging run of a GGUF file: types per tensor
-        from llmq.gguf_plan import GGUFPlan, tensor_namer
+        from llmq.gguf_plan import linear_grids
 
-        plan = (GGUFPlan(cfg.gguf_type.upper(), len(layers)), tensor_namer(source.config.to_dict()))
+        gguf_grid = linear_grids(source.config.to_dict(), cfg.gguf_type)
 
     inputs: LayerInputs | None = None
     if method.needs_calibration and calib_ids is None:
@@ -232,7 +232,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             _move_resident(layer, dev)
             stats.peak_resident_layers = max(stats.peak_resident_layers, sum(is_resident(l) for l in layers))
 
-            targets = _layer_specs(_targets(arch, cfg.skip, prefix), layer, prefix, spec, plan, source) if method.quantizes else {}
+            targets = _layer_specs(_targets(arch, cfg.skip, prefix), layer, prefix, spec, gguf_grid, source) if method.quantizes else {}
             layer_log = LayerLog(layer=i)
             done = 0
 

@@ -33,7 +33,7 @@ def main() -> None:
     vocab = AutoModelForCausalLM.from_pretrained(args.model).config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, vocab, (args.length,), generator=g).tolist() for _ in range(args.prompts)]
-    print(f"| type | file MiB | max abs Δlogit / max abs logit | top-1 agreement |\n|---|---|---|---|")
+    print("| type | file MiB | max abs Δlogit / max abs logit | top-1 agreement |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for t in args.types.split(","):
             d = Path(tmp) / t

@@ -280,12 +280,10 @@ def test_other_families_round_trip_through_transformers(tmp_path, family):
         theirs = AutoModelForCausalLM.from_pretrained(d, gguf_file="m.gguf", dtype=torch.float32).eval()
         ours = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         if gtype == "Q4_K":
-            plan = GGUFPlan("Q4_K", 2)
             for name, mod in ours.named_modules():
-                if isinstance(mod, torch.nn.Linear):
-                    gname = "output.weight" if name == "lm_head" else "blk"
-                    t = plan.preferred(gname) if gname == "output.weight" else "Q4_K"
-                    mod.weight.data = rtn_quantize(mod.weight.data, QuantSpec.for_gguf(t.lower())).dequantize()
+                if isinstance(mod, torch.nn.Linear):  # llama-quantize's choice: Q4_K, the head at Q6_K
+                    grid = "q6_k" if name == "lm_head" else "q4_k"
+                    mod.weight.data = rtn_quantize(mod.weight.data, QuantSpec.for_gguf(grid)).dequantize()
             emb = ours.get_input_embeddings()
             emb.weight.data = rtn_quantize(emb.weight.data, QuantSpec.for_gguf("q4_k")).dequantize()
         with torch.no_grad():
@@ -413,7 +411,6 @@ def test_llama_cpp_runs_layernorm_families(tmp_path, family):
 @pytest.mark.parametrize("gtype,dtype", [("BF16", torch.bfloat16), ("F16", torch.float16)])
 def test_float_types_hold_the_rounded_weights(tmp_path, gtype, dtype):
     """BF16/F16 files: gguf's reader returns exactly torch's rounding of each matrix; norms stay F32."""
-    from gguf.quants import dequantize
     from safetensors.torch import load_file
 
     need(REF6M)

@@ -12,7 +12,6 @@ gate/up, as llama.cpp wants them) and Phi-2 are written as they are.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from llmq.errors import LlmqError
-from llmq.gguf_plan import GGUF_ARCHS, PERMUTE_QK, GGUFPlan, tensor_namer
+from llmq.gguf_plan import GGUF_ARCHS, PERMUTE_QK, tensor_namer
 from llmq.grid import split_sub
 from llmq.qtensor import QuantizedTensor
 
@@ -219,17 +218,16 @@ def add_tokenizer(w, model_dir: Path, vocab_size: int, model_type: str = "llama"
     SpecialVocab(model_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(w)
 
 
-def write_gguf(model_dir: Path, out_file: Path, gguf_type: str, tensors, name: str) -> None:
+def write_gguf(model_dir: Path, cfg: dict[str, Any], out_file: Path, gguf_type: str, tensors, name: str) -> None:
     """Write ``tensors``: an iterable of (hf_key, payload, type) where payload is a QuantizedTensor
-    (type: its grid) or a float tensor written as ``type`` (F32, F16 or BF16).
+    (type: its grid) or a float tensor written as ``type`` (F32, F16 or BF16).  ``cfg``: the
+    model's config.json (architecture checked by the caller); ``model_dir`` holds the tokenizer.
 
     Written to a temporary file beside ``out_file`` and renamed when complete.
     """
     import gguf
     from gguf.quants import quantize as gguf_quantize
 
-    cfg = json.loads((model_dir / "config.json").read_text())
-    check_arch(cfg)
     gguf_name = tensor_namer(cfg)
     tmp = out_file.with_name(f".{out_file.name}.llmq-tmp")
     try:

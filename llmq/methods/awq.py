@@ -37,13 +37,9 @@ NO_CLIP = ("q_proj", "k_proj", "query", "key", "qkv_proj", "query_key_value", "W
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Round-to-nearest on the grid, returned in w's dtype (for searching, not storing)."""
-    out, n = w.shape
-    gs, groups = spec.effective_group_size(n), spec.groups(n)
-    p = fit_grid(w, spec)
-    wp = F.pad(w.float(), (0, groups * gs - n)).reshape(out * groups, gs)
-    off = None if p.offset is None else p.offset.reshape(-1, 1)
-    q = quantize(wp, p.scale.reshape(-1, 1), p.zero.reshape(-1, 1), spec.maxq, off)
-    return dequantize(q, p.scale.reshape(-1, 1), p.zero.reshape(-1, 1), off).reshape(out, groups * gs)[:, :n].to(w.dtype)
+    scale, zero, offset = fit_grid(w, spec).per_column(w.shape[1], spec)
+    q = quantize(w.float(), scale, zero, spec.maxq, offset)
+    return dequantize(q, scale, zero, offset).to(w.dtype)
 
 
 # ---- folding scales into the producing op -----------------------------------------

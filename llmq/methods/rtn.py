@@ -12,16 +12,15 @@ from llmq.qtensor import QuantizedTensor
 
 def rtn_quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     out, inp = w.shape
-    gs, groups = spec.effective_group_size(inp), spec.groups(inp)
     p = fit_grid(w, spec)
-    wp = F.pad(w.float(), (0, groups * gs - inp)).reshape(out * groups, gs)
     if spec.block is not None and not spec.block.super_block:
         # legacy GGUF blocks: llama.cpp's own rounding, so RTN files match llama-quantize byte for byte
-        q = gguf_reference_codes(wp, spec)
+        gs, groups = spec.effective_group_size(inp), spec.groups(inp)
+        wp = F.pad(w.float(), (0, groups * gs - inp)).reshape(out * groups, gs)
+        q = gguf_reference_codes(wp, spec).reshape(out, groups * gs)[:, :inp]
     else:
-        off = None if p.offset is None else p.offset.reshape(-1, 1)
-        q = quantize(wp, p.scale.reshape(-1, 1), p.zero.reshape(-1, 1), spec.maxq, off)
-    q = q.reshape(out, groups * gs)[:, :inp]
+        scale, zero, offset = p.per_column(inp, spec)
+        q = quantize(w.float(), scale, zero, spec.maxq, offset)
     return QuantizedTensor.from_float_codes(q, p.scale, p.zero, group_index(inp, spec), spec, p.offset)
 
 
