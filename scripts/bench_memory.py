@@ -41,8 +41,12 @@ print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 """
 
 
-def make_model(path: Path, layers: int, hidden: int, vocab: int) -> int:
-    """Write a random fp32 Llama checkpoint one layer at a time (never all in memory). Returns bytes."""
+def make_model(path: Path, layers: int, hidden: int, vocab: int, tokenizer: bool = False) -> int:
+    """Write a random fp32 Llama checkpoint one layer at a time (never all in memory). Returns bytes.
+
+    ``tokenizer``: also save a word-level tokenizer of ``vocab`` made-up tokens (tools that
+    insist on one get it; the benchmarks feed token ids directly).
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -74,6 +78,13 @@ def make_model(path: Path, layers: int, hidden: int, vocab: int) -> int:
             p + "mlp.gate_proj.weight": rnd(inter, hidden), p + "mlp.up_proj.weight": rnd(inter, hidden),
             p + "mlp.down_proj.weight": rnd(hidden, inter),
             p + "input_layernorm.weight": torch.ones(hidden), p + "post_attention_layernorm.weight": torch.ones(hidden)})
+    if tokenizer:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1").save_pretrained(path)
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return total
 

@@ -52,6 +52,26 @@ def save_tiny(model_type: str, path: Path, seed: int = 0, **kw) -> Path:
     return path
 
 
+def layer_inputs(model, ids, batch_size: int = 2):
+    """(arch, LayerInputs at layer 0) of a model run on ``ids``, as the pipeline captures them."""
+    from llmq.activations import LayerInputs
+    from llmq.arch import arch_for, get_module
+
+    arch = arch_for(model)
+    layer0 = get_module(model, arch.layers)[0]
+    seen = {}
+
+    def grab(_m, args, kwargs):
+        seen.setdefault("h", args[0] if args else kwargs["hidden_states"])
+        seen.setdefault("kw", {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    h = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    h.remove()
+    return arch, LayerInputs(hidden=list(seen["h"].split(1)), kwargs=seen["kw"], batch_size=batch_size)
+
+
 @pytest.fixture
 def stories() -> Path:
     return need(STORIES)

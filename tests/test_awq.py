@@ -7,28 +7,11 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_config
-from llmq.activations import LayerInputs
-from llmq.arch import ARCHS, arch_for, get_module
+from conftest import layer_inputs, tiny_config
+from llmq.arch import ARCHS, get_module
 from llmq.config import build_config
 from llmq.grid import QuantSpec
 from llmq.methods.awq import AWQ, fake_quantize, fold_scales, search_clip
-
-
-def _layer_inputs(model, ids):
-    arch = arch_for(model)
-    layer0 = get_module(model, arch.layers)[0]
-    seen = {}
-
-    def grab(_m, args, kwargs):
-        seen.setdefault("h", args[0] if args else kwargs["hidden_states"])
-        seen.setdefault("kw", {k: v for k, v in kwargs.items() if k != "hidden_states"})
-
-    h = layer0.register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(ids, use_cache=False)
-    h.remove()
-    return arch, LayerInputs(hidden=list(seen["h"].split(1)), kwargs=seen["kw"], batch_size=2)
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt_neox", "phi3", "gemma"]
@@ -46,7 +29,7 @@ def test_fold_preserves_layer_function(family):
             if "norm" in n and p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     ids = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(1))
-    arch, inputs = _layer_inputs(model, ids)
+    arch, inputs = layer_inputs(model, ids)
     assert arch is ARCHS[family]
     layer = get_module(model, arch.layers)[0]
     scaled = copy.deepcopy(layer)

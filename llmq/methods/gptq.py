@@ -13,10 +13,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
+from torch import nn
 
-from llmq.grid import QuantSpec, dequantize, fit_grid, fit_params, group_index, quantize
+from llmq.grid import QuantSpec, fit_grid, fit_params, group_index
 from llmq.methods.base import Method
 from llmq.methods.rtn import rtn_quantize
 from llmq.qtensor import QuantizedTensor
@@ -41,6 +44,37 @@ class Hessian:
         self.count += m
         x = x * math.sqrt(2 / self.count)
         self.H += x.T @ x
+
+
+class InputHessians:
+    """The Hessians of a group of linears, one per distinct input tensor: q/k/v (and gate/up)
+    read the very same activations in the forward, so one x x^T serves all of them."""
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.modules = modules
+        self._own = {n: Hessian(m.in_features) for n, m in modules.items()}
+        self._alias: dict[str, str] = {}
+        # The last input seen and whose Hessian took it; holding the tensor keeps `is` meaningful.
+        self._last: tuple[torch.Tensor, str] | None = None
+
+    def observers(self) -> dict[nn.Module, Callable[[torch.Tensor], None]]:
+        return {m: partial(self._observe, n) for n, m in self.modules.items()}
+
+    def _observe(self, name: str, x: torch.Tensor) -> None:
+        last = self._last
+        if last is not None and x is last[0] and self._alias.get(name, last[1]) == last[1]:
+            self._alias[name] = last[1]
+            return
+        if name in self._alias:
+            raise RuntimeError(f"{name} read its group's shared input in one forward but not in another")
+        self._own[name].add(x)
+        self._last = (x, name)
+
+    def __getitem__(self, name: str) -> Hessian:
+        return self._own[self._alias.get(name, name)]
+
+    def release(self) -> None:
+        self._last = None
 
 
 @dataclass
@@ -112,27 +146,42 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     # comes up; aligning blocks to groups keeps those columns fully updated (as in the naive loop).
     bs = block_size if gs >= n else max(gs, block_size // gs * gs)
 
-    Q = torch.zeros_like(W)
+    # The loop runs over rows of W^T (contiguous): one column of W per step, per-column grid
+    # parameters precomputed, so each step is a handful of vector ops.
+    colg = col_group.tolist()
+    Wt = W.T.contiguous()
+    Qt = torch.zeros_like(Wt)
+    S, Z = scale.T[col_group].contiguous(), zero.T[col_group].contiguous()
+    O = None if offset is None else offset.T[col_group].contiguous()
+    zero_scales = bool((S == 0).any())  # an all-zero GGUF block: w / 0 must give code zero, not NaN
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        diag = U1.diagonal().tolist()
         for i in range(i2 - i1):
             col = i1 + i
-            g = int(col_group[col])
             if not static and col % gs == 0:
-                s, z = fit_params(W1[:, i : i + gs], spec)
-                scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
-            w = W1[:, i]
-            off = None if offset is None else offset[:, g]
-            q = quantize(w, scale[:, g], zero[:, g], spec.maxq, off)
-            Q[:, col] = q
-            err = (w - dequantize(q, scale[:, g], zero[:, g], off)) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+                s, z = fit_params(W1[i : i + gs].T, spec)
+                scale[:, colg[col]], zero[:, colg[col]] = s.to(dtype), z.to(dtype)
+                S[col : col + gs], Z[col : col + gs] = s.to(dtype), z.to(dtype)
+            # grid.quantize / grid.dequantize, inlined with in-place ops (same arithmetic, fewer temporaries)
+            w, s, z = W1[i], S[col], Z[col]
+            q = torch.div(w if O is None else w - O[col], s)
+            if zero_scales:
+                q.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            q = q.round_().add_(z).clamp_(0, spec.maxq)
+            Qt[col] = q
+            dq = s * (q - z)
+            if O is not None:
+                dq += O[col]
+            err = (w - dq).div_(diag[i])
+            W1[i:] -= torch.outer(U1[i, i:], err)
+            Err1[i] = err
+        Wt[i2:] -= U[i1:i2, i2:].T @ Err1
 
+    Q = Qt.T
     inv = torch.argsort(perm)
     Q = Q[:, inv]
     qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, spec), spec,
@@ -155,8 +204,9 @@ class GPTQ(Method):
             if not names:
                 continue
             modules = {n: layer.get_submodule(n) for n in names}
-            hessians = {n: Hessian(m.in_features) for n, m in modules.items()}
-            inputs.run(layer, {modules[n]: hessians[n].add for n in names})
+            hessians = InputHessians(modules)
+            inputs.run(layer, hessians.observers())
+            hessians.release()
             for name in names:
                 linear = modules[name]
                 t0 = time.perf_counter()
@@ -166,5 +216,4 @@ class GPTQ(Method):
                 result[name] = qt
                 log.add(name, error=info.error, damp=info.damp, fallback_rtn=info.fallback_rtn,
                         seconds=round(time.perf_counter() - t0, 4), tokens=hessians[name].count)
-                del hessians[name]
         return result
