@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,13 +31,16 @@ bits, gs = int(bits), int(gs)
 ids = torch.load(ids_path)
 nsamples, seqlen = ids.shape
 act_order = method == "gptq-act"
+# Tensors left unquantized keep the source's dtype, as the other tools keep them: only the method differs.
+from transformers import AutoConfig
+dtype = str(getattr(AutoConfig.from_pretrained(src), "dtype", None) or "float32").removeprefix("torch.")
 t0 = time.perf_counter()
 if tool == "llmq":
     from llmq.config import build_config
     from llmq.pipeline import quantize_model
     from llmq.source import ModelSource
     cfg = build_config({}, {"method": method.split("-")[0], "bits": bits, "group_size": gs, "nsamples": nsamples,
-                            "seqlen": seqlen, "act_order": act_order})
+                            "seqlen": seqlen, "act_order": act_order, "dtype": dtype})
     quantize_model(ModelSource(src), cfg, out, progress=False, calib_ids=ids)
 elif tool == "llmcompressor":
     from datasets import Dataset
@@ -52,8 +56,9 @@ elif tool == "llmcompressor":
             output_dir=out)
 elif tool == "gptqmodel":
     from gptqmodel import GPTQModel, QuantizeConfig
-    model = GPTQModel.load(src, QuantizeConfig(bits=bits, group_size=gs, desc_act=act_order, static_groups=act_order,
-                                               damp_percent=0.01))
+    # act_group_aware (its default reordering) off: plain GPTQ, or act-order with static groups, as above
+    model = GPTQModel.load(src, QuantizeConfig(bits=bits, group_size=gs, sym=True, desc_act=act_order,
+                                               static_groups=act_order, act_group_aware=False, damp_percent=0.01))
     model.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * seqlen} for r in ids])
     model.save(out)
 print(json.dumps({"seconds": time.perf_counter() - t0,
@@ -64,8 +69,11 @@ OTHER_TOOLS = ("llmcompressor", "gptqmodel")
 
 
 def run(tool: str, method: str, src: str, out: Path, ids_path: Path, args) -> dict | None:
+    env = dict(os.environ)
+    if tool == "gptqmodel":  # its default thread pools ask for more CPU workers than a 2-core machine gives
+        env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     p = subprocess.run([sys.executable, "-c", CHILD, tool, method, src, str(out), str(ids_path), str(args.bits),
-                        str(args.group_size)], capture_output=True, text=True)
+                        str(args.group_size)], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         print(f"{tool} {method}: failed\n{p.stderr[-1500:]}", file=sys.stderr)
         return None

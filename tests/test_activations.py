@@ -105,3 +105,20 @@ def test_shared_input_shares_one_hessian():
             ref.add(x)
         assert hs[n].count == ref.count == 6 * 16
         torch.testing.assert_close(hs[n].H, ref.H)
+
+
+def test_a_linear_with_its_own_data_never_becomes_an_alias():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    hs = InputHessians({"a": a, "b": b})
+    obs = hs.observers()
+    g = torch.Generator().manual_seed(0)
+    x1, x2, y = (torch.randn(3, 4, generator=g) for _ in range(3))
+    obs[a](x1)
+    obs[b](x2)  # another tensor: b keeps its own Hessian
+    obs[a](y)
+    obs[b](y)  # now the same tensor as a's, but b already has data of its own
+    ref = Hessian(4)
+    ref.add(x2)
+    ref.add(y)
+    assert hs["b"] is not hs["a"]
+    torch.testing.assert_close(hs["b"].H, ref.H)

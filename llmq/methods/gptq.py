@@ -62,8 +62,8 @@ class InputHessians:
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
         last = self._last
-        if last is not None and x is last[0] and self._alias.get(name, last[1]) == last[1]:
-            self._alias[name] = last[1]
+        shared = last is not None and x is last[0] and self._own[name].count == 0
+        if shared and self._alias.setdefault(name, last[1]) == last[1]:
             return
         if name in self._alias:
             raise RuntimeError(f"{name} read its group's shared input in one forward but not in another")
@@ -163,9 +163,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
         for i in range(i2 - i1):
             col = i1 + i
             if not static and col % gs == 0:
-                s, z = fit_params(W1[i : i + gs].T, spec)
-                scale[:, colg[col]], zero[:, colg[col]] = s.to(dtype), z.to(dtype)
-                S[col : col + gs], Z[col : col + gs] = s.to(dtype), z.to(dtype)
+                gscale, gzero = (t.to(dtype) for t in fit_params(W1[i : i + gs].T, spec))
+                scale[:, colg[col]], zero[:, colg[col]] = gscale, gzero
+                S[col : col + gs], Z[col : col + gs] = gscale, gzero
             # grid.quantize / grid.dequantize, inlined with in-place ops (same arithmetic, fewer temporaries)
             w, s, z = W1[i], S[col], Z[col]
             q = torch.div(w if O is None else w - O[col], s)
