@@ -49,13 +49,12 @@ class LayerInputs:
         observers = dict(observers or {})
         calls: dict[nn.Module, int] = {}
         may_stop = bool(observers) and not keep_outputs
-        key = (type(layer).__name__, *(n for n, m in layer.named_modules() if m in observers))
-        checked = may_stop and self._single_call.get(key, False)
+        key = (type(layer).__name__, *(n for n, m in layer.named_modules() if m in observers)) if may_stop else ()
 
         def pre_hook(mod: nn.Module, args: tuple) -> None:
             observers[mod](args[0])
             calls[mod] = calls.get(mod, 0) + 1
-            if checked and len(calls) == len(observers):
+            if may_stop and len(calls) == len(observers) and self._single_call.get(key, False):
                 raise _Observed
 
         handles = [mod.register_forward_pre_hook(pre_hook) for mod in observers]
@@ -71,7 +70,7 @@ class LayerInputs:
                 if keep_outputs:
                     outputs.extend(y.split(1))
                 if may_stop and key not in self._single_call:
-                    checked = self._single_call[key] = len(calls) == len(observers) and all(n == 1 for n in calls.values())
+                    self._single_call[key] = len(calls) == len(observers) and all(n == 1 for n in calls.values())
         finally:
             for h in handles:
                 h.remove()

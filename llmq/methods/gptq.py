@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from llmq.grid import QuantSpec, fit_grid, fit_params, group_index
+from llmq.grid import QuantSpec, dequantize, fit_grid, fit_params, group_index, quantize
 from llmq.methods.base import Method
 from llmq.methods.rtn import rtn_quantize
 from llmq.qtensor import QuantizedTensor
@@ -146,14 +146,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     # comes up; aligning blocks to groups keeps those columns fully updated (as in the naive loop).
     bs = block_size if gs >= n else max(gs, block_size // gs * gs)
 
-    # The loop runs over rows of W^T (contiguous): one column of W per step, per-column grid
+    # The loop runs over rows of W^T (contiguous): one column of W per step, with per-column grid
     # parameters precomputed, so each step is a handful of vector ops.
     colg = col_group.tolist()
     Wt = W.T.contiguous()
     Qt = torch.zeros_like(Wt)
     S, Z = scale.T[col_group].contiguous(), zero.T[col_group].contiguous()
     O = None if offset is None else offset.T[col_group].contiguous()
-    zero_scales = bool((S == 0).any())  # an all-zero GGUF block: w / 0 must give code zero, not NaN
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
         W1 = Wt[i1:i2].clone()
@@ -166,17 +165,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
                 gscale, gzero = (t.to(dtype) for t in fit_params(W1[i : i + gs].T, spec))
                 scale[:, colg[col]], zero[:, colg[col]] = gscale, gzero
                 S[col : col + gs], Z[col : col + gs] = gscale, gzero
-            # grid.quantize / grid.dequantize, inlined with in-place ops (same arithmetic, fewer temporaries)
-            w, s, z = W1[i], S[col], Z[col]
-            q = torch.div(w if O is None else w - O[col], s)
-            if zero_scales:
-                q.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            q = q.round_().add_(z).clamp_(0, spec.maxq)
+            w, off = W1[i], None if O is None else O[col]
+            q = quantize(w, S[col], Z[col], spec.maxq, off)
             Qt[col] = q
-            dq = s * (q - z)
-            if O is not None:
-                dq += O[col]
-            err = (w - dq).div_(diag[i])
+            err = (w - dequantize(q, S[col], Z[col], off)) / diag[i]
             W1[i:] -= torch.outer(U1[i, i:], err)
             Err1[i] = err
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1
