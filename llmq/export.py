@@ -19,6 +19,7 @@ from llmq.checkpoint import OutputDir, copy_sidecars, iter_quantized, quantizati
 from llmq.config import parse_size
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS, PLAIN, format_for_config
+from llmq.formats.base import natural_g_idx
 from llmq.grid import QuantSpec
 from llmq.provenance import PROVENANCE_FILE, hash_tree, record, sha256_file
 from llmq.safetensors_stream import ShardedWriter
@@ -50,7 +51,9 @@ def export_checkpoint(src: str, target: str, out: str | Path, *, max_shard_size:
         writer = ShardedWriter(tmp, parse_size(max_shard_size))
         out_dtype = torch_dtype(PLAIN_DTYPES[target]) if plain else None
         done: set[str] = set()
+        natural = True
         for mod_name, qt in iter_quantized(model, source, qcfg):
+            natural = natural and natural_g_idx(qt)
             key = source.checkpoint_key(f"{mod_name}.{reader.suffixes[0]}")
             base = key[: -len(reader.suffixes[0])]
             if plain:
@@ -68,7 +71,7 @@ def export_checkpoint(src: str, target: str, out: str | Path, *, max_shard_size:
         writer.finish()
         dtype = PLAIN_DTYPES[target] if plain else _dtype_name(getattr(source.config, "dtype", None))
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in done]
-        new_qcfg = None if plain else fmt.quantization_config(spec, {**_extra_from(qcfg), "ignore": ignore, "version": llmq.__version__})
+        new_qcfg = None if plain else fmt.quantization_config(spec, {**_extra_from(qcfg, natural), "ignore": ignore, "version": llmq.__version__})
         write_config(source.dir, tmp, dtype, new_qcfg)
         copy_sidecars(source.dir, tmp)
         recipe = {"export": {"from": src, "from_format": reader.name, "to": target},
@@ -86,10 +89,13 @@ def _dtype_name(d) -> str:
     return d or "float16"
 
 
-def _extra_from(qcfg: dict) -> dict:
-    return {"act_order": qcfg.get("desc_act", False), "static_groups": qcfg.get("static_groups", False),
+def _extra_from(qcfg: dict, natural: bool) -> dict:
+    """The recipe facts a source checkpoint's config holds; ``natural``: every g_idx read was i // group_size."""
+    meta = qcfg.get("meta") or {}
+    return {"act_order": bool(qcfg.get("desc_act", False) or meta.get("act_order", False)), "natural_g_idx": natural,
+            "static_groups": qcfg.get("static_groups", False),
             "true_sequential": qcfg.get("true_sequential", True), "damp": qcfg.get("damp_percent", 0.01),
-            "method": (qcfg.get("meta") or {}).get("method")}
+            "method": meta.get("method")}
 
 
 def _previous_provenance(d: Path) -> dict | None:

@@ -58,3 +58,17 @@ def test_wikitext_rows_joined_with_blank_lines(stories):
     rows = pd.read_parquet(path)["text"].tolist()
     expected = tok("\n\n".join(rows), return_tensors="pt").input_ids[0]
     assert torch.equal(eval_tokens(tok, str(path)), expected)
+
+
+def test_per_window_nll_matches_plain_forward(stories, tinystories_text):
+    """Per-window NLLs (for paired comparisons) are each window's own summed cross-entropy."""
+    model, source = load_model(str(stories))
+    tokens = eval_tokens(load_tokenizer(source), str(tinystories_text))[: 5 * 128]
+    r = evaluate(model, tokens, 128, reference=model, progress=False, batch_size=2, per_window=True)
+    assert len(r.window_nll) == r.windows == 5 and r.reference_window_nll == r.window_nll
+    with torch.no_grad():
+        for i, got in enumerate(r.window_nll):
+            x = tokens[i * 128 : (i + 1) * 128][None]
+            want = F.cross_entropy(model(input_ids=x).logits[0, :-1].double(), x[0, 1:], reduction="sum").item()
+            assert abs(got - want) < 1e-3 * abs(want)
+    assert "window_nll" not in evaluate(model, tokens, 128, progress=False).to_dict()

@@ -19,7 +19,7 @@ from llmq.formats import FORMATS
 from llmq.grid import QuantSpec
 from llmq.methods.rtn import rtn_quantize
 from llmq.pipeline import quantize_model
-from llmq.provenance import verify
+from llmq.provenance import PROVENANCE_FILE, verify
 from llmq.source import ModelSource
 
 
@@ -196,3 +196,47 @@ def test_nbytes_matches_pack(fmt, shape, bits, gs, sym):
     except LlmqError:
         return
     assert f.nbytes(*shape, spec) == sum(t.numel() * t.element_size() for t in packed.values())
+
+
+def test_act_order_checkpoint_is_a_plain_grouped_one(tmp_path):
+    """Act-order with static groups stores codes in input order with g_idx = i // group_size, so the
+    config must not send runtimes down their reordering path (desc_act); the setting is kept in meta."""
+    from conftest import STORIES, TINYSTORIES
+
+    need(STORIES)
+    need(TINYSTORIES)
+    cfg = build_config({}, {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True, "dataset": str(TINYSTORIES),
+                            "nsamples": 4, "seqlen": 128, "dtype": "float32"})
+    out = quantize_model(ModelSource(str(STORIES)), cfg, tmp_path / "act", progress=False).output
+    for d in (out, export_checkpoint(str(out), "gptq_v2", tmp_path / "again")):
+        q = json.loads((d / "config.json").read_text())["quantization_config"]
+        assert q["desc_act"] is False and q["static_groups"] is True and q["meta"]["act_order"] is True
+        for name, t in _all_tensors(d).items():
+            if name.endswith(".g_idx"):
+                assert torch.equal(t.long(), torch.arange(t.numel()) // 32), name
+
+
+def test_permuted_g_idx_keeps_desc_act(quantized, tmp_path):
+    """A checkpoint whose g_idx really is permuted (true act-order, e.g. from AutoGPTQ) is re-exported
+    with desc_act, and its weights survive the export."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src, _ = quantized
+    d = tmp_path / "perm"
+    shutil.copytree(src, d)
+    name = "model.layers.0.mlp.down_proj.g_idx"
+    for f in d.glob("*.safetensors"):
+        t = load_file(f)
+        if name in t:
+            perm = torch.randperm(t[name].numel(), generator=torch.Generator().manual_seed(0))
+            t[name] = t[name][perm].contiguous()
+            save_file(t, f, metadata={"format": "pt"})
+    (d / PROVENANCE_FILE).unlink()  # its hashes no longer hold
+    model, _ = load_model(str(d))
+    out = export_checkpoint(str(d), "gptq_v2", tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
+    again, _ = load_model(str(out))
+    for k, w in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], w), k

@@ -29,9 +29,16 @@ class EvalResult:
     kld: float | None = None  # mean KL(reference || model) per scored token, nats
     top1: float | None = None  # fraction of scored tokens where both models' argmax agree
     reference_ppl: float | None = None
+    # Summed NLL of each window (model, and reference when given), for paired comparisons of two
+    # models on the same windows; only filled when asked for (``per_window=True``).
+    window_nll: list[float] | None = None
+    reference_window_nll: list[float] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.window_nll is None:
+            del d["window_nll"], d["reference_window_nll"]
+        return d
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -40,7 +47,7 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int, reference: nn.Module | None = None,
-             device: str = "cpu", progress: bool = True, batch_size: int = 1) -> EvalResult:
+             device: str = "cpu", progress: bool = True, batch_size: int = 1, per_window: bool = False) -> EvalResult:
     """``batch_size`` windows go through the model at once (same numbers, better throughput)."""
     tokens = tokens.reshape(-1)
     windows = tokens.numel() // seqlen
@@ -50,21 +57,30 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int, reference: nn.
     nll_sum = ref_nll_sum = kl_sum = 0.0
     agree = 0
     scored = 0
+    window_nll: list[float] = []
+    ref_window_nll: list[float] = []
     with tqdm(total=windows, desc="eval", unit="window", disable=not progress, dynamic_ncols=True) as bar:
         for ids in batches:
             ids = ids.to(device)
             targets = ids[:, 1:, None]
             logp = F.log_softmax(_logits(model, ids), dim=-1)
-            nll_sum += -logp.gather(2, targets).sum().item()
+            nll = -logp.gather(2, targets)[..., 0].sum(1)
+            nll_sum += nll.sum().item()
+            window_nll += nll.tolist()
             scored += targets.numel()
             if reference is not None:
                 ref_logp = F.log_softmax(_logits(reference, ids), dim=-1)
-                ref_nll_sum += -ref_logp.gather(2, targets).sum().item()
+                ref_nll = -ref_logp.gather(2, targets)[..., 0].sum(1)
+                ref_nll_sum += ref_nll.sum().item()
+                ref_window_nll += ref_nll.tolist()
                 kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
                 agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             bar.update(ids.shape[0])
     nll = nll_sum / scored
     result = EvalResult(seqlen=seqlen, windows=windows, tokens_scored=scored, nll=nll, ppl=math.exp(nll))
+    if per_window:
+        result.window_nll = window_nll
+        result.reference_window_nll = ref_window_nll if reference is not None else None
     if reference is not None:
         result.kld = kl_sum / scored
         result.top1 = agree / scored

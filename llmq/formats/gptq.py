@@ -71,18 +71,27 @@ class GPTQFormat(Format):
         )
 
     def quantization_config(self, spec: QuantSpec, extra: dict[str, Any]) -> dict[str, Any]:
+        # With static groups, act-order only changes the order GPTQ visits columns: codes are
+        # stored in input order and g_idx is the plain i // group_size.  desc_act tells runtimes
+        # to reorder (vLLM's Marlin sorts g_idx and permutes activations on every call, and keeps
+        # whole scales per rank under tensor parallelism), so it is set only when g_idx really is
+        # permuted (known from the tensors on export, implied by the recipe otherwise); the
+        # act-order setting itself is kept in ``meta``.
+        act_order = bool(extra.get("act_order", False))
+        static = bool(extra.get("static_groups", False))
+        permuted = not extra.get("natural_g_idx", static or not act_order)
         return {
             "quant_method": "gptq",
             "bits": spec.bits,
             "group_size": spec.group_size,
             "sym": spec.sym,
-            "desc_act": bool(extra.get("act_order", False)),
-            "static_groups": bool(extra.get("static_groups", False)),
+            "desc_act": permuted,
+            "static_groups": static,
             "true_sequential": bool(extra.get("true_sequential", True)),
             "damp_percent": extra.get("damp", 0.01),
             "checkpoint_format": self.version,
             **({"llmq_grid": spec.grid} if spec.grid != "minmax" else {}),  # a GGUF block grid, for the GGUF export
-            "meta": {"quantizer": [f"llmq:{extra.get('version', '')}"], "method": extra.get("method")},
+            "meta": {"quantizer": [f"llmq:{extra.get('version', '')}"], "method": extra.get("method"), "act_order": act_order},
         }
 
     def spec_from_config(self, qcfg: dict[str, Any]) -> QuantSpec:
