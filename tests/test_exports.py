@@ -240,3 +240,27 @@ def test_permuted_g_idx_keeps_desc_act(quantized, tmp_path):
     again, _ = load_model(str(out))
     for k, w in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], w), k
+
+
+def test_gptqmodel_decodes_act_order_checkpoint(tmp_path):
+    """GPTQModel (when installed; not a CI dependency) reads an act-order checkpoint to llmq's weights."""
+    pytest.importorskip("gptqmodel")
+    import os
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its default thread pools fail on small CPUs
+    from gptqmodel import BACKEND, GPTQModel
+
+    from conftest import C4
+
+    need(REF6M)
+    cfg = build_config({}, {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "dataset": str(need(C4)),
+                            "nsamples": 4, "seqlen": 128, "dtype": "float16"})
+    out = quantize_model(ModelSource(str(REF6M)), cfg, tmp_path / "q", progress=False).output
+    ours, _ = load_model(str(out))
+    theirs = GPTQModel.load(str(out), device="cpu", dtype=torch.float16, backend=BACKEND.TORCH).model
+    for name, mod in ours.named_modules():
+        if name.endswith("proj"):
+            eye = torch.eye(mod.in_features, dtype=torch.float16)
+            with torch.no_grad():
+                w = theirs.get_submodule(name)(eye).float().T  # the weight its kernel applies
+            assert torch.equal(w, mod.weight.half().float()), name
