@@ -129,3 +129,37 @@ def test_non_finite_hessian_falls_back_to_rtn():
     q, info = gptq_quantize(w, H, QuantSpec(4, 32, True))
     assert info.fallback_rtn
     assert torch.equal(q.codes, rtn_quantize(w, QuantSpec(4, 32, True)).codes)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits,gs,sym", [(4, 32, False), (3, -1, True), (4, 64, True)])
+def test_stacked_rows_solve_like_separate_matrices(act_order, bits, gs, sym):
+    """The pipeline solves q/k/v (gate/up) stacked: each row must get what its own matrix would."""
+    x = _inputs("correlated", 128, 2048, seed=11)
+    H = _hessian(x, torch.float64)
+    g = torch.Generator().manual_seed(12)
+    ws = [torch.randn(rows, 128, generator=g, dtype=torch.float64) for rows in (48, 16, 16)]
+    spec = QuantSpec(bits, gs, sym)
+    joint, _ = gptq_quantize(torch.cat(ws), H, spec, act_order=act_order)
+    row = 0
+    for w in ws:
+        alone, _ = gptq_quantize(w, H, spec, act_order=act_order)
+        part = joint.rows(torch.arange(row, row + w.shape[0]))
+        row += w.shape[0]
+        assert torch.equal(part.codes, alone.codes) and torch.equal(part.scales, alone.scales)
+        assert torch.equal(part.zeros, alone.zeros) and torch.equal(part.g_idx, alone.g_idx)
+
+
+def test_joint_solves_group_by_hessian_and_grid():
+    from llmq.methods.gptq import InputHessians, _joint_solves
+
+    lin = {n: torch.nn.Linear(8, 4) for n in ("q", "k", "v", "o")}
+    hs = InputHessians(lin)
+    obs = hs.observers()
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    for n in ("q", "k", "v"):
+        obs[lin[n]](x)  # one tensor read by q, k and v
+    obs[lin["o"]](y)
+    a, b = QuantSpec(4, 8, True), QuantSpec(8, 8, True)
+    assert _joint_solves(list(lin), hs, dict.fromkeys(lin, a)) == [["q", "k", "v"], ["o"]]
+    assert _joint_solves(list(lin), hs, {"q": a, "k": a, "v": b, "o": a}) == [["q", "k"], ["v"], ["o"]]

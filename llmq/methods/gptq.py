@@ -199,13 +199,37 @@ class GPTQ(Method):
             hessians = InputHessians(modules)
             inputs.run(layer, hessians.observers())
             hessians.release()
-            for name in names:
-                linear = modules[name]
+            for joint in _joint_solves(names, hessians, targets):
                 t0 = time.perf_counter()
-                qt, info = gptq_quantize(linear.weight.data, hessians[name].H, targets[name], cfg.damp, cfg.block_size,
-                                         cfg.act_order, cfg.static_groups)
-                linear.weight.data = qt.dequantize(linear.weight.dtype).to(linear.weight.device)
-                result[name] = qt
-                log.add(name, error=info.error, damp=info.damp, fallback_rtn=info.fallback_rtn,
-                        seconds=round(time.perf_counter() - t0, 4), tokens=hessians[name].count)
+                H = hessians[joint[0]].H
+                W = torch.cat([modules[n].weight.data for n in joint]) if len(joint) > 1 else modules[joint[0]].weight.data
+                qt, info = gptq_quantize(W, H, targets[joint[0]], cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups)
+                seconds = time.perf_counter() - t0
+                row = 0
+                for name in joint:
+                    linear = modules[name]
+                    out = linear.out_features
+                    q, error = qt, info.error
+                    if len(joint) > 1:
+                        q = qt.rows(torch.arange(row, row + out))
+                        error = relative_error(W[row : row + out].to(H.device), q.dequantize(H.dtype).to(H.device), H)
+                    row += out
+                    linear.weight.data = q.dequantize(linear.weight.dtype).to(linear.weight.device)
+                    result[name] = q
+                    log.add(name, error=error, damp=info.damp, fallback_rtn=info.fallback_rtn,
+                            seconds=round(seconds * out / W.shape[0], 4), tokens=hessians[name].count,
+                            **({"solved_with": [n for n in joint if n != name]} if len(joint) > 1 else {}))
         return result
+
+
+def _joint_solves(names: list[str], hessians: InputHessians, targets: dict[str, QuantSpec]) -> list[list[str]]:
+    """Linears that share a Hessian and a grid, grouped for one solve.
+
+    GPTQ treats every output row alone (same H, same column order, its own error feedback), so
+    stacking q/k/v (or gate/up) into one matrix gives each row exactly what a solve of its own
+    would, with one Cholesky and one column loop instead of several.
+    """
+    groups: dict[tuple[int, QuantSpec], list[str]] = {}
+    for n in names:
+        groups.setdefault((id(hessians[n]), targets[n]), []).append(n)
+    return list(groups.values())
