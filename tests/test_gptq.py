@@ -140,14 +140,18 @@ def test_stacked_rows_solve_like_separate_matrices(act_order, bits, gs, sym):
     g = torch.Generator().manual_seed(12)
     ws = [torch.randn(rows, 128, generator=g, dtype=torch.float64) for rows in (48, 16, 16)]
     spec = QuantSpec(bits, gs, sym)
-    joint, _ = gptq_quantize(torch.cat(ws), H, spec, act_order=act_order)
+    joint, info = gptq_quantize(torch.cat(ws), H, spec, act_order=act_order)
     row = 0
     for w in ws:
-        alone, _ = gptq_quantize(w, H, spec, act_order=act_order)
+        alone, alone_info = gptq_quantize(w, H, spec, act_order=act_order)
         part = joint.rows(torch.arange(row, row + w.shape[0]))
-        row += w.shape[0]
         assert torch.equal(part.codes, alone.codes) and torch.equal(part.scales, alone.scales)
         assert torch.equal(part.zeros, alone.zeros) and torch.equal(part.g_idx, alone.g_idx)
+        # the per-linear error the log reports, against the plain definition tr(dW H dW^T) / tr(W H W^T)
+        d = w - alone.dequantize(torch.float64)
+        want = (torch.trace(d @ H @ d.T) / torch.trace(w @ H @ w.T)).item()
+        assert abs(info.rows_error(row, row + w.shape[0]) - want) < 1e-9 * want
+        row += w.shape[0]
 
 
 def test_joint_solves_group_by_hessian_and_grid():

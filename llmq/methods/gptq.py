@@ -81,7 +81,18 @@ class InputHessians:
 class SolveInfo:
     damp: float  # fraction of mean(diag H) that was finally added
     fallback_rtn: bool
-    error: float  # relative reconstruction error  tr(dW H dW^T) / tr(W H W^T)
+    row_error: torch.Tensor  # per output row: (w - q) H (w - q)^T
+    row_energy: torch.Tensor  # per output row: w H w^T
+
+    @property
+    def error(self) -> float:
+        """Relative reconstruction error tr(dW H dW^T) / tr(W H W^T) of the whole matrix."""
+        return self.rows_error(0, self.row_error.numel())
+
+    def rows_error(self, start: int, stop: int) -> float:
+        """The same for output rows start:stop (one linear of a stacked solve)."""
+        num, den = self.row_error[start:stop].sum(), self.row_energy[start:stop].sum()
+        return float(num / den) if den > 0 else float(num)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
@@ -100,10 +111,15 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None
     return None, frac
 
 
-def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+def error_terms(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row, the layer-wise loss of Q in place of W, (w - q) H (w - q)^T, and w H w^T."""
     d = (W - Q).to(H.dtype)
-    num = torch.sum((d @ H) * d)
-    den = torch.sum((W.to(H.dtype) @ H) * W.to(H.dtype))
+    W = W.to(H.dtype)
+    return ((d @ H) * d).sum(1), ((W @ H) * W).sum(1)
+
+
+def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    num, den = (t.sum() for t in error_terms(W, Q, H))
     return float(num / den) if den > 0 else float(num)
 
 
@@ -140,7 +156,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     if U is None:
         log.warning("Hessian not positive definite even with damp=1.0; falling back to RTN for this module")
         qt = rtn_quantize(W0.cpu(), spec)
-        return qt, SolveInfo(damp=used_damp, fallback_rtn=True, error=relative_error(W0, qt.dequantize(dtype).to(device), H))
+        return qt, SolveInfo(used_damp, True, *error_terms(W0, qt.dequantize(dtype).to(device), H))
 
     # Dynamic groups take their grid from the error-updated weights when their first column
     # comes up; aligning blocks to groups keeps those columns fully updated (as in the naive loop).
@@ -178,7 +194,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     Q = Q[:, inv]
     qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, spec), spec,
                                           None if offset is None else offset.cpu())
-    return qt, SolveInfo(damp=used_damp, fallback_rtn=False, error=relative_error(W0, qt.dequantize(dtype).to(device), H))
+    return qt, SolveInfo(used_damp, False, *error_terms(W0, qt.dequantize(dtype).to(device), H))
 
 
 class GPTQ(Method):
@@ -209,10 +225,8 @@ class GPTQ(Method):
                 for name in joint:
                     linear = modules[name]
                     out = linear.out_features
-                    q, error = qt, info.error
-                    if len(joint) > 1:
-                        q = qt.rows(torch.arange(row, row + out))
-                        error = relative_error(W[row : row + out].to(H.device), q.dequantize(H.dtype).to(H.device), H)
+                    q = qt.rows(torch.arange(row, row + out)) if len(joint) > 1 else qt
+                    error = info.rows_error(row, row + out)
                     row += out
                     linear.weight.data = q.dequantize(linear.weight.dtype).to(linear.weight.device)
                     result[name] = q
