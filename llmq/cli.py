@@ -35,7 +35,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric grid with zero points")
     p.add_argument("--damp", type=float, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--block-size", type=int, help="GPTQ lazy-batch block size (default 128)")
-    p.add_argument("--act-order", action="store_const", const=True, help="GPTQ: quantize columns by decreasing diag(H) (static groups)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--act-order", dest="act_order", action="store_const", const=True,
+                   help="GPTQ: quantize columns by decreasing diag(H), with static groups (default for gptq)")
+    g.add_argument("--no-act-order", dest="act_order", action="store_const", const=False,
+                   help="GPTQ: quantize columns in their natural order")
     p.add_argument("--static-groups", action="store_const", const=True, help="GPTQ: fix group grids from the unquantized weights")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False,
                    help="GPTQ: calibrate all linears of a layer on the unquantized layer's inputs")

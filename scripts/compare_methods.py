@@ -7,8 +7,8 @@ Writes a markdown table and a JSON record (with the command line) to --out.
     python scripts/compare_methods.py --model DIR --eval-dataset FILE --calib-dataset FILE \
         --seqlen 256 --group-size 128 --variants rtn-w4 gptq-w4 gptq-w4-act --out eval/results/NAME
 
-Variant names: METHOD-wBITS[-gSIZE|-pc][-asym][-act][-static][-noclip] or METHOD-q4_0|q5_0|q8_0 (a GGUF file),
-e.g. gptq-w3-act, rtn-w8-pc, awq+gptq-w4-noclip, gptq-q4_0.
+Variant names: METHOD-wBITS[-gSIZE|-pc][-asym][-act|-noact][-static][-noclip] or METHOD-GGUFTYPE[-act|-noact]
+(a GGUF file of that type or mix), e.g. gptq-w3-act, rtn-w8-pc, awq+gptq-w4-noclip, gptq-q4_0, gptq-q4_k_m-noact.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import torch
 
 
 def parse_variant(name: str, default_gs: int) -> dict:
+    from llmq.gguf_plan import GGUF_TYPES
+
     parts = name.split("-")
     opts = {"method": parts[0], "group_size": default_gs, "sym": True}
     for p in parts[1:]:
@@ -42,8 +44,10 @@ def parse_variant(name: str, default_gs: int) -> dict:
             opts["static_groups"] = True
         elif p == "noclip":
             opts["awq_clip"] = False
-        elif p.lower() in ("q4_0", "q5_0", "q8_0"):
-            opts["gguf_type"] = p.upper()  # a GGUF file on that block grid
+        elif p == "noact":
+            opts["act_order"] = False
+        elif p.upper() in GGUF_TYPES:
+            opts["gguf_type"] = p.upper()  # a GGUF file on that block grid (or mix)
         else:
             raise SystemExit(f"cannot read variant {name!r} (part {p!r})")
     return opts
@@ -91,7 +95,7 @@ def main() -> None:
                 model, _ = load_model(str(Path(tmp) / v))
             r = evaluate(model, tokens, args.seqlen, reference=reference, progress=False, batch_size=8)
             errs = [x["error"] for x in stats.records if "error" in x] if stats else []
-            opts.setdefault("bits", {"Q4_0": 4, "Q5_0": 5, "Q8_0": 8}.get(opts.get("gguf_type"), opts.get("bits")))
+            opts.setdefault("bits", cfg.spec().bits)
             rows.append({"variant": v, **opts, "ppl": r.ppl, "kld": r.kld, "top1": r.top1, "fp_ppl": r.reference_ppl,
                          "mean_rel_error": sum(errs) / len(errs) if errs else None, "quantize_seconds": seconds,
                          "windows": r.windows, "tokens_scored": r.tokens_scored})

@@ -41,3 +41,24 @@ def test_parse_size():
     assert parse_size("4GB") == 4 * 10**9 and parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size("100") == 100
     with pytest.raises(LlmqError):
         parse_size("lots")
+
+
+def test_act_order_default_is_per_method_and_overridable():
+    assert build_config({"method": "gptq"}, {}).act_order is True
+    assert build_config({"method": "rtn"}, {}).act_order is False
+    assert build_config({"method": "awq+gptq"}, {}).act_order is False
+    assert build_config({"method": "gptq"}, {"act_order": False}).act_order is False
+    assert build_config(load_recipe(ROOT / "configs" / "gptq-w8.yaml"), {}).act_order is False  # the recipe's own choice
+    assert build_config(load_recipe(ROOT / "configs" / "gptq-w8.yaml"), {"act_order": True}).act_order is True
+
+
+def test_cli_act_order_flags():
+    from llmq.cli import build_parser
+
+    p = build_parser()
+    base = ["quantize", "--model", "m", "--out", "o"]
+    assert p.parse_args(base).act_order is None
+    assert p.parse_args([*base, "--no-act-order"]).act_order is False
+    assert p.parse_args([*base, "--act-order"]).act_order is True
+    with pytest.raises(SystemExit):
+        p.parse_args([*base, "--act-order", "--no-act-order"])

@@ -35,6 +35,7 @@ class Method(ABC):
     needs_calibration: ClassVar[bool] = False
     default_dataset: ClassVar[str] = "wikitext2"  # calibration text when the recipe names none
     default_seqlen: ClassVar[int] = 2048  # calibration window when the recipe names none (capped by the context)
+    act_order_default: ClassVar[bool] = False  # what an unset act_order means for this method
 
     def __init__(self, cfg: QuantizeConfig):
         self.cfg = cfg

@@ -200,6 +200,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
 class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
+    act_order_default = True
     default_dataset = "c4"  # the GPTQ paper calibrates on C4
 
     def quantize_layer(self, layer, arch, targets, inputs, log):
