@@ -42,7 +42,7 @@ def export_checkpoint(src: str, target: str, out: str | Path, *, max_shard_size:
     plain = target in PLAIN
     fmt = None if plain else FORMATS[target]
     if fmt is not None:
-        fmt.check(spec, bool(qcfg.get("desc_act", False)))
+        fmt.check(spec)
     model = source.skeleton(torch.float32)
     prev = _previous_provenance(source.dir)
 

@@ -30,6 +30,7 @@ from llmq.checkpoint import OutputDir, copy_sidecars, write_config
 from llmq.config import QuantizeConfig, parse_size
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
+from llmq.formats.base import natural_g_idx
 from llmq.grid import QuantSpec
 from llmq.methods import METHODS, LayerLog
 from llmq.provenance import PROVENANCE_FILE, hash_tree, record, sha256_file
@@ -198,7 +199,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     cfg.calibration.seqlen = seqlen
     spec = cfg.spec()
     if fmt is not None:
-        fmt.check(spec, cfg.act_order)
+        fmt.check(spec)
     gguf_grid = None
     if cfg.gguf_type and method.quantizes:  # the staging run of a GGUF file: types per tensor
         from llmq.gguf_plan import linear_grids
@@ -225,6 +226,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
         n_targets = len(_targets(arch, cfg.skip, f"{arch.layers}.0")) if method.quantizes else 0
         bar = tqdm(total=len(layers) * max(1, n_targets), desc="quantize", unit="module", disable=not progress, dynamic_ncols=True)
         quantized_names: list[str] = []
+        natural = True  # every packed g_idx is i // group_size (no reordering for runtimes to do)
         for i in range(len(layers)):
             prefix = f"{arch.layers}.{i}"
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)} load")
@@ -252,6 +254,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
                 inputs.advance(layer)
 
             packed = {f"{name}.weight": fmt.pack(qt) for name, qt in qts.items()} if fmt else {}
+            natural = natural and all(natural_g_idx(qt) for qt in qts.values())
             # Tensors keep the source checkpoint's names, so whatever loads the source loads this.
             for name, t in layer.state_dict().items():
                 key = source.checkpoint_key(f"{prefix}.{name}")
@@ -279,7 +282,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             qcfg = fmt.quantization_config(spec, {
                 "act_order": cfg.act_order, "static_groups": cfg.static_groups or cfg.act_order,
                 "true_sequential": cfg.true_sequential, "damp": cfg.damp, "method": cfg.method,
-                "version": llmq.__version__, "ignore": _unquantized_linears(model, source, set(quantized_names)),
+                "natural_g_idx": natural, "version": llmq.__version__, "ignore": _unquantized_linears(model, source, set(quantized_names)),
             })
         write_config(source.dir, tmp, str(out_dtype).removeprefix("torch."), qcfg)
         copy_sidecars(source.dir, tmp)

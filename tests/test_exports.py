@@ -144,7 +144,7 @@ def test_format_matrix_roundtrips_or_refuses(fmt, bits, sym, gs):
     w[:, :128] = w[:, :128].abs()  # all-positive groups: asymmetric zero points of 0 occur
     qt = rtn_quantize(w, spec)
     try:
-        f.check(spec, False)
+        f.check(spec)
         packed = f.pack(qt)
     except LlmqError as e:
         assert str(e).startswith(f"format {fmt!r} cannot represent this")
@@ -191,7 +191,7 @@ def test_nbytes_matches_pack(fmt, shape, bits, gs, sym):
     spec = QuantSpec(bits, gs, sym)
     qt = rtn_quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(0)) + (0 if sym else 0.5), spec)
     try:
-        f.check(spec, False)
+        f.check(spec)
         packed = f.pack(qt)
     except LlmqError:
         return

@@ -66,13 +66,15 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int, reference: nn.
             logp = F.log_softmax(_logits(model, ids), dim=-1)
             nll = -logp.gather(2, targets)[..., 0].sum(1)
             nll_sum += nll.sum().item()
-            window_nll += nll.tolist()
+            if per_window:
+                window_nll += nll.tolist()
             scored += targets.numel()
             if reference is not None:
                 ref_logp = F.log_softmax(_logits(reference, ids), dim=-1)
                 ref_nll = -ref_logp.gather(2, targets)[..., 0].sum(1)
                 ref_nll_sum += ref_nll.sum().item()
-                ref_window_nll += ref_nll.tolist()
+                if per_window:
+                    ref_window_nll += ref_nll.tolist()
                 kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
                 agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             bar.update(ids.shape[0])

@@ -41,7 +41,7 @@ class AWQGemmFormat(Format):
     quant_method = "awq"
     suffixes = ("qweight", "qzeros", "scales")
 
-    def check(self, spec: QuantSpec, act_order: bool) -> None:
+    def check(self, spec: QuantSpec) -> None:
         require_plain_grid(self.name, spec)
         if spec.bits != 4:
             raise refuse("awq", f"AWQ GEMM stores 4-bit codes only, not {spec.bits}-bit")
@@ -49,7 +49,7 @@ class AWQGemmFormat(Format):
             raise refuse("awq", "AWQ GEMM needs a group size (e.g. 128), not per-channel scales")
 
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        self.check(qt.spec, False)
+        self.check(qt.spec)
         out, inp = qt.shape
         gs = qt.spec.group_size
         if out % 8 or inp % gs:

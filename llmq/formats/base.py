@@ -17,7 +17,7 @@ class Format(ABC):
     quant_method: str  # quantization_config.quant_method
     suffixes: tuple[str, ...]  # tensors replacing a linear's "weight"; the first marks a packed linear
 
-    def check(self, spec: QuantSpec, act_order: bool) -> None:
+    def check(self, spec: QuantSpec) -> None:
         """Raise LlmqError, before any work, when this format cannot represent the recipe."""
 
     @abstractmethod

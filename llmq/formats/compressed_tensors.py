@@ -27,7 +27,7 @@ class CompressedTensorsFormat(Format):
     quant_method = "compressed-tensors"
     suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
-    def check(self, spec: QuantSpec, act_order: bool) -> None:
+    def check(self, spec: QuantSpec) -> None:
         require_plain_grid(self.name, spec)
 
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ class GPTQFormat(Format):
         self.version = version
         self.offset = 1 if version == "gptq" else 0
 
-    def check(self, spec: QuantSpec, act_order: bool) -> None:
+    def check(self, spec: QuantSpec) -> None:
         require_plain_grid(self.name, spec)
         if self.version == "gptq" and not spec.sym:
             raise refuse("gptq", "v1 stores zero points minus one, so the zero point 0 of asymmetric grids "
@@ -71,22 +71,19 @@ class GPTQFormat(Format):
         )
 
     def quantization_config(self, spec: QuantSpec, extra: dict[str, Any]) -> dict[str, Any]:
-        # With static groups, act-order only changes the order GPTQ visits columns: codes are
-        # stored in input order and g_idx is the plain i // group_size.  desc_act tells runtimes
-        # to reorder (vLLM's Marlin sorts g_idx and permutes activations on every call, and keeps
-        # whole scales per rank under tensor parallelism), so it is set only when g_idx really is
-        # permuted (known from the tensors on export, implied by the recipe otherwise); the
-        # act-order setting itself is kept in ``meta``.
+        # desc_act tells runtimes to reorder (vLLM's Marlin sorts g_idx and permutes activations on
+        # every call, and keeps whole scales per rank under tensor parallelism), so it is set only
+        # when some packed g_idx is not the plain i // group_size (``natural_g_idx``, from the
+        # tensors).  Act-order with static groups keeps g_idx plain; the recipe's act-order setting
+        # is recorded in ``meta``.
         act_order = bool(extra.get("act_order", False))
-        static = bool(extra.get("static_groups", False))
-        permuted = not extra.get("natural_g_idx", static or not act_order)
         return {
             "quant_method": "gptq",
             "bits": spec.bits,
             "group_size": spec.group_size,
             "sym": spec.sym,
-            "desc_act": permuted,
-            "static_groups": static,
+            "desc_act": not extra.get("natural_g_idx", True),
+            "static_groups": bool(extra.get("static_groups", False)),
             "true_sequential": bool(extra.get("true_sequential", True)),
             "damp_percent": extra.get("damp", 0.01),
             "checkpoint_format": self.version,
