@@ -20,7 +20,7 @@ class _Observed(Exception):
     """Raised inside a forward once every observer has had its input (the rest is not needed)."""
 
 
-def _hidden(out: Any) -> torch.Tensor:
+def layer_hidden(out: Any) -> torch.Tensor:
     """Decoder layers return a tensor (transformers >= 5) or a tuple whose first item is one."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -64,7 +64,7 @@ class LayerInputs:
                 x = torch.cat(self.hidden[i : i + self.batch_size])
                 calls.clear()
                 try:
-                    y = _hidden(layer(x, **self.kwargs))
+                    y = layer_hidden(layer(x, **self.kwargs))
                 except _Observed:
                     continue
                 if keep_outputs:
@@ -75,6 +75,10 @@ class LayerInputs:
             for h in handles:
                 h.remove()
         return outputs if keep_outputs else None
+
+    def first_batch(self) -> torch.Tensor:
+        """The samples of the first forward call, as ``run`` batches them (for quick checks)."""
+        return torch.cat(self.hidden[: self.batch_size])
 
     def advance(self, layer: nn.Module) -> None:
         """Replace the inputs by this layer's outputs: they are the next layer's inputs."""

@@ -42,21 +42,54 @@ class Arch:
         return [name for group in self.sequential for name in group]
 
 
-_LLAMA = Arch(
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_V_TO_O = ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj")
+_UP_TO_DOWN = ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj")  # act(gate) * (up / s): exact
+
+
+def _pre_norm(attn_norm: str = "input_layernorm", mlp_norm: str = "post_attention_layernorm",
+              mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj"), down: str = "mlp.down_proj",
+              up_to_down: bool = True) -> Arch:
+    """The Llama shape: norm -> attention, norm -> MLP, each added to the residual stream.
+
+    ``up_to_down`` only where the MLP's output is linear in up_proj's (a gated product);
+    a scale cannot pass through a plain activation (GELU, ReLU^2, xIELU) on the way to down_proj.
+    """
+    return Arch(
+        layers="model.layers",
+        sequential=(_ATTN, ("self_attn.o_proj",), mlp_in, (down,)),
+        scaling=(
+            ScaleGroup(attn_norm, _ATTN, "self_attn"),
+            _V_TO_O,
+            ScaleGroup(mlp_norm, mlp_in, "mlp"),
+            *((_UP_TO_DOWN,) if up_to_down else ()),
+        ),
+    )
+
+
+_LLAMA = _pre_norm()
+
+# Gemma 2/3 normalise the attention output too (post_attention_layernorm, before the residual add):
+# the MLP's input norm is pre_feedforward_layernorm.
+_GEMMA2 = _pre_norm(mlp_norm="pre_feedforward_layernorm")
+
+# OLMo 2/3 and EXAONE 4 normalise sub-block outputs only: the residual stream itself feeds q/k/v
+# and gate/up, so no norm can absorb their scales.
+_POST_NORM = Arch(
     layers="model.layers",
-    sequential=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    scaling=(
-        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
-        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-    ),
+    sequential=(_ATTN, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    scaling=(_V_TO_O, _UP_TO_DOWN),
 )
+
+# Cohere runs attention and MLP in parallel off one layernorm: no single block sees its output.
+_COHERE = Arch(
+    layers="model.layers",
+    sequential=((*_ATTN, "mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",), ("mlp.down_proj",)),
+    scaling=(_V_TO_O, _UP_TO_DOWN),
+)
+
+# GLM and GLM-4: fused gate_up_proj (its "up" half cannot be scaled alone, so no fold into down_proj).
+_GLM = _pre_norm(mlp_in=("mlp.gate_up_proj",), up_to_down=False)
 
 _OPT = Arch(
     layers="model.decoder.layers",
@@ -108,14 +141,16 @@ _PHI = Arch(
 )
 
 ARCHS: dict[str, Arch] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": _LLAMA,
-    "olmo": _LLAMA,
-    "olmo2": _LLAMA,
+    **dict.fromkeys(["llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "olmo", "granite", "helium",
+                     "smollm3", "seed_oss", "hunyuan_v1_dense", "stablelm"], _LLAMA),
+    **dict.fromkeys(["gemma2", "gemma3_text"], _GEMMA2),
+    **dict.fromkeys(["olmo2", "olmo3", "exaone4"], _POST_NORM),
+    **dict.fromkeys(["cohere", "cohere2"], _COHERE),
+    **dict.fromkeys(["glm", "glm4"], _GLM),
+    # ReLU^2 (Arcee) and xIELU (Apertus) MLPs have no gate: up_proj feeds an activation.
+    "arcee": _pre_norm(mlp_in=("mlp.up_proj",), up_to_down=False),
+    "apertus": _pre_norm("attention_layernorm", "feedforward_layernorm", mlp_in=("mlp.up_proj",), up_to_down=False),
+    "starcoder2": _pre_norm(mlp_in=("mlp.c_fc",), down="mlp.c_proj", up_to_down=False),
     "opt": _OPT,
     "gpt_neox": _NEOX,
     "phi3": _PHI3,

@@ -28,9 +28,9 @@ def tiny_config(model_type: str, layers: int = 2, hidden: int = 64, inter: int =
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                   intermediate_size=inter, max_position_embeddings=256, tie_word_embeddings=False,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"):
+    if model_type not in ("opt", "gpt_neox", "phi"):
         common.update(num_key_value_heads=2)
-    if model_type in ("qwen3", "gemma"):
+    if model_type in ("qwen3", "gemma", "gemma2", "gemma3_text", "helium", "apertus"):
         common.update(head_dim=16)
     if model_type == "opt":
         common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
@@ -59,17 +59,21 @@ def layer_inputs(model, ids, batch_size: int = 2):
 
     arch = arch_for(model)
     layer0 = get_module(model, arch.layers)[0]
-    seen = {}
+    seen: dict = {}
+    hidden = []
 
     def grab(_m, args, kwargs):
-        seen.setdefault("h", args[0] if args else kwargs["hidden_states"])
+        hidden.append(args[0] if args else kwargs["hidden_states"])
         seen.setdefault("kw", {k: v for k, v in kwargs.items() if k != "hidden_states"})
 
+    # One sample per forward, as the pipeline captures: masks and rotary tables then have batch 1 and
+    # broadcast over any batch (an eager attention's mask would not, if captured from a batch of 4).
     h = layer0.register_forward_pre_hook(grab, with_kwargs=True)
     with torch.no_grad():
-        model(ids, use_cache=False)
+        for row in ids:
+            model(row[None], use_cache=False)
     h.remove()
-    return arch, LayerInputs(hidden=list(seen["h"].split(1)), kwargs=seen["kw"], batch_size=batch_size)
+    return arch, LayerInputs(hidden=hidden, kwargs=seen["kw"], batch_size=batch_size)
 
 
 @pytest.fixture

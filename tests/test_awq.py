@@ -11,10 +11,12 @@ from conftest import layer_inputs, tiny_config
 from llmq.arch import ARCHS, get_module
 from llmq.config import build_config
 from llmq.grid import QuantSpec
-from llmq.methods.awq import AWQ, fake_quantize, fold_scales, search_clip
+from llmq.arch import ScaleGroup
+from llmq.methods.awq import AWQ, can_fold, commutes, fake_quantize, fold_scales, search_clip
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt_neox", "phi3", "gemma"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt_neox", "phi3", "gemma", "gemma2", "gemma3_text",
+            "olmo2", "exaone4", "cohere", "granite", "stablelm", "starcoder2", "glm4", "arcee", "apertus"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -32,6 +34,15 @@ def test_fold_preserves_layer_function(family):
     arch, inputs = layer_inputs(model, ids)
     assert arch is ARCHS[family]
     layer = get_module(model, arch.layers)[0]
+    # The table's every foldable group is right for this family (the run-time guard would otherwise
+    # skip it, and the function check below could not tell).
+    x = inputs.first_batch()
+    with torch.no_grad():
+        ref = layer(x, **inputs.kwargs)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    for g in arch.scaling:
+        if can_fold(layer, g):
+            assert commutes(layer, g, x, inputs.kwargs, ref, 1e-3), f"{g.prev} -> {g.linears} does not commute"
     scaled = copy.deepcopy(layer)
     cfg = build_config({}, {"method": "awq", "bits": 3, "group_size": 16, "awq_clip": False})
     notes = AWQ(cfg).scale_and_clip(scaled, arch, {n: cfg.spec() for n in arch.linears()}, inputs)
@@ -44,6 +55,59 @@ def test_fold_preserves_layer_function(family):
             out = scaled(x, **inputs.kwargs)
             ref, out = (ref[0], out[0]) if isinstance(ref, tuple) else (ref, out)
             assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+def _randomised(model_type: str, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(model_type)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n and p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(1))
+    return model, layer_inputs(model, ids)
+
+
+def test_guard_rejects_a_fold_the_wiring_does_not_allow():
+    """Gemma 2 normalises the attention output with post_attention_layernorm: the Llama table's
+    norm -> gate/up group would scale the residual branch, and the guard must say so."""
+    model, (arch, inputs) = _randomised("gemma2")
+    layer = get_module(model, arch.layers)[0]
+    x = inputs.first_batch()
+    with torch.no_grad():
+        ref = layer(x, **inputs.kwargs)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    before = copy.deepcopy(layer.state_dict())
+    wrong = ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")
+    right = ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")
+    assert can_fold(layer, wrong) and not commutes(layer, wrong, x, inputs.kwargs, ref, 1e-3)
+    assert commutes(layer, right, x, inputs.kwargs, ref, 1e-3)
+    after = layer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the trial folds were undone exactly
+
+
+def test_awq_skips_groups_a_config_variant_breaks(caplog):
+    """StableLM with parallel residuals feeds attention and the MLP from input_layernorm (and has no
+    post_attention_layernorm): the family table's groups do not apply; AWQ must keep the function."""
+    model, (arch, inputs) = _randomised("stablelm", use_parallel_residual=True)
+    layer = get_module(model, arch.layers)[0]
+    assert layer.post_attention_layernorm is None
+    scaled = copy.deepcopy(layer)
+    cfg = build_config({}, {"method": "awq", "bits": 3, "group_size": 16, "awq_clip": False})
+    with caplog.at_level("WARNING", logger="llmq.awq"):
+        notes = AWQ(cfg).scale_and_clip(scaled, arch, {n: cfg.spec() for n in arch.linears()}, inputs)
+    assert "input_layernorm" in caplog.text
+    assert "self_attn.q_proj" not in notes and "mlp.down_proj" in notes
+    x = inputs.first_batch()
+    with torch.no_grad():
+        ref, out = layer(x, **inputs.kwargs), scaled(x, **inputs.kwargs)
+    ref, out = (ref[0], out[0]) if isinstance(ref, tuple) else (ref, out)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
 def test_fold_scales_on_linear_pair():

@@ -13,7 +13,9 @@ from llmq.pipeline import quantize_model
 from llmq.source import ModelSource
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt_neox", "phi3", "gemma2",
+                                    "gemma3_text", "olmo2", "exaone4", "cohere", "granite", "stablelm", "starcoder2",
+                                    "glm4", "arcee", "apertus"])
 def test_family_gptq_roundtrip(tmp_path, family):
     from transformers import AutoModelForCausalLM
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import time
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmq.activations import LayerInputs
+from llmq.activations import LayerInputs, layer_hidden
 from llmq.arch import Arch, ScaleGroup
 from llmq.grid import QuantSpec, dequantize, fit_grid, quantize
 from llmq.methods.base import LayerLog, Method
@@ -33,6 +34,8 @@ CLIP_GRID = 20
 CLIP_MIN_RATIO = 0.5
 CLIP_TOKENS = 512  # tokens sampled for the clip search, as in the reference implementation
 NO_CLIP = ("q_proj", "k_proj", "query", "key", "qkv_proj", "query_key_value", "Wqkv")
+
+log = logging.getLogger("llmq.awq")
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -67,11 +70,41 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> N
 
 
 def can_fold(layer: nn.Module, group: ScaleGroup) -> bool:
-    prev = layer.get_submodule(group.prev)
+    try:
+        prev = layer.get_submodule(group.prev)
+    except AttributeError:  # a variant without this norm (e.g. StableLM with parallel residuals)
+        return False
     width = layer.get_submodule(group.linears[0]).in_features
     if isinstance(prev, nn.Linear):
         return prev.out_features == width  # v -> o is skipped under GQA (fewer v channels than o inputs)
     return isinstance(getattr(prev, "weight", None), torch.Tensor) and prev.weight.shape == (width,)
+
+
+def commutes(layer: nn.Module, group: ScaleGroup, x: torch.Tensor, kwargs: dict[str, Any], ref: torch.Tensor,
+             tol: float) -> bool:
+    """Whether folding a scale through ``group`` leaves the layer's function unchanged.
+
+    Tried with a random scale on one batch of calibration samples, then undone bit for bit.  The tables
+    in arch.py describe each family's usual wiring; this catches a variant they do not (say,
+    one norm feeding attention and the MLP in parallel), where a fold would silently change
+    the model.  The error is measured against the layer's own update (output - input), which a
+    wrong fold changes by tens of percent and a right one only by rounding.
+    """
+    prev = layer.get_submodule(group.prev)
+    linears = [layer.get_submodule(n) for n in group.linears]
+    params = [p for m in (prev, *linears) for p in m.parameters(recurse=False)]
+    saved = [p.data.clone() for p in params]
+    gen = torch.Generator().manual_seed(0)
+    s = torch.empty(linears[0].in_features).uniform_(0.5, 2.0, generator=gen).to(x.device)
+    try:
+        fold_scales(prev, linears, s)
+        with torch.no_grad():
+            out = layer_hidden(layer(x, **kwargs))
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d
+    change = (out.float() - ref.float()).norm() / (ref.float() - x.float()).norm().clamp(min=1e-12)
+    return bool(change <= tol)
 
 
 # ---- capture -----------------------------------------------------------------------
@@ -253,6 +286,10 @@ class AWQ(Method):
     default_seqlen = 512
     final = RTN
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._warned: set[ScaleGroup | None] = set()  # each problem is reported once per run, not per layer
+
     def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:
         return rtn_judge()
 
@@ -279,6 +316,21 @@ class AWQ(Method):
         """Search and fold the scales of every foldable group, then clip. Returns per-module notes."""
         wanted = set(targets)
         groups = [g for g in arch.scaling if all(n in wanted for n in g.linears) and can_fold(layer, g)]
+        if groups:
+            x, kwargs = inputs.first_batch(), inputs.kwargs
+            with torch.no_grad():
+                ref = layer_hidden(layer(x, **kwargs))
+            tol = 1e-3 if x.dtype == torch.float32 else 3e-2
+            for g in [g for g in groups if not commutes(layer, g, x, kwargs, ref, tol)]:
+                if g not in self._warned:
+                    self._warned.add(g)
+                    log.warning("AWQ: a scale cannot pass from %s to %s in this model (the layer's output changes); "
+                                "that group is left unscaled", g.prev, ", ".join(g.linears))
+                groups.remove(g)
+        if not groups and not self._warned:
+            self._warned.add(None)
+            log.warning("AWQ: no linear of this layer can take a scale (no foldable group in the architecture "
+                        "table); they are rounded without AWQ's search")
         cap = _capture(layer, groups, inputs)
         notes: dict[str, dict[str, Any]] = {}
         for g in groups:
