@@ -10,8 +10,11 @@ which is always correct, just not sequential.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from llmq.errors import LlmqError
@@ -37,6 +40,7 @@ class Arch:
     layers: str  # dotted path to the nn.ModuleList of decoder layers
     sequential: tuple[tuple[str, ...], ...]  # linear names relative to a layer, grouped by shared input
     scaling: tuple[ScaleGroup, ...] = ()
+    discovered: bool = False  # no table: wiring still to be traced on a real layer (see trace_arch)
 
     def linears(self) -> list[str]:
         return [name for group in self.sequential for name in group]
@@ -193,4 +197,76 @@ def _discover(model: nn.Module) -> Arch:
     if not linears:
         raise LlmqError(f"the decoder layers of model type {model.config.model_type!r} contain no nn.Linear to quantize")
     # One group: every linear sees inputs from the unquantized layer, which is valid for any wiring.
-    return Arch(layers=name, sequential=(linears,))
+    # trace_arch refines it once a layer with real weights and inputs is at hand.
+    return Arch(layers=name, sequential=(linears,), discovered=True)
+
+
+def _first_input(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    if args:
+        return args[0]
+    params = inspect.signature(module.forward).parameters
+    return kwargs.get(next(iter(params))) if params else None
+
+
+@torch.no_grad()
+def trace_arch(arch: Arch, layer: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> Arch:
+    """Describe an untabled family's layer by watching one forward of it.
+
+    Linears handed the very same tensor share an input (a group); groups in the order they first
+    run give the true-sequential order.  A group whose input is the output of a norm (a module
+    with a per-channel weight of that width) becomes an AWQ scaling group, provided some
+    sub-module takes that tensor as its first input and contains the whole group (the block
+    whose output the scale search compares).  Linear -> linear folds (v -> o, up -> down) hold
+    only through ops known to be linear, which a trace cannot tell, so none are proposed.  AWQ
+    still checks every proposed fold numerically before using it (methods/awq.py: commutes).
+    """
+    names = {m: n for n, m in layer.named_modules()}
+    linear_in: dict[str, torch.Tensor] = {}  # first input of each linear, in call order
+    first_in: dict[str, Any] = {}  # first input of every sub-module
+    out_of: list[tuple[str, Any]] = []  # outputs of every sub-module
+
+    def pre(mod, args, kw):
+        n = names[mod]
+        if n and n not in first_in:
+            first_in[n] = _first_input(mod, args, kw)
+            if isinstance(mod, nn.Linear):
+                linear_in[n] = first_in[n]
+
+    def post(mod, _args, out):
+        if names[mod]:
+            out_of.append((names[mod], out))
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in layer.modules()]
+    handles += [m.register_forward_hook(post) for m in layer.modules()]
+    try:
+        layer(x, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    wanted = set(arch.linears())
+    groups: list[list[str]] = []
+    for n, t in linear_in.items():
+        if n not in wanted:
+            continue
+        g = next((g for g in groups if linear_in[g[0]] is t), None)
+        groups.append([n]) if g is None else g.append(n)
+    if not groups:
+        return arch
+    seen = {n for g in groups for n in g}
+    if seen != wanted:  # a linear that never ran: keep the safe one-group description
+        return arch
+
+    scaling = []
+    for g in groups:
+        t = linear_in[g[0]]
+        width = layer.get_submodule(g[0]).in_features
+        prev = next((n for n, o in out_of if o is t and not isinstance(layer.get_submodule(n), nn.Linear)
+                     and isinstance(getattr(layer.get_submodule(n), "weight", None), torch.Tensor)
+                     and layer.get_submodule(n).weight.shape == (width,)), None)
+        # (a lone linear may be its own block, as OPT's fc1 is)
+        blocks = [b for b, i in first_in.items() if i is t and all(n == b or n.startswith(b + ".") for n in g)
+                  and (g == [b] or not isinstance(layer.get_submodule(b), nn.Linear))]
+        if prev is not None and blocks:
+            block = min(blocks, key=len)  # the outermost: the search then judges what the block computes
+            scaling.append(ScaleGroup(prev, tuple(g), block))
+    return Arch(layers=arch.layers, sequential=tuple(tuple(g) for g in groups), scaling=tuple(scaling))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import llmq
 from llmq.activations import LayerInputs
-from llmq.arch import Arch, arch_for, get_module
+from llmq.arch import Arch, arch_for, get_module, trace_arch
 from llmq.checkpoint import OutputDir, copy_sidecars, write_config
 from llmq.config import QuantizeConfig, parse_size
 from llmq.errors import LlmqError
@@ -232,6 +232,12 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)} load")
             layer = source.materialize(model, prefix, compute_dtype)
             _move_resident(layer, dev)
+            if arch.discovered and inputs is not None:
+                # No table for this family: learn its wiring from one forward of the first layer.
+                arch = trace_arch(arch, layer, inputs.first_batch(), inputs.kwargs)
+                log.info("traced the layer wiring of %s: groups %s; AWQ scaling groups %s",
+                         getattr(source.config, "model_type", "?"), [list(g) for g in arch.sequential],
+                         [f"{g.prev} -> {', '.join(g.linears)}" for g in arch.scaling] or "none")
             stats.peak_resident_layers = max(stats.peak_resident_layers, sum(is_resident(l) for l in layers))
 
             targets = _layer_specs(_targets(arch, cfg.skip, prefix), layer, prefix, spec, gguf_grid, source) if method.quantizes else {}
