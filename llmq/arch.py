@@ -144,6 +144,13 @@ _PHI = Arch(
     ),
 )
 
+# GPT-2: fused c_attn, GELU MLP (its Conv1D modules are read as nn.Linear, see source.py).
+_GPT2 = Arch(
+    layers="transformer.h",
+    sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    scaling=(ScaleGroup("ln_1", ("attn.c_attn",), "attn"), ScaleGroup("ln_2", ("mlp.c_fc",), "mlp")),
+)
+
 ARCHS: dict[str, Arch] = {
     **dict.fromkeys(["llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "olmo", "granite", "helium",
                      "smollm3", "seed_oss", "hunyuan_v1_dense", "stablelm"], _LLAMA),
@@ -159,6 +166,7 @@ ARCHS: dict[str, Arch] = {
     "gpt_neox": _NEOX,
     "phi3": _PHI3,
     "phi": _PHI,
+    "gpt2": _GPT2,
 }
 
 

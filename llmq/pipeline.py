@@ -12,6 +12,7 @@ capture and dropped, the rest of the checkpoint is copied tensor by tensor.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import json
 import logging
 import time
@@ -65,11 +66,9 @@ class _Catcher(nn.Module):
         self.kwargs: dict[str, Any] | None = None
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise LlmqError("this architecture passes positional arguments to its decoder layers; not supported")
         self.hidden.append(hidden_states)
         if self.kwargs is None:
-            self.kwargs = kwargs
+            self.kwargs = _by_name(self.layer, hidden_states, args, kwargs) if args else kwargs
         raise _StopForward
 
     def __getattr__(self, name: str):
@@ -77,6 +76,25 @@ class _Catcher(nn.Module):
             return super().__getattr__(name)
         except AttributeError:  # the model may read attributes of its layers (e.g. attention_type)
             return getattr(self._modules["layer"], name)
+
+
+def _by_name(layer: nn.Module, hidden: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments after the hidden states, all as keywords (GPT-2 passes its cache and mask
+    positionally): the layer is later called with a batch of hidden states and these."""
+    params = inspect.signature(layer.forward).parameters
+    try:
+        bound = inspect.signature(layer.forward).bind(hidden, *args, **kwargs)
+    except TypeError:
+        bound = None
+    if bound is None or any(params[k].kind == inspect.Parameter.VAR_POSITIONAL for k in bound.arguments):
+        raise LlmqError("cannot name the positional arguments this architecture passes its decoder layers")
+    named: dict[str, Any] = {}
+    for k, v in list(bound.arguments.items())[1:]:
+        if params[k].kind == inspect.Parameter.VAR_KEYWORD:
+            named.update(v)
+        else:
+            named[k] = v
+    return named
 
 
 def _move_resident(module: nn.Module, device: torch.device) -> None:
@@ -270,7 +288,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
                     for suffix, tensor in packed[name].items():
                         writer.add(key[: -len("weight")] + suffix, tensor)
                 else:
-                    writer.add(key, _cast(t, out_dtype))
+                    writer.add(key, source.stored(f"{prefix}.{name}", _cast(t, out_dtype)))
             quantized_names.extend(f"{prefix}.{n}" for n in qts)
             release(layer)
         bar.close()
@@ -280,7 +298,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
         for name, param in model.named_parameters():
             if name.startswith(layer_prefix) or name in source.tied:
                 continue
-            writer.add(source.checkpoint_key(name) or name, _cast(source.load_tensor(name), out_dtype))
+            writer.add(source.checkpoint_key(name) or name, source.stored(name, _cast(source.load_tensor(name), out_dtype)))
         writer.finish()
 
         qcfg = None

@@ -69,6 +69,7 @@ class ModelSource:
         self.base_prefix = ""  # the model class's base_model_prefix, known once skeleton() ran
         self._key_map: dict[str, str] = {}  # model parameter name -> checkpoint key, known once skeleton() ran
         self.tied: dict[str, str] = {}  # parameter stored under another name (tied embeddings)
+        self.transposed: set[str] = set()  # weights of Conv1D modules, stored (in, out) on disk
 
     # ---- tensors on disk -------------------------------------------------
     def _build_index(self) -> dict[str, Path]:
@@ -123,7 +124,12 @@ class ModelSource:
         if key is None:
             raise LlmqError(f"tensor {name!r} is missing from the checkpoint of {self.name!r}")
         with safe_open(str(self._index[key]), framework="pt") as st:
-            return st.get_tensor(key)
+            t = st.get_tensor(key)
+        return t.T.contiguous() if name in self.transposed else t
+
+    def stored(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A model tensor in the layout the checkpoint keeps it in (the inverse of load_tensor's)."""
+        return tensor.T.contiguous() if name in self.transposed else tensor
 
     # ---- the model skeleton ----------------------------------------------
     def skeleton(self, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -144,6 +150,7 @@ class ModelSource:
         except ValueError as e:
             raise LlmqError(f"{self.name!r} is not a causal language model ({type(self.config).__name__}): {str(e).splitlines()[0]}") from None
         model.eval()
+        self.transposed = _linears_for_conv1d(model)
         self.base_prefix = model.base_model_prefix or ""
         self._key_map = _checkpoint_names(model, list(self._index))
         tied = getattr(model, "_tied_weights_keys", None)
@@ -169,6 +176,27 @@ class ModelSource:
             _set_param(module, name, t)
         return module
 
+
+
+def _linears_for_conv1d(model: nn.Module) -> set[str]:
+    """Replace GPT-2's Conv1D (y = x W + b with W stored in x out) by the equivalent nn.Linear.
+
+    Every method and format then handles one kind of linear; load_tensor transposes these weights
+    as they are read and ``stored`` transposes them back for the float tensors written out (packed
+    ones use the GPTQ layout, which is the same for both: AutoGPTQ and its successors transpose
+    Conv1D weights before quantizing).  Returns the names of the weights concerned.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names = set()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Conv1D):
+            n_in, n_out = mod.weight.shape
+            linear = nn.Linear(n_in, n_out, bias=mod.bias is not None, device="meta", dtype=mod.weight.dtype)
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, leaf, linear)
+            names.add(f"{name}.weight")
+    return names
 
 
 def _checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:

@@ -38,6 +38,9 @@ def tiny_config(model_type: str, layers: int = 2, hidden: int = 64, inter: int =
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if model_type == "gpt_neox":
         common.update(rotary_pct=0.5)
+    if model_type == "gpt2":  # Conv1D linears; its config names the sizes its own way
+        common = dict(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_inner=inter, n_positions=256,
+                      bos_token_id=1, eos_token_id=2)
     return AutoConfig.for_model(model_type, **common)
 
 
