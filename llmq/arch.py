@@ -4,8 +4,9 @@ Each family is a small table: where the decoder layers live, and which linears o
 layer read the same input, in the order the layer computes them.  The order is what
 "true-sequential" quantization follows (q/k/v -> o -> gate/up -> down): each group is
 calibrated on inputs produced by the already-quantized groups before it.
-Unknown families fall back to a discovered layer list with every linear in one group,
-which is always correct, just not sequential.
+Unknown families fall back to a discovered layer list whose groups, order and norm folds are
+traced from one forward of the first layer (trace_arch); where tracing cannot tell, every linear
+stays in one group, which is always correct, just not sequential.
 """
 
 from __future__ import annotations

@@ -327,7 +327,7 @@ class AWQ(Method):
                     log.warning("AWQ: a scale cannot pass from %s to %s in this model (the layer's output changes); "
                                 "that group is left unscaled", g.prev, ", ".join(g.linears))
                 groups.remove(g)
-        if not groups and not self._warned:
+        if not groups and None not in self._warned:
             self._warned.add(None)
             log.warning("AWQ: no linear of this layer can take a scale (no foldable group in the architecture "
                         "table); they are rounded without AWQ's search")
