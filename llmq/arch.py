@@ -11,6 +11,7 @@ stays in one group, which is always correct, just not sequential.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -210,11 +211,13 @@ def _discover(model: nn.Module) -> Arch:
     return Arch(layers=name, sequential=(linears,), discovered=True)
 
 
+def first_param(module: nn.Module) -> str | None:
+    """The name of a module's first forward argument (what a block is handed as a keyword, say)."""
+    return next(iter(inspect.signature(module.forward).parameters), None)
+
+
 def _first_input(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    if args:
-        return args[0]
-    params = inspect.signature(module.forward).parameters
-    return kwargs.get(next(iter(params))) if params else None
+    return args[0] if args else kwargs.get(first_param(module))
 
 
 @torch.no_grad()
@@ -259,11 +262,8 @@ def trace_arch(arch: Arch, layer: nn.Module, x: torch.Tensor, kwargs: dict[str, 
             continue
         g = next((g for g in groups if linear_in[g[0]] is t), None)
         groups.append([n]) if g is None else g.append(n)
-    if not groups:
-        return arch
-    seen = {n for g in groups for n in g}
-    if seen != wanted:  # a linear that never ran: keep the safe one-group description
-        return arch
+    if {n for g in groups for n in g} != wanted:  # a linear that never ran: keep the safe one-group description
+        return dataclasses.replace(arch, discovered=False)  # (traced: not to be traced again)
 
     scaling = []
     for g in groups:

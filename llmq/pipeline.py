@@ -81,9 +81,10 @@ class _Catcher(nn.Module):
 def _by_name(layer: nn.Module, hidden: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The arguments after the hidden states, all as keywords (GPT-2 passes its cache and mask
     positionally): the layer is later called with a batch of hidden states and these."""
-    params = inspect.signature(layer.forward).parameters
+    signature = inspect.signature(layer.forward)
+    params = signature.parameters
     try:
-        bound = inspect.signature(layer.forward).bind(hidden, *args, **kwargs)
+        bound = signature.bind(hidden, *args, **kwargs)
     except TypeError:
         bound = None
     if bound is None or any(params[k].kind == inspect.Parameter.VAR_POSITIONAL for k in bound.arguments):

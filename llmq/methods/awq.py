@@ -13,7 +13,6 @@ clipped weights are finally rounded (RTN) or handed to GPTQ (awq+gptq).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import time
 from typing import Any, Callable
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmq.activations import LayerInputs, layer_hidden
-from llmq.arch import Arch, ScaleGroup
+from llmq.arch import Arch, ScaleGroup, first_param
 from llmq.grid import QuantSpec, dequantize, fit_grid, quantize
 from llmq.methods.base import LayerLog, Method
 from llmq.methods.gptq import GPTQ, Hessian, gptq_quantize
@@ -117,10 +116,6 @@ class _Captured:
         self.block_kwargs: dict[str, dict[str, Any]] = {}
 
 
-def _first_param(module: nn.Module) -> str:
-    return next(iter(inspect.signature(module.forward).parameters))
-
-
 def _capture(layer: nn.Module, groups: list[ScaleGroup], inputs: LayerInputs) -> _Captured:
     cap = _Captured()
     handles = []
@@ -135,7 +130,7 @@ def _capture(layer: nn.Module, groups: list[ScaleGroup], inputs: LayerInputs) ->
                 # The block's input is the group's input, replayed positionally later; keep the rest.
                 rest = dict(kwargs)
                 if not args:
-                    rest.pop(_first_param(module), None)
+                    rest.pop(first_param(module), None)
                 cap.block_kwargs[key] = rest
 
         handles.append(block.register_forward_pre_hook(keep_kwargs, with_kwargs=True))
@@ -288,7 +283,29 @@ class AWQ(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self._warned: set[ScaleGroup | None] = set()  # each problem is reported once per run, not per layer
+        # Whether folding through each scaling group keeps the layer's function: the layers of a model
+        # share their wiring, so the first layer's answer holds for all (and a refusal is said once).
+        self._commutes: dict[ScaleGroup, bool] = {}
+        self._said_nothing_to_fold = False
+
+    def _foldable(self, layer: nn.Module, groups: list[ScaleGroup], inputs: LayerInputs) -> list[ScaleGroup]:
+        unchecked = [g for g in groups if g not in self._commutes]
+        if unchecked:
+            x, kwargs = inputs.first_batch(), inputs.kwargs
+            with torch.no_grad():
+                ref = layer_hidden(layer(x, **kwargs))
+            tol = 1e-3 if x.dtype == torch.float32 else 3e-2
+            for g in unchecked:
+                self._commutes[g] = commutes(layer, g, x, kwargs, ref, tol)
+                if not self._commutes[g]:
+                    log.warning("AWQ: a scale cannot pass from %s to %s in this model (the layer's output changes); "
+                                "that group is left unscaled", g.prev, ", ".join(g.linears))
+        groups = [g for g in groups if self._commutes[g]]
+        if not groups and not self._said_nothing_to_fold:
+            self._said_nothing_to_fold = True
+            log.warning("AWQ: no linear of this layer can take a scale (no foldable group in the architecture "
+                        "table); they are rounded without AWQ's search")
+        return groups
 
     def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:
         return rtn_judge()
@@ -315,22 +332,8 @@ class AWQ(Method):
     def scale_and_clip(self, layer: nn.Module, arch: Arch, targets: dict[str, QuantSpec], inputs: LayerInputs) -> dict[str, dict]:
         """Search and fold the scales of every foldable group, then clip. Returns per-module notes."""
         wanted = set(targets)
-        groups = [g for g in arch.scaling if all(n in wanted for n in g.linears) and can_fold(layer, g)]
-        if groups:
-            x, kwargs = inputs.first_batch(), inputs.kwargs
-            with torch.no_grad():
-                ref = layer_hidden(layer(x, **kwargs))
-            tol = 1e-3 if x.dtype == torch.float32 else 3e-2
-            for g in [g for g in groups if not commutes(layer, g, x, kwargs, ref, tol)]:
-                if g not in self._warned:
-                    self._warned.add(g)
-                    log.warning("AWQ: a scale cannot pass from %s to %s in this model (the layer's output changes); "
-                                "that group is left unscaled", g.prev, ", ".join(g.linears))
-                groups.remove(g)
-        if not groups and None not in self._warned:
-            self._warned.add(None)
-            log.warning("AWQ: no linear of this layer can take a scale (no foldable group in the architecture "
-                        "table); they are rounded without AWQ's search")
+        groups = self._foldable(layer, [g for g in arch.scaling if all(n in wanted for n in g.linears) and can_fold(layer, g)],
+                                inputs)
         cap = _capture(layer, groups, inputs)
         notes: dict[str, dict[str, Any]] = {}
         for g in groups:
