@@ -125,6 +125,36 @@ def iter_quantized(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]):
             yield mod_name, fmt.unpack(tensors, spec, (mod.out_features, mod.in_features))
 
 
+def _gguf_config(p: Path):
+    """transformers' config of a GGUF file, completed with what llama.cpp reads and transformers' GGUF
+    reader skips: the head size (`attention.key_length`, else embedding length / heads; transformers
+    keeps its config class's default, Gemma 256 and Qwen3 128, and other files would not load),
+    Gemma 2/3's attention scale and linear rotary scaling."""
+    import gguf
+    from transformers import AutoConfig
+
+    from llmq.formats.gguf import LLAMA_CPP_27B_LAYERS, llama_cpp_attention_scalar
+
+    config = AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+    fields = gguf.GGUFReader(str(p)).fields  # memory-mapped: only the header is read
+    arch = fields["general.architecture"].contents()
+    value = lambda key: fields[f"{arch}.{key}"].contents() if f"{arch}.{key}" in fields else None  # noqa: E731
+    head_dim = value("attention.key_length")
+    heads = value("attention.head_count")
+    if head_dim is None and isinstance(heads, int) and heads and isinstance(value("embedding_length"), int):
+        head_dim = value("embedding_length") // heads
+    if head_dim and hasattr(config, "head_dim"):
+        config.head_dim = int(head_dim)
+    if hasattr(config, "query_pre_attn_scalar") and arch in LLAMA_CPP_27B_LAYERS:  # neither is it read
+        config.query_pre_attn_scalar = llama_cpp_attention_scalar(arch, config.num_hidden_layers, config.hidden_size,
+                                                                  config.num_attention_heads, config.head_dim)
+    rope = getattr(config, "rope_parameters", None)
+    if value("rope.scaling.type") == "linear" and value("rope.scaling.factor") and isinstance(rope, dict):
+        # nor is linear rotary scaling; Gemma 3 keeps rotary per layer type, and llama.cpp scales the global layers'
+        rope.get("full_attention", rope).update(rope_type="linear", factor=float(value("rope.scaling.factor")))
+    return config
+
+
 def load_for_eval(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """(model, tokenizer, context length) for any checkpoint llmq reads, GGUF files included.
 
@@ -140,7 +170,8 @@ def load_for_eval(name: str, dtype: torch.dtype = torch.float32, trust_remote_co
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+            config = _gguf_config(p)
+            model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, config=config, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         except Exception as e:
             raise LlmqError(f"cannot read GGUF file {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

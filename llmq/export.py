@@ -128,7 +128,7 @@ def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = 
     checkpoint lacks (token embedding, output head) are rounded to nearest, as llama-quantize
     does.  Returns notes for the user (tensors written as another type than planned)."""
     from llmq.formats.gguf import check_arch, write_gguf
-    from llmq.gguf_plan import GGUFPlan, check_gguf_type, tensor_namer
+    from llmq.gguf_plan import GGUFPlan, check_gguf_type, gguf_config, tensor_namer
     from llmq.methods.rtn import rtn_quantize
 
     gguf_type = check_gguf_type(gguf_type)
@@ -139,7 +139,7 @@ def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = 
     out = Path(out)
     _check_file_output(out, overwrite)
     source = ModelSource(src)
-    config = json.loads((source.dir / "config.json").read_text())
+    config = gguf_config(source)
     check_arch(config)
     qcfg = quantization_config_of(source)
     if qcfg is not None:
@@ -193,12 +193,12 @@ def quantize_to_gguf(source: ModelSource, cfg, out: str | Path, *, overwrite: bo
     import tempfile
 
     from llmq.formats.gguf import check_arch, load_vocab
-    from llmq.gguf_plan import FLOAT_TYPES
+    from llmq.gguf_plan import FLOAT_TYPES, gguf_config
     from llmq.pipeline import quantize_model
 
     out = Path(out)
     _check_file_output(out, overwrite)
-    check_arch(json.loads((source.dir / "config.json").read_text()))
+    check_arch(gguf_config(source))
     load_vocab(source.dir)  # a tokenizer GGUF cannot hold fails now, not after the calibration
     types = {"token_embedding_type": cfg.gguf_token_embedding_type, "output_type": cfg.gguf_output_type}
     if cfg.gguf_type.upper() in FLOAT_TYPES:

@@ -25,8 +25,20 @@ K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q
 # model_type -> gguf's architecture name.  q/k rows are permuted only for the Llama family, whose
 # llama.cpp graph expects the rotary layout of the original Meta checkpoints.
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "phi": "phi2",
-              "gpt_neox": "gptneox"}
+              "gpt_neox": "gptneox", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 PERMUTE_QK = ("llama", "mistral")
+# Gemma's RMSNorms scale by (1 + w); llama.cpp's graph multiplies by the stored weight, so norms are written as 1 + w.
+NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3_text")
+
+
+def gguf_config(source) -> dict[str, Any]:
+    """A model's config.json as transformers reads it: legacy spellings (rope_theta, rope_scaling,
+    Gemma 3's rope_local_base_freq and sliding_window_pattern) arrive as today's rope_parameters
+    and layer_types, whichever transformers version wrote the file."""
+    import json
+
+    raw = json.loads((source.dir / "config.json").read_text())
+    return {**raw, **source.config.to_dict()}
 
 
 def check_gguf_type(name: str, flag: str = "--gguf-type", mixes: bool = True) -> str:

@@ -423,3 +423,130 @@ def test_float_types_hold_the_rounded_weights(tmp_path, gtype, dtype):
         else:
             assert t.tensor_type.name == gtype
             assert np.array_equal(values.reshape(w.shape), _permuted(name, w).to(dtype).float().numpy()), name
+
+
+def _tiny_gemma(family: str, path, *, hidden: int = 256, layers: int = 2, **config):
+    """A random Gemma-family model (tied head, rows that are multiples of 256) with llmq-ref-6m's tokenizer.
+    Its norm weights are drawn around 0, not left at 0, so a file that forgot Gemma's (1 + w) computes
+    another model; ``config`` overrides config fields."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    need(REF6M)
+    cfg = tiny_config(family, layers=layers, hidden=hidden, inter=512, vocab=4096)
+    cfg.tie_word_embeddings = True
+    cfg.head_dim = hidden // 4
+    if family != "gemma":
+        cfg.query_pre_attn_scalar = cfg.head_dim
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REF6M / f, path / f)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_round_trips_through_transformers(tmp_path, family):
+    """Gemma 2/3 (norms stored as 1 + w, tied head): an F32 file reads back through transformers' GGUF
+    loader as exactly the source model, and an AWQ Q4_0 file (AWQ rescales the norms too) as llmq's
+    dequantized AWQ checkpoint.  transformers' reader assumes head_dim 256, hence hidden 1024."""
+    from transformers import AutoModelForCausalLM
+
+    src = _tiny_gemma(family, tmp_path / "src", hidden=1024)
+    ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    export_gguf(str(src), tmp_path / "f32.gguf", "F32")
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="f32.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = fp(ids).logits, theirs(ids).logits
+    assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())
+
+    cfg = build_config({}, {"method": "awq", "format": "raw", "gguf_type": "Q4_0", "dataset": str(need(C4)),
+                            "nsamples": 4, "seqlen": 64, "dtype": "float32"})
+    quantize_model(ModelSource(str(src)), cfg, tmp_path / "stage", progress=False)
+    export_gguf(str(tmp_path / "stage"), tmp_path / "q4.gguf", "Q4_0")
+    ours, _ = load_model(str(tmp_path / "stage"))
+    emb = ours.get_input_embeddings()  # tied: the head's type, Q6_K
+    emb.weight.data = rtn_quantize(emb.weight.data, QuantSpec.for_gguf("q6_k")).dequantize()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q4.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        b, q = theirs(ids).logits, ours(ids).logits
+    assert torch.allclose(q, b, atol=1e-4 * q.abs().max().item())
+    assert not torch.allclose(a, q, atol=1e-2 * a.abs().max().item())  # the AWQ file is another model
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
+def test_llama_cpp_runs_gemma_families(tmp_path, family):
+    """With llama-cpp-python: Gemma files compute the HF model's logits in llama.cpp, sliding-window
+    layers included (window 16 < 40 tokens); Gemma 3 with 6 layers, so one attends globally with its
+    own linearly scaled rotary base."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    extra = {"gemma": {}, "gemma2": {"sliding_window": 16}, "gemma3_text": GEMMA3_SCALED}[family]
+    src = _tiny_gemma(family, tmp_path / "src", layers=6 if family == "gemma3_text" else 2, **extra)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(3, 4096, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    export_gguf(str(src), tmp_path / "m.gguf", "F32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    assert (got - want).abs().max().item() < 3e-3 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("family,config,match", [
+    ("gemma2", {"query_pre_attn_scalar": 48}, "query_pre_attn_scalar"),
+    ("gemma", {"tie_word_embeddings": False}, "not tied"),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 5e4}}}, "base 10000"),
+    ("gemma3_text", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+])
+def test_gemma_llama_cpp_cannot_compute_is_refused(tmp_path, family, config, match):
+    """Config variants llama.cpp's Gemma graphs hard-code differently are refused before any work."""
+    src = _tiny_gemma(family, tmp_path / "src", **config)
+    cfg = build_config({}, {"method": "rtn", "format": "gguf", "gguf_type": "Q4_0"})
+    with pytest.raises(LlmqError, match=match):
+        quantize_to_gguf(ModelSource(str(src)), cfg, tmp_path / "x.gguf", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+GEMMA3_SCALED = {"sliding_window": 16, "rope_parameters": {
+    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_eval_loader_reads_what_transformers_gguf_config_skips(tmp_path, family):
+    """`llmq eval --model x.gguf` completes transformers' GGUF config with what llama.cpp reads: a head_dim
+    other than the config class's default (64 here; Qwen3's is 128, Gemma's 256), Gemma 3's attention
+    scale (query_pre_attn_scalar 64, default 256) and linear rotary scaling (6 layers, one global).
+    An F32 file then computes the source model."""
+    from transformers import AutoModelForCausalLM
+
+    from llmq.checkpoint import load_for_eval
+
+    if family == "gemma3_text":
+        src = _tiny_gemma(family, tmp_path / "src", layers=6, **GEMMA3_SCALED)
+    else:
+        src = _tiny_with_ref_tokenizer(family, tmp_path / "src")
+        cfg = AutoModelForCausalLM.from_pretrained(src).config
+        cfg.head_dim = 64
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    export_gguf(str(src), tmp_path / "m.gguf", "F32")
+    theirs, _, _ = load_for_eval(str(tmp_path / "m.gguf"))
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fp(ids).logits, theirs(ids).logits
+    assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())

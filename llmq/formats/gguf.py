@@ -7,7 +7,8 @@ Q6_K: 256 values with fp16 super-scales and 4/6/8-bit group scales).  The contai
 keys, tensor names and tokenizer tables come from the `gguf` package.  Llama-family q/k
 weights use the rotary layout of the original checkpoints in llama.cpp, so their rows are
 permuted, GPT-NeoX's per-head fused q/k/v rows regrouped; Qwen2/Qwen3, Phi-3 (fused qkv and
-gate/up, as llama.cpp wants them) and Phi-2 are written as they are.
+gate/up, as llama.cpp wants them) and Phi-2 are written as they are; Gemma's norms are stored
+as 1 + w.
 """
 
 from __future__ import annotations
@@ -20,16 +21,54 @@ import numpy as np
 import torch
 
 from llmq.errors import LlmqError
-from llmq.gguf_plan import GGUF_ARCHS, PERMUTE_QK, tensor_namer
+from llmq.gguf_plan import GGUF_ARCHS, NORM_PLUS_ONE, PERMUTE_QK, tensor_namer
 from llmq.grid import split_sub
 from llmq.qtensor import QuantizedTensor
 
 LINEAR_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 def check_arch(config: dict[str, Any]) -> None:
+    """Refuse, before any work, a model llama.cpp's graph for its architecture would compute differently."""
     mt = config.get("model_type")
     if mt not in GGUF_ARCHS:
         raise LlmqError(f"GGUF export supports {', '.join(GGUF_ARCHS)} models, not {mt!r}")
+    if mt in ("gemma", "gemma2") and not config.get("tie_word_embeddings", True):
+        raise LlmqError(f"llama.cpp's {mt} graph has no output head of its own; this model's lm_head is not tied")
+    if mt in GEMMA_SWA:
+        _check_gemma(config)
+
+
+# llama.cpp hard-codes what Gemma 2/3 configs spell out: every n-th layer attends globally, the others
+# in a sliding window; the 27B sizes (told apart by layer count) scale attention by hidden/heads.
+GEMMA_SWA = {"gemma2": 2, "gemma3_text": 6}
+LLAMA_CPP_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # by GGUF architecture
+
+
+def llama_cpp_attention_scalar(gguf_arch: str, n_layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """What llama.cpp's Gemma 2/3 graphs divide q by the square root of (HF: query_pre_attn_scalar)."""
+    return hidden // heads if n_layers == LLAMA_CPP_27B_LAYERS.get(gguf_arch) else head_dim
+
+
+def _check_gemma(cfg: dict[str, Any]) -> None:
+    mt, n = cfg["model_type"], cfg["num_hidden_layers"]
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    theirs = llama_cpp_attention_scalar(GGUF_ARCHS[mt], n, hidden, heads, cfg.get("head_dim") or hidden // heads)
+    if cfg.get("query_pre_attn_scalar", theirs) != theirs:
+        raise LlmqError(f"llama.cpp scales this {mt} model's attention by 1/sqrt({theirs}), but its query_pre_attn_scalar "
+                        f"is {cfg['query_pre_attn_scalar']}; GGUF would compute another model")
+    period = GEMMA_SWA[mt]
+    want = ["full_attention" if i % period == period - 1 else "sliding_attention" for i in range(n)]
+    if cfg.get("layer_types") not in (None, want):
+        raise LlmqError(f"llama.cpp's {mt} graph puts a global-attention layer every {period} layers; "
+                        f"this model's layer_types differ")
+    rope = cfg.get("rope_parameters") or {}
+    local = rope.get("sliding_attention", {})
+    if mt == "gemma3_text" and (local.get("rope_type", "default") != "default" or local.get("rope_theta", 10000.0) != 10000.0):
+        raise LlmqError("llama.cpp's gemma3 graph uses plain rotary with base 10000 in its sliding-window layers; "
+                        f"this model has {local}")
+    full = rope.get("full_attention", rope)
+    if full.get("rope_type", "default") not in ("default", "linear"):
+        raise LlmqError(f"GGUF export of {mt} supports default or linear rotary scaling, not {full.get('rope_type')!r}")
 
 
 def _f16_bytes(x: torch.Tensor) -> np.ndarray:
@@ -155,7 +194,8 @@ def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
     rope_params = cfg.get("rope_parameters") or {}
-    rope = cfg.get("rope_theta") or rope_params.get("rope_theta") or cfg.get("rotary_emb_base") or 10000.0
+    rope_params = rope_params.get("full_attention", rope_params)  # per layer type (Gemma 3): the global layers'
+    rope = rope_params.get("rope_theta") or cfg.get("rope_theta") or cfg.get("rotary_emb_base") or 10000.0
     # Phi-3.5/4-mini and GPT-NeoX rotate only part of each head
     partial = cfg.get("partial_rotary_factor") or rope_params.get("partial_rotary_factor") or cfg.get("rotary_pct") or 1.0
     w.add_name(name)
@@ -167,15 +207,25 @@ def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
     w.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
     w.add_rope_freq_base(float(rope))
     w.add_rope_dimension_count(int(head_dim * partial))
-    if head_dim != hidden // heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    w.add_key_length(head_dim)  # always: llama.cpp's default (hidden / heads) is not every family's
+    w.add_value_length(head_dim)
     if "layer_norm_eps" in cfg:  # LayerNorm families (GPT-NeoX, Phi-2)
         w.add_layer_norm_eps(float(cfg["layer_norm_eps"]))
         if cfg["model_type"] == "gpt_neox":  # attention and MLP side by side, or one after the other
             w.add_parallel_residual(bool(cfg.get("use_parallel_residual", True)))
     else:
         w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    if cfg["model_type"] in GEMMA_SWA:
+        w.add_sliding_window(int(cfg.get("sliding_window") or cfg.get("max_position_embeddings", 2048)))
+        if rope_params.get("rope_type") == "linear":
+            from gguf import RopeScalingType
+
+            w.add_rope_scaling_type(RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rope_params["factor"]))
+        for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", w.add_final_logit_softcapping)):
+            if cfg.get(key):
+                add(float(cfg[key]))
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(_file_type(gguf_type))
 
@@ -247,6 +297,8 @@ def write_gguf(model_dir: Path, cfg: dict[str, Any], out_file: Path, gguf_type: 
             t = payload.float()
             if order is not None:
                 t = t[order]
+            if cfg["model_type"] in NORM_PLUS_ONE and gname.endswith("norm.weight"):
+                t = t + 1
             if ttype == "BF16":
                 w.add_tensor(gname, gguf_quantize(t.numpy(), gguf.GGMLQuantizationType.BF16), raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
