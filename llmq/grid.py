@@ -282,11 +282,16 @@ def _sub_integers(v: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tenso
     an fp16 value; k is 0 wherever d is."""
     if signed:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        d = v.gather(1, v.abs().argmax(dim=1, keepdim=True)) / lo
+        end, top = lo, v.gather(1, v.abs().argmax(dim=1, keepdim=True))
     else:
         lo, hi = 0, 2**bits - 1
-        d = v.amax(dim=1, keepdim=True).clamp(min=0) / hi
-    d = d.to(torch.float16).float()
+        end, top = hi, v.amax(dim=1, keepdim=True).clamp(min=0)
+    d = (top / end).to(torch.float16)
+    # Among fp16 subnormals (super-blocks of tiny weights) rounding d to nearest can move the largest
+    # value off the end of the integer range; d is then one fp16 step nearer 0, so the packer, which
+    # reads d back from that value, finds the same d.
+    off = (d != 0) & (torch.round(top / d.float()) != end)
+    d = torch.where(off, torch.nextafter(d, torch.zeros_like(d)), d).float()
     k = torch.clamp(torch.round(v / torch.where(d == 0, torch.ones_like(d), d)), lo, hi)
     return d, torch.where(d == 0, torch.zeros_like(k), k)
 

@@ -79,6 +79,20 @@ def test_every_type_dequantizes_to_llmq_values(gtype, method):
     assert np.array_equal(values.reshape(qt.shape), qt.dequantize().numpy())
 
 
+@pytest.mark.parametrize("gtype", KQUANTS)
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_kquants_pack_super_blocks_of_tiny_weights(gtype, method):
+    """Rows whose super-scale is an fp16 subnormal (weights down to ~1e-6, as in small-initialised
+    layers) still pack, and gguf's dequantizer reads back exactly llmq's values."""
+    from gguf.quants import dequantize
+
+    spec = QuantSpec.for_gguf(gtype.lower())
+    w = _weights_with_outliers(16, 512, 0) * torch.logspace(0, -5, 16)[:, None]
+    qt = rtn_quantize(w, spec) if method == "rtn" else gptq_quantize(w, torch.eye(512), spec)[0]
+    values = dequantize(pack_blocks(qt), ggml_type(gtype))
+    assert np.array_equal(values.reshape(qt.shape), qt.dequantize().numpy())
+
+
 def test_kquant_error_shrinks_with_bits_and_beats_legacy_at_4_bits():
     w = torch.randn(64, 1024, generator=torch.Generator().manual_seed(3)) * 0.02
     err = {t: float(((rtn_quantize(w, QuantSpec.for_gguf(t)).dequantize() - w) ** 2).mean()) for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0")}
