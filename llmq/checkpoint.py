@@ -129,7 +129,7 @@ def _gguf_config(p: Path):
     """transformers' config of a GGUF file, completed with what llama.cpp reads and transformers' GGUF
     reader skips: the head size (`attention.key_length`, else embedding length / heads; transformers
     keeps its config class's default, Gemma 256 and Qwen3 128, and other files would not load),
-    Gemma 2/3's attention scale and linear rotary scaling."""
+    Gemma 2/3's attention scale, linear rotary scaling, GPT-2's MLP width and context."""
     import gguf
     from transformers import AutoConfig
 
@@ -148,6 +148,8 @@ def _gguf_config(p: Path):
     if hasattr(config, "query_pre_attn_scalar") and arch in LLAMA_CPP_27B_LAYERS:  # neither is it read
         config.query_pre_attn_scalar = llama_cpp_attention_scalar(arch, config.num_hidden_layers, config.hidden_size,
                                                                   config.num_attention_heads, config.head_dim)
+    if arch == "gpt2":  # nor GPT-2's MLP width and context (transformers keeps 4 x hidden and 1024)
+        config.n_inner, config.n_positions = value("feed_forward_length"), value("context_length")
     rope = getattr(config, "rope_parameters", None)
     if value("rope.scaling.type") == "linear" and value("rope.scaling.factor") and isinstance(rope, dict):
         # nor is linear rotary scaling; Gemma 3 keeps rotary per layer type, and llama.cpp scales the global layers'

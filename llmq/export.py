@@ -171,7 +171,7 @@ def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = 
                 yield key, qt, want
         for name, _ in model.named_parameters():
             owner = name.rpartition(".")[0]
-            if owner in packed or name in source.tied:
+            if (owner in packed and name.endswith(".weight")) or name in source.tied:  # biases stay float
                 continue
             key = source.checkpoint_key(name) or name
             t = source.load_tensor(name)

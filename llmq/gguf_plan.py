@@ -25,7 +25,7 @@ K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q
 # model_type -> gguf's architecture name.  q/k rows are permuted only for the Llama family, whose
 # llama.cpp graph expects the rotary layout of the original Meta checkpoints.
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "phi": "phi2",
-              "gpt_neox": "gptneox", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+              "gpt_neox": "gptneox", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2"}
 PERMUTE_QK = ("llama", "mistral")
 # Gemma's RMSNorms scale by (1 + w); llama.cpp's graph multiplies by the stored weight, so norms are written as 1 + w.
 NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3_text")
@@ -38,7 +38,13 @@ def gguf_config(source) -> dict[str, Any]:
     import json
 
     raw = json.loads((source.dir / "config.json").read_text())
-    return {**raw, **source.config.to_dict()}
+    cfg = {**raw, **source.config.to_dict()}
+    if cfg.get("model_type") == "gpt2":  # GPT-2 names its sizes its own way
+        c = source.config
+        cfg.update(hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                   intermediate_size=c.n_inner or 4 * c.n_embd, max_position_embeddings=c.n_positions,
+                   layer_norm_eps=c.layer_norm_epsilon)
+    return cfg
 
 
 def check_gguf_type(name: str, flag: str = "--gguf-type", mixes: bool = True) -> str:
@@ -86,6 +92,8 @@ class GGUFPlan:
         """The type this tensor gets when its width allows."""
         parts = gguf_name.split(".")
         is_head = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not self.has_output)
+        if gguf_name == "position_embd.weight":  # llama-quantize leaves learned positions unquantized
+            return self.file_type if not self.quantized else "F16"
         if is_head and self.output_type:
             return self.output_type
         if gguf_name == "token_embd.weight" and self.token_embd_type:

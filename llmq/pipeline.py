@@ -221,9 +221,9 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
         fmt.check(spec)
     gguf_grid = None
     if cfg.gguf_type and method.quantizes:  # the staging run of a GGUF file: types per tensor
-        from llmq.gguf_plan import linear_grids
+        from llmq.gguf_plan import gguf_config, linear_grids
 
-        gguf_grid = linear_grids(source.config.to_dict(), cfg.gguf_type)
+        gguf_grid = linear_grids(gguf_config(source), cfg.gguf_type)
 
     inputs: LayerInputs | None = None
     if method.needs_calibration and calib_ids is None:

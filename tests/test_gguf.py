@@ -401,11 +401,12 @@ def test_token_embedding_and_output_types_can_be_chosen(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "phi"])
+@pytest.mark.parametrize("family", ["gpt_neox", "phi", "gpt2"])
 def test_llama_cpp_runs_layernorm_families(tmp_path, family):
-    """With llama-cpp-python: GPT-NeoX (fused per-head q/k/v reordered for llama.cpp, parallel residual)
-    and Phi-2 (LayerNorm with biases, partial rotary, biased head) compute the HF model's logits in
-    llama.cpp, which transformers' GGUF loader cannot check for them."""
+    """With llama-cpp-python: GPT-NeoX (fused per-head q/k/v reordered for llama.cpp, parallel residual),
+    Phi-2 (LayerNorm with biases, partial rotary, biased head) and GPT-2 (Conv1D weights, learned
+    positions, tied head) compute the HF model's logits in llama.cpp, which transformers' GGUF loader
+    cannot check for the first two."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM
 
@@ -563,4 +564,41 @@ def test_eval_loader_reads_what_transformers_gguf_config_skips(tmp_path, family)
     ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = fp(ids).logits, theirs(ids).logits
+    assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_gptq_gguf_keeps_biases_and_computes_llmqs_model(tmp_path, family):
+    """`quantize --format gguf` on families with biased linears (Qwen2's q/k/v, GPT-2's every linear,
+    its Conv1D weights stored transposed): the file, read back by `llmq eval`'s loader (transformers'
+    GGUF reader), computes llmq's dequantized GPTQ checkpoint, with the token embedding, head and GPT-2's
+    learned positions as the plan stores them."""
+    from transformers import AutoModelForCausalLM
+
+    from llmq.checkpoint import load_for_eval
+
+    src = _tiny_with_ref_tokenizer(family, tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():  # HF initialises biases to 0: a file that dropped them would not show it
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(src)
+    cfg = build_config({}, {"method": "gptq", "format": "raw", "gguf_type": "Q4_0", "dataset": str(need(C4)),
+                            "nsamples": 4, "seqlen": 64, "dtype": "float32"})
+    quantize_model(ModelSource(str(src)), cfg, tmp_path / "stage", progress=False)
+    export_gguf(str(tmp_path / "stage"), tmp_path / "m.gguf", "Q4_0")
+    ours, _ = load_model(str(tmp_path / "stage"))
+    tied = ours.config.tie_word_embeddings
+    plan = GGUFPlan("Q4_0", ours.config.num_hidden_layers, has_output=not tied)
+    for mod, gname in [(ours.get_input_embeddings(), "token_embd.weight")] + ([] if tied else [(ours.lm_head, "output.weight")]):
+        t, _ = plan.tensor_type(gname, tuple(mod.weight.shape))
+        mod.weight.data = rtn_quantize(mod.weight.data, QuantSpec.for_gguf(t.lower())).dequantize()
+    if family == "gpt2":
+        wpe = ours.transformer.wpe.weight
+        wpe.data = wpe.data.half().float()
+    theirs, _, _ = load_for_eval(str(tmp_path / "m.gguf"))
+    ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
     assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())

@@ -36,6 +36,8 @@ def check_arch(config: dict[str, Any]) -> None:
         raise LlmqError(f"llama.cpp's {mt} graph has no output head of its own; this model's lm_head is not tied")
     if mt in GEMMA_SWA:
         _check_gemma(config)
+    if mt == "gpt2" and (config.get("scale_attn_by_inverse_layer_idx") or not config.get("scale_attn_weights", True)):
+        raise LlmqError("llama.cpp's gpt2 graph scales attention by 1/sqrt(head_dim) in every layer; this model does not")
 
 
 # llama.cpp hard-codes what Gemma 2/3 configs spell out: every n-th layer attends globally, the others
@@ -244,7 +246,7 @@ def load_vocab(model_dir: Path):
 
 
 # llama.cpp picks its pre-tokenizer (the regex splitting text before BPE) by this name.
-PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2"}
+PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "gpt2": "gpt-2"}
 
 
 def add_tokenizer(w, model_dir: Path, vocab_size: int, model_type: str = "llama") -> None:
