@@ -125,18 +125,20 @@ def iter_quantized(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]):
             yield mod_name, fmt.unpack(tensors, spec, (mod.out_features, mod.in_features))
 
 
-def _gguf_config(p: Path):
+def _gguf_config(p: Path) -> tuple[Any, torch.Tensor | None]:
     """transformers' config of a GGUF file, completed with what llama.cpp reads and transformers' GGUF
     reader skips: the head size (`attention.key_length`, else embedding length / heads; transformers
     keeps its config class's default, Gemma 256 and Qwen3 128, and other files would not load),
-    Gemma 2/3's attention scale, linear rotary scaling, GPT-2's MLP width and context."""
+    Gemma 2/3's attention scale, linear rotary scaling, GPT-2's MLP width and context; and the divisors
+    of Llama 3.1's rotary frequencies (the file's rope_freqs tensor, which it does not apply either)."""
     import gguf
     from transformers import AutoConfig
 
     from llmq.formats.gguf import LLAMA_CPP_27B_LAYERS, llama_cpp_attention_scalar
 
     config = AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
-    fields = gguf.GGUFReader(str(p)).fields  # memory-mapped: only the header is read
+    reader = gguf.GGUFReader(str(p))  # memory-mapped: only what is used is read
+    fields = reader.fields
     arch = fields["general.architecture"].contents()
     value = lambda key: fields[f"{arch}.{key}"].contents() if f"{arch}.{key}" in fields else None  # noqa: E731
     head_dim = value("attention.key_length")
@@ -154,7 +156,8 @@ def _gguf_config(p: Path):
     if value("rope.scaling.type") == "linear" and value("rope.scaling.factor") and isinstance(rope, dict):
         # nor is linear rotary scaling; Gemma 3 keeps rotary per layer type, and llama.cpp scales the global layers'
         rope.get("full_attention", rope).update(rope_type="linear", factor=float(value("rope.scaling.factor")))
-    return config
+    freqs = next((torch.from_numpy(t.data.copy()).float() for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    return config, freqs
 
 
 def load_for_eval(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -172,8 +175,13 @@ def load_for_eval(name: str, dtype: torch.dtype = torch.float32, trust_remote_co
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            config = _gguf_config(p)
+            config, freqs = _gguf_config(p)
             model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, config=config, dtype=dtype)
+            if freqs is not None:  # llama.cpp divides each rotary frequency by its factor
+                for mod in model.modules():
+                    if isinstance(getattr(mod, "inv_freq", None), torch.Tensor):
+                        mod.inv_freq = mod.inv_freq / freqs.to(mod.inv_freq)
+                        mod.original_inv_freq = mod.inv_freq
             tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         except Exception as e:
             raise LlmqError(f"cannot read GGUF file {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -602,3 +602,79 @@ def test_gptq_gguf_keeps_biases_and_computes_llmqs_model(tmp_path, family):
     with torch.no_grad():
         a, b = ours(ids).logits, theirs(ids).logits
     assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # short, so 40 tokens feel it
+
+
+def test_llama3_rope_factors_match_transformers():
+    """rope_freqs.weight divides each default frequency into what transformers' own llama3 rotary init gives."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llmq.formats.gguf import llama3_rope_factors
+
+    config = tiny_config("llama", hidden=256)
+    config.rope_parameters = {**LLAMA31_ROPE, "original_max_position_embeddings": 8192}
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    base = 1.0 / 500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    ours = llama3_rope_factors(config.rope_parameters, 64, 500000.0)
+    assert ours.min() == 1.0 and ours.max() == 8.0  # both ends of the band are present
+    assert torch.allclose(base / ours.double(), theirs.double(), rtol=1e-6)
+
+
+def _tiny_rope_scaled(family: str, path, rope: dict):
+    from transformers import AutoModelForCausalLM
+
+    src = _tiny_with_ref_tokenizer(family, path)
+    cfg = AutoModelForCausalLM.from_pretrained(src).config
+    cfg.rope_parameters = rope
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    return src
+
+
+@pytest.mark.parametrize("rope", [LLAMA31_ROPE, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}],
+                         ids=["llama3", "linear"])
+def test_rope_scaled_llama_reads_back_in_eval_loader(tmp_path, rope):
+    """Llama 3.1-style (rope_freqs tensor) and linear rotary scaling reach `llmq eval`'s GGUF loader,
+    which transformers' GGUF reader alone would drop: an F32 file computes the source model."""
+    from transformers import AutoModelForCausalLM
+
+    from llmq.checkpoint import load_for_eval
+
+    src = _tiny_rope_scaled("llama", tmp_path / "src", rope)
+    export_gguf(str(src), tmp_path / "m.gguf", "F32")
+    theirs, _, _ = load_for_eval(str(tmp_path / "m.gguf"))
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fp(ids).logits, theirs(ids).logits
+    assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("family,rope", [("llama", LLAMA31_ROPE), ("qwen2", {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0})])
+def test_llama_cpp_applies_rope_scaling(tmp_path, family, rope):
+    """With llama-cpp-python: Llama 3.1-style rotary scaling (rope_freqs.weight) and linear scaling
+    compute the HF model's logits in llama.cpp."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    src = _tiny_rope_scaled(family, tmp_path / "src", rope)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(3, 4096, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    export_gguf(str(src), tmp_path / "m.gguf", "F32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    assert (got - want).abs().max().item() < 2e-3 * want.abs().max().item()
+
+
+def test_rope_scaling_llama_cpp_lacks_is_refused(tmp_path):
+    src = _tiny_rope_scaled("qwen2", tmp_path / "src", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                                        "original_max_position_embeddings": 64})
+    with pytest.raises(LlmqError, match="rotary scaling"):
+        export_gguf(str(src), tmp_path / "m.gguf", "F32")
+    assert not (tmp_path / "m.gguf").exists()

@@ -38,6 +38,30 @@ def check_arch(config: dict[str, Any]) -> None:
         _check_gemma(config)
     if mt == "gpt2" and (config.get("scale_attn_by_inverse_layer_idx") or not config.get("scale_attn_weights", True)):
         raise LlmqError("llama.cpp's gpt2 graph scales attention by 1/sqrt(head_dim) in every layer; this model does not")
+    kind = rope_of(config).get("rope_type", "default")
+    allowed = ("default", "linear", "llama3") if mt in PERMUTE_QK else ("default", "linear")
+    if kind not in allowed:
+        raise LlmqError(f"GGUF export of {mt} models supports rotary scaling {', '.join(allowed)}, not {kind!r}")
+
+
+def rope_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The rotary parameters of the global-attention layers (Gemma 3 keeps one set per layer type)."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return rope.get("full_attention", rope)
+
+
+def llama3_rope_factors(rope: dict[str, Any], dim: int, base: float) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent rotary scaling as llama.cpp takes it (rope_freqs.weight): one
+    divisor per frequency.  Wavelengths shorter than original_context / high_freq_factor keep their
+    frequency, longer than original_context / low_freq_factor are slowed by `factor`, and those
+    between are interpolated in 1/divisor."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    wavelen = 2 * torch.pi / inv_freq
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    ctx = rope["original_max_position_embeddings"]
+    smooth = (ctx / wavelen - low) / (high - low)
+    keep = torch.where(wavelen < ctx / high, 1.0, torch.where(wavelen > ctx / low, 1.0 / factor, (1 - smooth) / factor + smooth))
+    return (1.0 / keep).float()
 
 
 # llama.cpp hard-codes what Gemma 2/3 configs spell out: every n-th layer attends globally, the others
@@ -68,9 +92,6 @@ def _check_gemma(cfg: dict[str, Any]) -> None:
     if mt == "gemma3_text" and (local.get("rope_type", "default") != "default" or local.get("rope_theta", 10000.0) != 10000.0):
         raise LlmqError("llama.cpp's gemma3 graph uses plain rotary with base 10000 in its sliding-window layers; "
                         f"this model has {local}")
-    full = rope.get("full_attention", rope)
-    if full.get("rope_type", "default") not in ("default", "linear"):
-        raise LlmqError(f"GGUF export of {mt} supports default or linear rotary scaling, not {full.get('rope_type')!r}")
 
 
 def _f16_bytes(x: torch.Tensor) -> np.ndarray:
@@ -195,8 +216,7 @@ def _file_type(gguf_type: str) -> int:
 def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
-    rope_params = cfg.get("rope_parameters") or {}
-    rope_params = rope_params.get("full_attention", rope_params)  # per layer type (Gemma 3): the global layers'
+    rope_params = rope_of(cfg)
     rope = rope_params.get("rope_theta") or cfg.get("rope_theta") or cfg.get("rotary_emb_base") or 10000.0
     # Phi-3.5/4-mini and GPT-NeoX rotate only part of each head
     partial = cfg.get("partial_rotary_factor") or rope_params.get("partial_rotary_factor") or cfg.get("rotary_pct") or 1.0
@@ -217,13 +237,13 @@ def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
             w.add_parallel_residual(bool(cfg.get("use_parallel_residual", True)))
     else:
         w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    if rope_params.get("rope_type") == "linear":  # (llama3's scaling is a tensor, rope_freqs)
+        from gguf import RopeScalingType
+
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope_params["factor"]))
     if cfg["model_type"] in GEMMA_SWA:
         w.add_sliding_window(int(cfg.get("sliding_window") or cfg.get("max_position_embeddings", 2048)))
-        if rope_params.get("rope_type") == "linear":
-            from gguf import RopeScalingType
-
-            w.add_rope_scaling_type(RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(rope_params["factor"]))
         for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
                          ("final_logit_softcapping", w.add_final_logit_softcapping)):
             if cfg.get(key):
@@ -286,6 +306,11 @@ def write_gguf(model_dir: Path, cfg: dict[str, Any], out_file: Path, gguf_type: 
         w = gguf.GGUFWriter(str(tmp), GGUF_ARCHS[cfg["model_type"]], use_temp_file=True)
         add_metadata(w, cfg, name, gguf_type)
         add_tokenizer(w, model_dir, cfg["vocab_size"], cfg["model_type"])
+        rope = rope_of(cfg)
+        if rope.get("rope_type") == "llama3":
+            heads = cfg["num_attention_heads"]
+            dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+            w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, dim, float(rope["rope_theta"])).numpy())
         for hf_name, payload, ttype in tensors:
             gname = gguf_name(hf_name)
             if gname is None:
