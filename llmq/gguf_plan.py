@@ -32,18 +32,15 @@ NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3_text")
 
 
 def gguf_config(source) -> dict[str, Any]:
-    """A model's config.json as transformers reads it: legacy spellings (rope_theta, rope_scaling,
-    Gemma 3's rope_local_base_freq and sliding_window_pattern) arrive as today's rope_parameters
-    and layer_types, whichever transformers version wrote the file."""
-    import json
-
-    raw = json.loads((source.dir / "config.json").read_text())
-    cfg = {**raw, **source.config.to_dict()}
-    if cfg.get("model_type") == "gpt2":  # GPT-2 names its sizes its own way
-        c = source.config
-        cfg.update(hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                   intermediate_size=c.n_inner or 4 * c.n_embd, max_position_embeddings=c.n_positions,
-                   layer_norm_eps=c.layer_norm_epsilon)
+    """A model's config as transformers reads it: legacy spellings (rope_theta, rope_scaling, Gemma 3's
+    rope_local_base_freq and sliding_window_pattern) arrive as today's rope_parameters and layer_types,
+    whichever transformers version wrote config.json, and sizes a family names its own way (GPT-2's
+    n_embd, ...) also under the common names, through the config's attribute_map."""
+    c = source.config
+    cfg = c.to_dict()
+    cfg.update({name: getattr(c, name) for name in c.attribute_map})
+    if cfg.get("model_type") == "gpt2":  # sizes that attribute_map leaves out
+        cfg.update(intermediate_size=c.n_inner or 4 * c.n_embd, layer_norm_eps=c.layer_norm_epsilon)
     return cfg
 
 

@@ -401,6 +401,34 @@ def test_token_embedding_and_output_types_can_be_chosen(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def _llama_cpp_error(llama_cpp, src, gguf_file) -> float:
+    """Largest |llama.cpp logit - HF fp32 logit of ``src``| over 40 random tokens, relative to the
+    largest HF logit."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(3, 4096, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=256, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    return (got - want).abs().max().item() / want.abs().max().item()
+
+
+def _eval_loader_logits(src, gguf_file) -> tuple[torch.Tensor, torch.Tensor]:
+    """(HF fp32 logits of ``src``, logits of ``gguf_file`` read by `llmq eval`'s loader) on 2 x 40 random tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from llmq.checkpoint import load_for_eval
+
+    theirs, _, _ = load_for_eval(str(gguf_file))
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return fp(ids).logits, theirs(ids).logits
+
+
 @pytest.mark.parametrize("family", ["gpt_neox", "phi", "gpt2"])
 def test_llama_cpp_runs_layernorm_families(tmp_path, family):
     """With llama-cpp-python: GPT-NeoX (fused per-head q/k/v reordered for llama.cpp, parallel residual),
@@ -408,19 +436,10 @@ def test_llama_cpp_runs_layernorm_families(tmp_path, family):
     positions, tied head) compute the HF model's logits in llama.cpp, which transformers' GGUF loader
     cannot check for the first two."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from transformers import AutoModelForCausalLM
-
     src = _tiny_with_ref_tokenizer(family, tmp_path / "src")
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ids = torch.randint(3, 4096, (40,), generator=torch.Generator().manual_seed(0)).tolist()
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits[0]
     for gtype, tol in (("F32", 1e-3), ("Q8_0", 0.03)):  # Q8_0: the packed fused rows are reordered too
         export_gguf(str(src), tmp_path / f"{gtype}.gguf", gtype)
-        llm = llama_cpp.Llama(model_path=str(tmp_path / f"{gtype}.gguf"), n_ctx=256, logits_all=True, verbose=False)
-        llm.eval(ids)
-        got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
-        assert (got - want).abs().max().item() < tol * want.abs().max().item(), gtype
+        assert _llama_cpp_error(llama_cpp, src, tmp_path / f"{gtype}.gguf") < tol, gtype
 
 
 @pytest.mark.parametrize("gtype,dtype", [("BF16", torch.bfloat16), ("F16", torch.float16)])
@@ -504,19 +523,10 @@ def test_llama_cpp_runs_gemma_families(tmp_path, family):
     layers included (window 16 < 40 tokens); Gemma 3 with 6 layers, so one attends globally with its
     own linearly scaled rotary base."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from transformers import AutoModelForCausalLM
-
     extra = {"gemma": {}, "gemma2": {"sliding_window": 16}, "gemma3_text": GEMMA3_SCALED}[family]
     src = _tiny_gemma(family, tmp_path / "src", layers=6 if family == "gemma3_text" else 2, **extra)
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ids = torch.randint(3, 4096, (40,), generator=torch.Generator().manual_seed(0)).tolist()
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits[0]
     export_gguf(str(src), tmp_path / "m.gguf", "F32")
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, logits_all=True, verbose=False)
-    llm.eval(ids)
-    got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
-    assert (got - want).abs().max().item() < 3e-3 * want.abs().max().item()
+    assert _llama_cpp_error(llama_cpp, src, tmp_path / "m.gguf") < 3e-3
 
 
 @pytest.mark.parametrize("family,config,match", [
@@ -546,24 +556,12 @@ def test_eval_loader_reads_what_transformers_gguf_config_skips(tmp_path, family)
     other than the config class's default (64 here; Qwen3's is 128, Gemma's 256), Gemma 3's attention
     scale (query_pre_attn_scalar 64, default 256) and linear rotary scaling (6 layers, one global).
     An F32 file then computes the source model."""
-    from transformers import AutoModelForCausalLM
-
-    from llmq.checkpoint import load_for_eval
-
     if family == "gemma3_text":
         src = _tiny_gemma(family, tmp_path / "src", layers=6, **GEMMA3_SCALED)
     else:
-        src = _tiny_with_ref_tokenizer(family, tmp_path / "src")
-        cfg = AutoModelForCausalLM.from_pretrained(src).config
-        cfg.head_dim = 64
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+        src = _tiny_reconfigured(family, tmp_path / "src", head_dim=64)
     export_gguf(str(src), tmp_path / "m.gguf", "F32")
-    theirs, _, _ = load_for_eval(str(tmp_path / "m.gguf"))
-    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = fp(ids).logits, theirs(ids).logits
+    a, b = _eval_loader_logits(src, tmp_path / "m.gguf")
     assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())
 
 
@@ -623,12 +621,14 @@ def test_llama3_rope_factors_match_transformers():
     assert torch.allclose(base / ours.double(), theirs.double(), rtol=1e-6)
 
 
-def _tiny_rope_scaled(family: str, path, rope: dict):
+def _tiny_reconfigured(family: str, path, **config):
+    """_tiny_with_ref_tokenizer's model with ``config`` fields changed (weights drawn again)."""
     from transformers import AutoModelForCausalLM
 
     src = _tiny_with_ref_tokenizer(family, path)
     cfg = AutoModelForCausalLM.from_pretrained(src).config
-    cfg.rope_parameters = rope
+    for k, v in config.items():
+        setattr(cfg, k, v)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
     return src
@@ -639,17 +639,9 @@ def _tiny_rope_scaled(family: str, path, rope: dict):
 def test_rope_scaled_llama_reads_back_in_eval_loader(tmp_path, rope):
     """Llama 3.1-style (rope_freqs tensor) and linear rotary scaling reach `llmq eval`'s GGUF loader,
     which transformers' GGUF reader alone would drop: an F32 file computes the source model."""
-    from transformers import AutoModelForCausalLM
-
-    from llmq.checkpoint import load_for_eval
-
-    src = _tiny_rope_scaled("llama", tmp_path / "src", rope)
+    src = _tiny_reconfigured("llama", tmp_path / "src", rope_parameters=rope)
     export_gguf(str(src), tmp_path / "m.gguf", "F32")
-    theirs, _, _ = load_for_eval(str(tmp_path / "m.gguf"))
-    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = fp(ids).logits, theirs(ids).logits
+    a, b = _eval_loader_logits(src, tmp_path / "m.gguf")
     assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())
 
 
@@ -658,23 +650,14 @@ def test_llama_cpp_applies_rope_scaling(tmp_path, family, rope):
     """With llama-cpp-python: Llama 3.1-style rotary scaling (rope_freqs.weight) and linear scaling
     compute the HF model's logits in llama.cpp."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from transformers import AutoModelForCausalLM
-
-    src = _tiny_rope_scaled(family, tmp_path / "src", rope)
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ids = torch.randint(3, 4096, (40,), generator=torch.Generator().manual_seed(0)).tolist()
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits[0]
+    src = _tiny_reconfigured(family, tmp_path / "src", rope_parameters=rope)
     export_gguf(str(src), tmp_path / "m.gguf", "F32")
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, logits_all=True, verbose=False)
-    llm.eval(ids)
-    got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
-    assert (got - want).abs().max().item() < 2e-3 * want.abs().max().item()
+    assert _llama_cpp_error(llama_cpp, src, tmp_path / "m.gguf") < 2e-3
 
 
 def test_rope_scaling_llama_cpp_lacks_is_refused(tmp_path):
-    src = _tiny_rope_scaled("qwen2", tmp_path / "src", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
-                                                        "original_max_position_embeddings": 64})
+    src = _tiny_reconfigured("qwen2", tmp_path / "src", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64})
     with pytest.raises(LlmqError, match="rotary scaling"):
         export_gguf(str(src), tmp_path / "m.gguf", "F32")
     assert not (tmp_path / "m.gguf").exists()

@@ -46,8 +46,12 @@ def check_arch(config: dict[str, Any]) -> None:
 
 def rope_of(cfg: dict[str, Any]) -> dict[str, Any]:
     """The rotary parameters of the global-attention layers (Gemma 3 keeps one set per layer type)."""
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope = cfg.get("rope_parameters") or {}
     return rope.get("full_attention", rope)
+
+
+def head_dim(cfg: dict[str, Any]) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
 def llama3_rope_factors(rope: dict[str, Any], dim: int, base: float) -> torch.Tensor:
@@ -78,7 +82,7 @@ def llama_cpp_attention_scalar(gguf_arch: str, n_layers: int, hidden: int, heads
 def _check_gemma(cfg: dict[str, Any]) -> None:
     mt, n = cfg["model_type"], cfg["num_hidden_layers"]
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    theirs = llama_cpp_attention_scalar(GGUF_ARCHS[mt], n, hidden, heads, cfg.get("head_dim") or hidden // heads)
+    theirs = llama_cpp_attention_scalar(GGUF_ARCHS[mt], n, hidden, heads, head_dim(cfg))
     if cfg.get("query_pre_attn_scalar", theirs) != theirs:
         raise LlmqError(f"llama.cpp scales this {mt} model's attention by 1/sqrt({theirs}), but its query_pre_attn_scalar "
                         f"is {cfg['query_pre_attn_scalar']}; GGUF would compute another model")
@@ -214,8 +218,7 @@ def _file_type(gguf_type: str) -> int:
 
 
 def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or hidden // heads
+    hidden, heads, hd = cfg["hidden_size"], cfg["num_attention_heads"], head_dim(cfg)
     rope_params = rope_of(cfg)
     rope = rope_params.get("rope_theta") or cfg.get("rope_theta") or cfg.get("rotary_emb_base") or 10000.0
     # Phi-3.5/4-mini and GPT-NeoX rotate only part of each head
@@ -228,9 +231,9 @@ def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
     w.add_head_count(heads)
     w.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
     w.add_rope_freq_base(float(rope))
-    w.add_rope_dimension_count(int(head_dim * partial))
-    w.add_key_length(head_dim)  # always: llama.cpp's default (hidden / heads) is not every family's
-    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(int(hd * partial))
+    w.add_key_length(hd)  # always: llama.cpp's default (hidden / heads) is not every family's
+    w.add_value_length(hd)
     if "layer_norm_eps" in cfg:  # LayerNorm families (GPT-NeoX, Phi-2)
         w.add_layer_norm_eps(float(cfg["layer_norm_eps"]))
         if cfg["model_type"] == "gpt_neox":  # attention and MLP side by side, or one after the other
@@ -308,9 +311,7 @@ def write_gguf(model_dir: Path, cfg: dict[str, Any], out_file: Path, gguf_type: 
         add_tokenizer(w, model_dir, cfg["vocab_size"], cfg["model_type"])
         rope = rope_of(cfg)
         if rope.get("rope_type") == "llama3":
-            heads = cfg["num_attention_heads"]
-            dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-            w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, dim, float(rope["rope_theta"])).numpy())
+            w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim(cfg), float(rope["rope_theta"])).numpy())
         for hf_name, payload, ttype in tensors:
             gname = gguf_name(hf_name)
             if gname is None:
