@@ -203,12 +203,20 @@ def _discover(model: nn.Module) -> Arch:
     if not candidates:
         raise LlmqError(f"cannot find the decoder layers of model type {getattr(model.config, 'model_type', '?')!r}")
     name, layers = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
-    linears = tuple(n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear))
+    linears = layer_linears(layers[0])
     if not linears:
         raise LlmqError(f"the decoder layers of model type {model.config.model_type!r} contain no nn.Linear to quantize")
     # One group: every linear sees inputs from the unquantized layer, which is valid for any wiring.
     # trace_arch refines it once a layer with real weights and inputs is at hand.
     return Arch(layers=name, sequential=(linears,), discovered=True)
+
+
+def layer_linears(layer: nn.Module) -> tuple[str, ...]:
+    """The linears of a layer worth quantizing, for families without a table.
+
+    A linear to a single output is a gate scalar (Qwen2-MoE's shared_expert_gate): it holds no
+    weight worth the saving, and runtimes build it as a plain float linear."""
+    return tuple(n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and m.out_features > 1)
 
 
 def first_param(module: nn.Module) -> str | None:
@@ -262,6 +270,7 @@ def trace_arch(arch: Arch, layer: nn.Module, x: torch.Tensor, kwargs: dict[str, 
             continue
         g = next((g for g in groups if linear_in[g[0]] is t), None)
         groups.append([n]) if g is None else g.append(n)
+    groups = _merge_experts(layer, groups, wanted)
     if {n for g in groups for n in g} != wanted:  # a linear that never ran: keep the safe one-group description
         return dataclasses.replace(arch, discovered=False)  # (traced: not to be traced again)
 
@@ -279,3 +288,40 @@ def trace_arch(arch: Arch, layer: nn.Module, x: torch.Tensor, kwargs: dict[str, 
             block = min(blocks, key=len)  # the outermost: the search then judges what the block computes
             scaling.append(ScaleGroup(prev, tuple(g), block))
     return Arch(layers=arch.layers, sequential=tuple(tuple(g) for g in groups), scaling=tuple(scaling))
+
+
+def _expert_role(layer: nn.Module, name: str) -> str | None:
+    """``mlp.experts.*.up_proj`` for ``mlp.experts.3.up_proj``: the same projection in every expert."""
+    from llmq.experts import ExpertLinears
+
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i + 1].isdigit() and isinstance(layer.get_submodule(".".join(parts[: i + 1])), ExpertLinears):
+            return ".".join(parts[: i + 1] + ["*"] + parts[i + 2 :])
+    return None
+
+
+def _merge_experts(layer: nn.Module, groups: list[list[str]], wanted: set[str]) -> list[list[str]]:
+    """One step per projection role across all experts instead of one per expert.
+
+    Experts run one after another, so a trace sees e0.gate/up, e0.down, e1.gate/up, ...; but no
+    expert reads another's output, so every expert's gate/up can be calibrated in one forward and
+    every down_proj in the next, which keeps the order true-sequential for each expert.  Experts the
+    traced batch routed no token to join their role's step."""
+    roles: dict[str, list[str]] = {}
+    merged: list[list[str]] = []
+    for g in groups:
+        key = tuple(sorted({_expert_role(layer, n) or n for n in g}))
+        if all(_expert_role(layer, n) for n in g) and str(key) in roles:
+            roles[str(key)].extend(g)
+            continue
+        merged.append(list(g))
+        if all(_expert_role(layer, n) for n in g):
+            roles[str(key)] = merged[-1]
+    placed = {n for g in merged for n in g}
+    for n in sorted(wanted - placed):
+        role = _expert_role(layer, n)
+        home = next((g for g in merged if role is not None and any(_expert_role(layer, m) == role for m in g)), None)
+        if home is not None:
+            home.append(n)
+    return merged

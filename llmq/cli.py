@@ -256,7 +256,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
               f"worst {worst['error']:.4g} at layer {worst['layer']} {worst['module']}")
         fallbacks = [r for r in stats.records if r.get("fallback_rtn")]
         if fallbacks:
-            print(f"warning: {len(fallbacks)} modules fell back to RTN (see llmq_quantize_log.jsonl)")
+            print(f"warning: {len(fallbacks)} modules fell back to RTN: no positive-definite Hessian, or (experts) no calibration token routed to them; see llmq_quantize_log.jsonl")
     return 0
 
 

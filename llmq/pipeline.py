@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 import llmq
 from llmq.activations import LayerInputs
-from llmq.arch import Arch, arch_for, get_module, trace_arch
+from llmq.arch import Arch, arch_for, get_module, layer_linears, trace_arch
 from llmq.checkpoint import OutputDir, copy_sidecars, write_config
 from llmq.config import QuantizeConfig, parse_size
 from llmq.errors import LlmqError
+from llmq.experts import ExpertLinears
 from llmq.formats import FORMATS
 from llmq.formats.base import natural_g_idx
 from llmq.grid import QuantSpec
@@ -210,6 +211,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     if missing:
         raise LlmqError(f"the checkpoint of {source.name!r} lacks {len(missing)} of the model's weights (first: {missing[0]})")
     arch = arch_for(model)
+    tabled = not arch.discovered  # else every layer's wiring is traced from its own linears
     layers = get_module(model, arch.layers)
     context = getattr(source.config, "max_position_embeddings", None)
     seqlen = cfg.calibration.seqlen or min(method.default_seqlen, context or method.default_seqlen)
@@ -242,8 +244,9 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             assert calib_ids is not None
             inputs = capture_inputs(model, source, arch, calib_ids, compute_dtype, dev)
 
-        n_targets = len(_targets(arch, cfg.skip, f"{arch.layers}.0")) if method.quantizes else 0
-        bar = tqdm(total=len(layers) * max(1, n_targets), desc="quantize", unit="module", disable=not progress, dynamic_ncols=True)
+        n_targets = [len(_targets(arch if tabled else Arch(arch.layers, (layer_linears(layer),)), cfg.skip, f"{arch.layers}.{i}"))
+                     if method.quantizes else 0 for i, layer in enumerate(layers)]
+        bar = tqdm(total=sum(max(1, n) for n in n_targets), desc="quantize", unit="module", disable=not progress, dynamic_ncols=True)
         quantized_names: list[str] = []
         natural = True  # every packed g_idx is i // group_size (no reordering for runtimes to do)
         for i in range(len(layers)):
@@ -251,6 +254,9 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             bar.set_postfix_str(f"layer {i + 1}/{len(layers)} load")
             layer = source.materialize(model, prefix, compute_dtype)
             _move_resident(layer, dev)
+            if not tabled and set(layer_linears(layer)) != set(arch.linears()):
+                # A stack whose layers differ (dense first layers, then mixture-of-experts ones): start over.
+                arch = Arch(layers=arch.layers, sequential=(layer_linears(layer),), discovered=True)
             if arch.discovered and inputs is not None:
                 # No table for this family: learn its wiring from one forward of the first layer.
                 arch = trace_arch(arch, layer, inputs.first_batch(), inputs.kwargs)
@@ -271,7 +277,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
 
             layer_log.listener = on_record
             qts = method.quantize_layer(layer, arch, targets, inputs, layer_log)
-            bar.update(max(1, n_targets) - done)
+            bar.update(max(0, max(1, n_targets[i]) - done))
             stats.records.extend(layer_log.records)
 
             if inputs is not None and i + 1 < len(layers):
@@ -324,10 +330,16 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
 
 
 def _unquantized_linears(model: nn.Module, source: ModelSource, quantized: set[str]) -> list[str]:
-    """Checkpoint names of the linears left in floating point (for loaders' ignore lists)."""
+    """Checkpoint names of the linears left in floating point (for loaders' ignore lists).
+
+    MoE routers count: transformers holds them as bare weights, runtimes build them as linears."""
+    routers = {f"{owner}.{n}" if owner else n for owner, block in model.named_modules()
+               if any(isinstance(c, ExpertLinears) for c in block.children())
+               for n, c in block.named_children() if not isinstance(c, (nn.Linear, ExpertLinears))
+               and isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2}
     names = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name not in quantized:
+        if (isinstance(mod, nn.Linear) or name in routers) and name not in quantized:
             key = source.checkpoint_key(f"{name}.weight") or f"{name}.weight"
             names.append(key[: -len(".weight")])
     return names

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from llmq.errors import LlmqError
+from llmq.experts import unfuse_experts
 
 # What a quantization run needs from a hub repository (no .bin/.h5/.msgpack duplicates).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
@@ -151,6 +152,7 @@ class ModelSource:
             raise LlmqError(f"{self.name!r} is not a causal language model ({type(self.config).__name__}): {str(e).splitlines()[0]}") from None
         model.eval()
         self.transposed = _linears_for_conv1d(model)
+        unfuse_experts(model)  # per-expert linears, under the names the checkpoint stores them by
         self.base_prefix = model.base_model_prefix or ""
         self._key_map = _checkpoint_names(model, list(self._index))
         tied = getattr(model, "_tied_weights_keys", None)
@@ -201,8 +203,9 @@ def _linears_for_conv1d(model: nn.Module) -> set[str]:
 
 def _checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
     """Model name -> checkpoint key, through transformers' own renaming rules (e.g. GPT-NeoX's
-    ``embed_out`` is ``lm_head`` in the module tree).  Keys that need a real conversion (fused
-    expert weights and the like) are left out: asking for them fails clearly later."""
+    ``embed_out`` is ``lm_head`` in the module tree).  A key that transformers would merge into
+    another tensor (per-expert weights into fused experts) maps by its renamings alone where the
+    model holds it unmerged (llmq.experts); others are left out: asking for them fails clearly later."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -218,6 +221,10 @@ def _checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
         new, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
         if converted is None:
             mapping[new] = key
+        else:
+            renamed, _ = rename_source_key(key, renamings, [], model.base_model_prefix, meta)
+            if renamed in meta:
+                mapping[renamed] = key
     return mapping
 
 

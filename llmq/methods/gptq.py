@@ -31,19 +31,26 @@ class Hessian:
     """Running average of 2 x x^T over calibration tokens, in fp32 (or the given dtype)."""
 
     def __init__(self, n: int, dtype: torch.dtype = torch.float32):
-        self.H = torch.zeros(n, n, dtype=dtype)
+        self.n, self.dtype = n, dtype
+        self._H: torch.Tensor | None = None  # allocated on first use: an alias (up_proj reading gate_proj's input) never is
         self.count = 0
 
+    @property
+    def H(self) -> torch.Tensor:
+        if self._H is None:
+            self._H = torch.zeros(self.n, self.n, dtype=self.dtype)
+        return self._H
+
     def add(self, x: torch.Tensor) -> None:
-        if self.H.device != x.device:  # accumulate where the activations live (CPU or GPU)
-            self.H = self.H.to(x.device)
+        if self._H is None or self._H.device != x.device:  # accumulate where the activations live (CPU or GPU)
+            self._H = self.H.to(x.device)
         x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
         m = x.shape[0]
         # Rescale the old mean before adding: no sum ever grows with the number of samples.
-        self.H *= self.count / (self.count + m)
+        self._H *= self.count / (self.count + m)
         self.count += m
         x = x * math.sqrt(2 / self.count)
-        self.H += x.T @ x
+        self._H += x.T @ x
 
 
 class InputHessians:
@@ -133,6 +140,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     out, n = W.shape
     gs, groups = spec.effective_group_size(n), spec.groups(n)
 
+    if not torch.any(torch.diag(H) > 0):
+        # No calibration token reached this linear (an expert the router never picked): there is no
+        # error to weigh, and zeroing "dead" columns would erase the whole matrix.  Round to nearest.
+        log.info("no calibration input reached this module; rounding it to nearest instead")
+        qt = rtn_quantize(W0.cpu(), spec)
+        zeros = torch.zeros(out, dtype=dtype, device=device)
+        return qt, SolveInfo(0.0, True, zeros, zeros)
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
