@@ -31,6 +31,12 @@ FAMILIES = {
     "qwen2_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                        decoder_sparse_step=2), ("gate_proj", "up_proj", "down_proj")),
     "olmoe": (dict(num_experts=4, num_experts_per_tok=2), ("gate_proj", "up_proj", "down_proj")),
+    # dense first layer, shared experts, grouped routing; DeepSeek with multi-head latent attention
+    "deepseek_v3": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                         first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                         v_head_dim=16, n_group=2, topk_group=1), ("gate_proj", "up_proj", "down_proj")),
+    "glm4_moe": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                      first_k_dense_replace=1, head_dim=16), ("gate_proj", "up_proj", "down_proj")),
 }
 SEQ, N = 32, 4
 
@@ -77,7 +83,7 @@ def _gptq_v1_weight(t: dict[str, torch.Tensor], prefix: str, out: int) -> torch.
     return ((q - z[g]).float() * sc[g].float()).T
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_moe_gptq_checkpoint_decodes_to_the_transformers_model(tmp_path, family):
     src = _save(family, tmp_path / "src")
     cfg = build_config({}, {"method": "gptq", "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": N, "dtype": "float32"})
@@ -86,7 +92,7 @@ def test_moe_gptq_checkpoint_decodes_to_the_transformers_model(tmp_path, family)
     gate, up, down = FAMILIES[family][1]
 
     # Each expert was calibrated on the tokens routed to it: top-k slots per token, spread over experts.
-    top_k = FAMILIES[family][0]["num_experts_per_tok"]
+    top_k = FAMILIES[family][0]["num_experts_per_tok"]  # (layer 1 is a MoE layer in every family here)
     routed = [r["tokens"] for r in stats.records if r["layer"] == 1 and r["module"].endswith(f".{gate}") and ".experts." in r["module"]]
     assert len(routed) == 4 and sum(routed) == top_k * N * SEQ and max(routed) < N * SEQ
 
@@ -109,7 +115,7 @@ def test_moe_gptq_checkpoint_decodes_to_the_transformers_model(tmp_path, family)
             rows = slice(0, inter) if proj == gate else slice(inter, 2 * inter)
             experts.gate_up_proj.data[e, rows] = _gptq_v1_weight(t, prefix, inter)
         seen += 1
-    assert seen == 3 * 4 * (1 if family == "qwen2_moe" else 2)  # every expert projection of every MoE layer
+    assert seen == 3 * 4 * (1 if family in ("qwen2_moe", "deepseek_v3") else 2)  # every expert projection of every MoE layer
     # routers and the shared expert's one-output gate stay float, unchanged
     for k in source:
         if k.endswith(("gate.weight", "shared_expert_gate.weight")) and ".experts." not in k and "gate_proj" not in k:
