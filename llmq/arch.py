@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llmq.errors import LlmqError
+from llmq.experts import ExpertLinears
 
 
 @dataclass(frozen=True)
@@ -292,8 +293,6 @@ def trace_arch(arch: Arch, layer: nn.Module, x: torch.Tensor, kwargs: dict[str, 
 
 def _expert_role(layer: nn.Module, name: str) -> str | None:
     """``mlp.experts.*.up_proj`` for ``mlp.experts.3.up_proj``: the same projection in every expert."""
-    from llmq.experts import ExpertLinears
-
     parts = name.split(".")
     for i in range(len(parts) - 1):
         if parts[i + 1].isdigit() and isinstance(layer.get_submodule(".".join(parts[: i + 1])), ExpertLinears):
@@ -308,20 +307,21 @@ def _merge_experts(layer: nn.Module, groups: list[list[str]], wanted: set[str]) 
     expert reads another's output, so every expert's gate/up can be calibrated in one forward and
     every down_proj in the next, which keeps the order true-sequential for each expert.  Experts the
     traced batch routed no token to join their role's step."""
-    roles: dict[str, list[str]] = {}
+    role = {n: _expert_role(layer, n) for n in wanted}
     merged: list[list[str]] = []
+    by_role: dict[frozenset, list[str]] = {}
     for g in groups:
-        key = tuple(sorted({_expert_role(layer, n) or n for n in g}))
-        if all(_expert_role(layer, n) for n in g) and str(key) in roles:
-            roles[str(key)].extend(g)
-            continue
-        merged.append(list(g))
-        if all(_expert_role(layer, n) for n in g):
-            roles[str(key)] = merged[-1]
+        key = frozenset(role[n] for n in g)
+        if None in key:
+            merged.append(list(g))
+        elif key in by_role:
+            by_role[key].extend(g)
+        else:
+            by_role[key] = list(g)
+            merged.append(by_role[key])
     placed = {n for g in merged for n in g}
     for n in sorted(wanted - placed):
-        role = _expert_role(layer, n)
-        home = next((g for g in merged if role is not None and any(_expert_role(layer, m) == role for m in g)), None)
+        home = next((g for key, g in by_role.items() if role[n] in key), None)
         if home is not None:
             home.append(n)
     return merged

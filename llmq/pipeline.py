@@ -177,12 +177,12 @@ def _layer_specs(names: list[str], layer: nn.Module, prefix: str, spec: QuantSpe
     return specs
 
 
-def _targets(arch: Arch, skip: list[str], layer_prefix: str) -> list[str]:
+def _targets(linears: list[str] | tuple[str, ...], skip: list[str], layer_prefix: str) -> list[str]:
     def skipped(name: str) -> bool:
         full = f"{layer_prefix}.{name}"
         return any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(name, p) or name.endswith(p) for p in skip)
 
-    return [n for n in arch.linears() if not skipped(n)]
+    return [n for n in linears if not skipped(n)]
 
 
 def _model_dtype(source: ModelSource) -> torch.dtype:
@@ -244,7 +244,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             assert calib_ids is not None
             inputs = capture_inputs(model, source, arch, calib_ids, compute_dtype, dev)
 
-        n_targets = [len(_targets(arch if tabled else Arch(arch.layers, (layer_linears(layer),)), cfg.skip, f"{arch.layers}.{i}"))
+        n_targets = [len(_targets(arch.linears() if tabled else layer_linears(layer), cfg.skip, f"{arch.layers}.{i}"))
                      if method.quantizes else 0 for i, layer in enumerate(layers)]
         bar = tqdm(total=sum(max(1, n) for n in n_targets), desc="quantize", unit="module", disable=not progress, dynamic_ncols=True)
         quantized_names: list[str] = []
@@ -265,7 +265,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
                          [f"{g.prev} -> {', '.join(g.linears)}" for g in arch.scaling] or "none")
             stats.peak_resident_layers = max(stats.peak_resident_layers, sum(is_resident(l) for l in layers))
 
-            targets = _layer_specs(_targets(arch, cfg.skip, prefix), layer, prefix, spec, gguf_grid, source) if method.quantizes else {}
+            targets = _layer_specs(_targets(arch.linears(), cfg.skip, prefix), layer, prefix, spec, gguf_grid, source) if method.quantizes else {}
             layer_log = LayerLog(layer=i)
             done = 0
 

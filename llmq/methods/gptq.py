@@ -42,8 +42,10 @@ class Hessian:
         return self._H
 
     def add(self, x: torch.Tensor) -> None:
-        if self._H is None or self._H.device != x.device:  # accumulate where the activations live (CPU or GPU)
-            self._H = self.H.to(x.device)
+        if self._H is None:  # accumulate where the activations live (CPU or GPU)
+            self._H = torch.zeros(self.n, self.n, dtype=self.dtype, device=x.device)
+        elif self._H.device != x.device:
+            self._H = self._H.to(x.device)
         x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
         m = x.shape[0]
         # Rescale the old mean before adding: no sum ever grows with the number of samples.
@@ -144,9 +146,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
         # No calibration token reached this linear (an expert the router never picked): there is no
         # error to weigh, and zeroing "dead" columns would erase the whole matrix.  Round to nearest.
         log.info("no calibration input reached this module; rounding it to nearest instead")
-        qt = rtn_quantize(W0.cpu(), spec)
-        zeros = torch.zeros(out, dtype=dtype, device=device)
-        return qt, SolveInfo(0.0, True, zeros, zeros)
+        return _rtn_fallback(W0, H, spec, 0.0)
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -169,8 +169,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     U, used_damp = _inverse_cholesky(H[perm][:, perm], damp)
     if U is None:
         log.warning("Hessian not positive definite even with damp=1.0; falling back to RTN for this module")
-        qt = rtn_quantize(W0.cpu(), spec)
-        return qt, SolveInfo(used_damp, True, *error_terms(W0, qt.dequantize(dtype).to(device), H))
+        return _rtn_fallback(W0, H, spec, used_damp)
 
     # Dynamic groups take their grid from the error-updated weights when their first column
     # comes up; aligning blocks to groups keeps those columns fully updated (as in the naive loop).
@@ -209,6 +208,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, spec), spec,
                                           None if offset is None else offset.cpu())
     return qt, SolveInfo(used_damp, False, *error_terms(W0, qt.dequantize(dtype).to(device), H))
+
+
+def _rtn_fallback(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float) -> tuple[QuantizedTensor, SolveInfo]:
+    qt = rtn_quantize(W.cpu(), spec)
+    return qt, SolveInfo(damp, True, *error_terms(W, qt.dequantize(H.dtype).to(H.device), H))
 
 
 class GPTQ(Method):
