@@ -152,12 +152,68 @@ def _gguf_config(p: Path) -> tuple[Any, torch.Tensor | None]:
                                                                   config.num_attention_heads, config.head_dim)
     if arch == "gpt2":  # nor GPT-2's MLP width and context (transformers keeps 4 x hidden and 1024)
         config.n_inner, config.n_positions = value("feed_forward_length"), value("context_length")
+    if arch == "llama" and value("expert_count"):  # Mixtral: read by _llama_with_experts
+        config.num_local_experts, config.num_experts_per_tok = int(value("expert_count")), int(value("expert_used_count"))
+    if value("expert_count"):  # nor the experts' widths, and llama.cpp's MoE graphs fix what configs leave open
+        from llmq.formats.gguf import MOE_ROUTING
+
+        if value("expert_feed_forward_length") and hasattr(config, "moe_intermediate_size"):
+            config.moe_intermediate_size = int(value("expert_feed_forward_length"))
+        if value("expert_shared_feed_forward_length") and hasattr(config, "shared_expert_intermediate_size"):
+            config.shared_expert_intermediate_size = int(value("expert_shared_feed_forward_length"))
+        if hasattr(config, "norm_topk_prob") and config.model_type in MOE_ROUTING:
+            config.norm_topk_prob = MOE_ROUTING[config.model_type]
+        if hasattr(config, "decoder_sparse_step"):  # experts in every layer
+            config.decoder_sparse_step, config.mlp_only_layers = 1, []
     rope = getattr(config, "rope_parameters", None)
     if value("rope.scaling.type") == "linear" and value("rope.scaling.factor") and isinstance(rope, dict):
         # nor is linear rotary scaling; Gemma 3 keeps rotary per layer type, and llama.cpp scales the global layers'
         rope.get("full_attention", rope).update(rope_type="linear", factor=float(value("rope.scaling.factor")))
     freqs = next((torch.from_numpy(t.data.copy()).float() for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     return config, freqs
+
+
+def _llama_with_experts(p: Path, config, dtype: torch.dtype):
+    """A Mixtral-style file (llama.cpp's llama graph with experts, as convert_hf_to_gguf writes Mixtral) as
+    transformers' Mixtral model.  transformers' GGUF reader knows such a file only as a dense Llama and
+    skips the experts: it reads the attention, norms, embedding and head (with a one-wide dense MLP,
+    so nothing is allocated for the MLP the file lacks); the routers and the experts' stacked tensors
+    are dequantized here with the `gguf` package, as the reader dequantizes the others."""
+    import copy
+
+    import gguf
+    from gguf.quants import dequantize
+    from transformers import AutoModelForCausalLM, MixtralConfig
+    from transformers.utils import logging as hf_logging
+
+    slim = copy.deepcopy(config)
+    slim.intermediate_size = 1
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would list the dense MLP as missing
+    try:
+        dense = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, config=slim, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
+    del dense
+    c = config
+    n_exp, inter, hidden = c.num_local_experts, c.intermediate_size, c.hidden_size
+    reader = gguf.GGUFReader(str(p))
+    tensors = {t.name: t for t in reader.tensors}
+
+    def read(name: str, *shape: int) -> torch.Tensor:
+        t = tensors[name]
+        return torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).reshape(shape).to(dtype)
+
+    for i in range(c.num_hidden_layers):
+        gate, up = (read(f"blk.{i}.ffn_{w}_exps.weight", n_exp, inter, hidden) for w in ("gate", "up"))
+        state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        state[f"model.layers.{i}.mlp.experts.down_proj"] = read(f"blk.{i}.ffn_down_exps.weight", n_exp, hidden, inter)
+        state[f"model.layers.{i}.mlp.gate.weight"] = read(f"blk.{i}.ffn_gate_inp.weight", n_exp, hidden)
+    mixtral = MixtralConfig(**{k: v for k, v in c.to_dict().items() if k not in ("model_type", "architectures")})
+    model = AutoModelForCausalLM.from_config(mixtral, dtype=dtype)
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def load_for_eval(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -176,7 +232,10 @@ def load_for_eval(name: str, dtype: torch.dtype = torch.float32, trust_remote_co
 
         try:
             config, freqs = _gguf_config(p)
-            model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, config=config, dtype=dtype)
+            if config.model_type == "llama" and getattr(config, "num_local_experts", 0):
+                model = _llama_with_experts(p, config, dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, config=config, dtype=dtype)
             if freqs is not None:  # llama.cpp divides each rotary frequency by its factor
                 for mod in model.modules():
                     if isinstance(getattr(mod, "inv_freq", None), torch.Tensor):

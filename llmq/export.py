@@ -144,6 +144,7 @@ def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = 
     qcfg = quantization_config_of(source)
     if qcfg is not None:
         delattr(source.config, "quantization_config")
+        suffix = format_for_config(qcfg).suffixes[0]
     model = source.skeleton(torch.float32)
     namer = tensor_namer(config)
     has_output = any(namer(source.checkpoint_key(n) or n) == "output.weight" for n, _ in model.named_parameters()
@@ -162,7 +163,8 @@ def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = 
         packed = set()
         if qcfg is not None:
             for mod_name, qt in iter_quantized(model, source, qcfg):
-                key = source.checkpoint_key(f"{mod_name}.weight") or f"{mod_name}.weight"
+                stored = source.checkpoint_key(f"{mod_name}.{suffix}")  # (module and checkpoint names can differ)
+                key = f"{stored[: -len(suffix)]}weight" if stored else f"{mod_name}.weight"
                 want = planned(key, qt.shape)
                 if qt.spec.grid != want.lower():
                     raise LlmqError(f"{src!r}: {key} was quantized on the {qt.spec.grid!r} grid, but {gguf_type} stores "
@@ -182,7 +184,7 @@ def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = 
                 yield key, rtn_quantize(t.float(), QuantSpec.for_gguf(want.lower())), want
 
     write_gguf(source.dir, config, out, gguf_type, tensors(), name=Path(src).name)
-    return notes
+    return list(dict.fromkeys(notes))  # (once per stacked tensor, not once per expert)
 
 
 def quantize_to_gguf(source: ModelSource, cfg, out: str | Path, *, overwrite: bool = False, device: str = "cpu",

@@ -10,6 +10,7 @@ and the user is told.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,8 +26,9 @@ K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q
 # model_type -> gguf's architecture name.  q/k rows are permuted only for the Llama family, whose
 # llama.cpp graph expects the rotary layout of the original Meta checkpoints.
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "phi": "phi2",
-              "gpt_neox": "gptneox", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2"}
-PERMUTE_QK = ("llama", "mistral")
+              "gpt_neox": "gptneox", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2",
+              "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+PERMUTE_QK = ("llama", "mistral", "mixtral")
 # Gemma's RMSNorms scale by (1 + w); llama.cpp's graph multiplies by the stored weight, so norms are written as 1 + w.
 NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3_text")
 
@@ -54,13 +56,36 @@ def check_gguf_type(name: str, flag: str = "--gguf-type", mixes: bool = True) ->
     return t
 
 
+# One expert's projection in a checkpoint (model.layers.3.mlp.experts.17.up_proj.weight); llama.cpp
+# holds all experts of a projection in one 3-D tensor (blk.3.ffn_up_exps.weight), expert-major.
+_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(.*)$")
+
+
+def expert_index(key: str) -> tuple[str, int] | None:
+    """(the key of the stacked tensor, the expert's index) for a per-expert checkpoint key, else None."""
+    m = _EXPERT_KEY.match(key)
+    return (f"{m[1]}.{m[3]}", int(m[2])) if m else None
+
+
+def expert_counts(config: dict[str, Any]) -> tuple[int, int]:
+    """(routed experts per layer, experts used per token); (0, 0) for a dense model."""
+    n = int(config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0)
+    return (n, int(config["num_experts_per_tok"])) if n else (0, 0)
+
+
 def tensor_namer(config: dict[str, Any]) -> Callable[[str], str | None]:
-    """HF checkpoint key -> GGUF tensor name (None when gguf knows no name for it)."""
+    """HF checkpoint key -> GGUF tensor name (None when gguf knows no name for it); every expert's
+    projection gets the name of the stacked tensor that holds it."""
     import gguf
 
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == GGUF_ARCHS[config["model_type"]])
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    return lambda key: names.get_name(key, try_suffixes=(".weight", ".bias"))
+
+    def name(key: str) -> str | None:
+        stacked = expert_index(key)
+        return names.get_name(stacked[0] if stacked else key, try_suffixes=(".weight", ".bias"))
+
+    return name
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -91,6 +116,8 @@ class GGUFPlan:
         is_head = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and not self.has_output)
         if gguf_name == "position_embd.weight":  # llama-quantize leaves learned positions unquantized
             return self.file_type if not self.quantized else "F16"
+        if len(parts) > 2 and parts[2].startswith("ffn_gate_inp"):  # MoE routers: F32, as convert_hf_to_gguf writes
+            return "F32"  # them and llama-quantize keeps them (routing is sensitive and they are tiny)
         if is_head and self.output_type:
             return self.output_type
         if gguf_name == "token_embd.weight" and self.token_embd_type:
@@ -99,7 +126,8 @@ class GGUFPlan:
             return self.file_type
         if is_head:
             return "Q8_0" if self.base == "Q8_0" else "Q6_K"
-        if self.file_type in MIXES and parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down"):
+        # (ffn_down: also the experts' and shared experts' ffn_down_exps / ffn_down_shexp, as llama.cpp matches it)
+        if self.file_type in MIXES and parts[0] == "blk" and (parts[2] == "attn_v" or parts[2].startswith("ffn_down")):
             if use_more_bits(int(parts[1]), self.n_layers):
                 return "Q6_K"
         return self.base

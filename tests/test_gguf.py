@@ -661,3 +661,125 @@ def test_rope_scaling_llama_cpp_lacks_is_refused(tmp_path):
     with pytest.raises(LlmqError, match="rotary scaling"):
         export_gguf(str(src), tmp_path / "m.gguf", "F32")
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ---- mixture-of-experts ----------------------------------------------------------------------
+
+MOE = {  # family -> config: 4 experts, 2 per token, rows that are multiples of 256
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, head_dim=64, norm_topk_prob=True),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=512,
+                      decoder_sparse_step=1, norm_topk_prob=False),
+}
+
+
+def _tiny_moe(family: str, path, **config):
+    """A random MoE model of ``family`` (MOE's config, then ``config``) with llmq-ref-6m's tokenizer.
+    Routers are drawn wider than HF's init, so which experts a token reaches, and with what weight, matter."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    need(REF6M)
+    common = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=512, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    cfg = AutoConfig.for_model(family, **{**common, **MOE[family], **config})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "experts"):  # (dense layers have none)
+                layer.mlp.gate.weight.normal_(0, 0.2)
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REF6M / f, path / f)
+    return path
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_gguf_stacks_experts_and_reads_back(tmp_path, family):
+    """Experts are written as llama.cpp's stacked ffn_{gate,up,down}_exps (expert-major), routers stay F32
+    in a quantized file, and an F32 file read back by `llmq eval`'s loader computes the source model
+    (transformers' own GGUF reader for the Qwen MoE families; Mixtral's experts, which that reader drops,
+    through llmq's reading of the stacked tensors)."""
+    from safetensors.torch import load_file
+
+    src = _tiny_moe(family, tmp_path / "src")
+    export_gguf(str(src), tmp_path / "f32.gguf", "F32")
+    a, b = _eval_loader_logits(src, tmp_path / "f32.gguf")
+    assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())
+
+    assert export_gguf(str(src), tmp_path / "q.gguf", "Q4_K_M") == []
+    read = _gguf_tensors(tmp_path / "q.gguf")
+    weights = load_file(src / "model.safetensors")
+    up = "w3" if family == "mixtral" else "up_proj"
+    moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+    t, values = read["blk.1.ffn_up_exps.weight"]
+    assert t.tensor_type.name == "Q4_K" and values.shape == (4, 512 if family == "mixtral" else 256, 256)
+    for e in range(4):  # expert e's slice is expert e's own rounding
+        want = rtn_quantize(weights[f"model.layers.1.{moe}.experts.{e}.{up}.weight"], QuantSpec.for_gguf("q4_k")).dequantize()
+        assert np.array_equal(values[e], want.numpy()), e
+    assert read["blk.1.ffn_down_exps.weight"][0].tensor_type.name == "Q6_K"  # Q4_K_M's layer bump reaches experts
+    assert read["blk.0.ffn_gate_inp.weight"][0].tensor_type.name == "F32"
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_gptq_moe_gguf_computes_llmqs_model(tmp_path, family):
+    """`quantize --format gguf` on a MoE model: GPTQ calibrates each expert on its routed tokens, and the
+    file, read back by `llmq eval`'s loader, computes llmq's dequantized checkpoint."""
+    src = _tiny_moe(family, tmp_path / "src")
+    cfg = build_config({}, {"method": "gptq", "format": "raw", "gguf_type": "Q4_K", "dataset": str(need(C4)),
+                            "nsamples": 4, "seqlen": 64, "dtype": "float32"})
+    quantize_model(ModelSource(str(src)), cfg, tmp_path / "stage", progress=False)
+    export_gguf(str(tmp_path / "stage"), tmp_path / "m.gguf", "Q4_K")
+    ours, _ = load_model(str(tmp_path / "stage"))
+    plan = GGUFPlan("Q4_K", ours.config.num_hidden_layers)
+    for mod, gname in [(ours.get_input_embeddings(), "token_embd.weight"), (ours.lm_head, "output.weight")]:
+        t, _ = plan.tensor_type(gname, tuple(mod.weight.shape))
+        mod.weight.data = rtn_quantize(mod.weight.data, QuantSpec.for_gguf(t.lower())).dequantize()
+    from llmq.checkpoint import load_for_eval
+
+    theirs, _, _ = load_for_eval(str(tmp_path / "m.gguf"))
+    ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+    assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_llama_cpp_runs_moe_families(tmp_path, family):
+    """With llama-cpp-python: Mixtral (llama graph with experts), Qwen3-MoE and Qwen2-MoE (shared expert
+    behind a sigmoid gate) files compute the HF model's logits in llama.cpp."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llmq.checkpoint import load_for_eval
+
+    src = _tiny_moe(family, tmp_path / "src")
+    export_gguf(str(src), tmp_path / "f32.gguf", "F32")
+    assert _llama_cpp_error(llama_cpp, src, tmp_path / "f32.gguf") < 1e-3
+    # Q8_0 (stacked blocks): against the file as gguf's dequantizer reads it.  llama.cpp also rounds the
+    # activations to 8 bits, which can flip a near-tied routing choice at a token or two: the median
+    # position is compared, which a misplaced expert or block would move by orders of magnitude.
+    export_gguf(str(src), tmp_path / "q8.gguf", "Q8_0")
+    ref, _, _ = load_for_eval(str(tmp_path / "q8.gguf"))
+    ids = torch.randint(3, 4096, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "q8.gguf"), n_ctx=256, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    assert ((got - want).abs().amax(-1) / want.abs().max()).median().item() < 0.02
+
+
+@pytest.mark.parametrize("family,config,match", [
+    ("qwen3_moe", dict(norm_topk_prob=False), "renormalises"),
+    ("qwen2_moe", dict(norm_topk_prob=True), "does not renormalise"),
+    ("qwen2_moe", dict(decoder_sparse_step=2), "experts in every layer"),
+    ("qwen3_moe", dict(mlp_only_layers=[0]), "experts in every layer"),
+    ("qwen2_moe", dict(tie_word_embeddings=True), "output head of its own"),
+])
+def test_moe_llama_cpp_cannot_compute_is_refused(tmp_path, family, config, match):
+    src = _tiny_moe(family, tmp_path / "src", **config)
+    with pytest.raises(LlmqError, match=match):
+        export_gguf(str(src), tmp_path / "m.gguf", "Q4_K")
+    assert not (tmp_path / "m.gguf").exists()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from llmq.errors import LlmqError
-from llmq.gguf_plan import GGUF_ARCHS, NORM_PLUS_ONE, PERMUTE_QK, tensor_namer
+from llmq.gguf_plan import GGUF_ARCHS, NORM_PLUS_ONE, PERMUTE_QK, expert_counts, expert_index, tensor_namer
 from llmq.grid import split_sub
 from llmq.qtensor import QuantizedTensor
 
@@ -38,6 +38,8 @@ def check_arch(config: dict[str, Any]) -> None:
         _check_gemma(config)
     if mt == "gpt2" and (config.get("scale_attn_by_inverse_layer_idx") or not config.get("scale_attn_weights", True)):
         raise LlmqError("llama.cpp's gpt2 graph scales attention by 1/sqrt(head_dim) in every layer; this model does not")
+    if mt in MOE_ROUTING:
+        _check_moe(config)
     kind = rope_of(config).get("rope_type", "default")
     allowed = ("default", "linear", "llama3") if mt in PERMUTE_QK else ("default", "linear")
     if kind not in allowed:
@@ -96,6 +98,24 @@ def _check_gemma(cfg: dict[str, Any]) -> None:
     if mt == "gemma3_text" and (local.get("rope_type", "default") != "default" or local.get("rope_theta", 10000.0) != 10000.0):
         raise LlmqError("llama.cpp's gemma3 graph uses plain rotary with base 10000 in its sliding-window layers; "
                         f"this model has {local}")
+
+
+# llama.cpp's MoE graphs hard-code what transformers' configs leave open: whether the top-k routing
+# weights are renormalised to sum to 1 (Mixtral always does), and that every layer is a MoE layer.
+MOE_ROUTING = {"mixtral": True, "qwen3_moe": True, "qwen2_moe": False}
+
+
+def _check_moe(cfg: dict[str, Any]) -> None:
+    mt = cfg["model_type"]
+    norm = MOE_ROUTING[mt]
+    if mt != "mixtral" and bool(cfg.get("norm_topk_prob", False)) != norm:
+        raise LlmqError(f"llama.cpp's {GGUF_ARCHS[mt]} graph {'renormalises' if norm else 'does not renormalise'} the top-k "
+                        f"routing weights; this model's norm_topk_prob is {cfg.get('norm_topk_prob')}")
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise LlmqError(f"llama.cpp's {GGUF_ARCHS[mt]} graph has experts in every layer; this model has dense MLP layers "
+                        "(mlp_only_layers / decoder_sparse_step)")
+    if mt == "qwen2_moe" and cfg.get("tie_word_embeddings"):
+        raise LlmqError("llama.cpp's qwen2moe graph needs an output head of its own; this model's lm_head is tied")
 
 
 def _f16_bytes(x: torch.Tensor) -> np.ndarray:
@@ -251,6 +271,14 @@ def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
                          ("final_logit_softcapping", w.add_final_logit_softcapping)):
             if cfg.get(key):
                 add(float(cfg[key]))
+    n_expert, n_used = expert_counts(cfg)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_used)
+        if cfg.get("moe_intermediate_size"):  # Mixtral's experts are intermediate_size wide
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size"):
+            w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(_file_type(gguf_type))
 
@@ -293,6 +321,29 @@ def add_tokenizer(w, model_dir: Path, vocab_size: int, model_type: str = "llama"
     SpecialVocab(model_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(w)
 
 
+def _tensor_data(cfg: dict[str, Any], hf_name: str, gname: str, payload, ttype: str) -> tuple[np.ndarray, Any]:
+    """(array, raw GGUF type or None) of one tensor as the file stores it: blocks of a QuantizedTensor,
+    else the float tensor in ``ttype``, rows in llama.cpp's order."""
+    import gguf
+    from gguf.quants import quantize as gguf_quantize
+
+    order = row_order(cfg, hf_name, payload.shape[0])
+    if isinstance(payload, QuantizedTensor):
+        if order is not None:
+            payload = payload.rows(order)
+        return pack_blocks(payload), ggml_type(payload.spec.grid)  # the writer takes the shape from the byte shape
+    t = payload.float()
+    if order is not None:
+        t = t[order]
+    if cfg["model_type"] in NORM_PLUS_ONE and gname.endswith("norm.weight"):
+        t = t + 1
+    if gname.endswith("ffn_gate_inp_shexp.weight"):  # the shared expert's one-output gate: a vector to llama.cpp
+        t = t.reshape(-1)
+    if ttype == "BF16":
+        return gguf_quantize(t.numpy(), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+    return t.numpy().astype(np.float32 if ttype == "F32" else np.float16), None
+
+
 def write_gguf(model_dir: Path, cfg: dict[str, Any], out_file: Path, gguf_type: str, tensors, name: str) -> None:
     """Write ``tensors``: an iterable of (hf_key, payload, type) where payload is a QuantizedTensor
     (type: its grid) or a float tensor written as ``type`` (F32, F16 or BF16).  ``cfg``: the
@@ -301,7 +352,6 @@ def write_gguf(model_dir: Path, cfg: dict[str, Any], out_file: Path, gguf_type: 
     Written to a temporary file beside ``out_file`` and renamed when complete.
     """
     import gguf
-    from gguf.quants import quantize as gguf_quantize
 
     gguf_name = tensor_namer(cfg)
     tmp = out_file.with_name(f".{out_file.name}.llmq-tmp")
@@ -312,25 +362,28 @@ def write_gguf(model_dir: Path, cfg: dict[str, Any], out_file: Path, gguf_type: 
         rope = rope_of(cfg)
         if rope.get("rope_type") == "llama3":
             w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim(cfg), float(rope["rope_theta"])).numpy())
+        n_expert, _ = expert_counts(cfg)
+        experts: dict[str, dict[int, tuple[np.ndarray, Any]]] = {}  # stacked name -> expert -> (data, raw type)
         for hf_name, payload, ttype in tensors:
             gname = gguf_name(hf_name)
             if gname is None:
                 raise LlmqError(f"no GGUF name for tensor {hf_name!r}")
-            order = row_order(cfg, hf_name, payload.shape[0])
-            if isinstance(payload, QuantizedTensor):
-                if order is not None:
-                    payload = payload.rows(order)
-                w.add_tensor(gname, pack_blocks(payload), raw_dtype=ggml_type(payload.spec.grid))  # shape from the byte shape
+            data, raw = _tensor_data(cfg, hf_name, gname, payload, ttype)
+            stacked = expert_index(hf_name)
+            if stacked is None:
+                w.add_tensor(gname, data, raw_dtype=raw)
                 continue
-            t = payload.float()
-            if order is not None:
-                t = t[order]
-            if cfg["model_type"] in NORM_PLUS_ONE and gname.endswith("norm.weight"):
-                t = t + 1
-            if ttype == "BF16":
-                w.add_tensor(gname, gguf_quantize(t.numpy(), gguf.GGMLQuantizationType.BF16), raw_dtype=gguf.GGMLQuantizationType.BF16)
-            else:
-                w.add_tensor(gname, t.numpy().astype(np.float32 if ttype == "F32" else np.float16))
+            # an expert's projection waits until its layer's others arrive: llama.cpp holds them stacked
+            have = experts.setdefault(gname, {})
+            have[stacked[1]] = (data, raw)
+            if len(have) == n_expert:
+                if sorted(have) != list(range(n_expert)) or len({(d.shape, r) for d, r in have.values()}) != 1:
+                    raise LlmqError(f"{gname}: the experts' tensors differ in index, shape or type")
+                w.add_tensor(gname, np.stack([have[e][0] for e in range(n_expert)]), raw_dtype=have[0][1])
+                del experts[gname]
+        if experts:
+            gname, have = next(iter(experts.items()))
+            raise LlmqError(f"{gname}: {len(have)} of the model's {n_expert} experts found")
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
