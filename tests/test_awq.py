@@ -160,3 +160,76 @@ def test_awq_runs_and_reloads(tmp_path, method, bits, sym, gs):
     model, _ = load_model(str(tmp_path / "q"))
     assert torch.isfinite(model(ids).logits).all()
     assert stats.peak_resident_layers == 1
+
+
+def test_input_sample_is_drawn_from_each_linears_own_rows():
+    """The clip search's inputs: for every linear at most CLIP_TOKENS rows, each one of the rows that
+    linear was actually handed (a plain forward hook collects them independently), all of them when
+    there are fewer, none for an expert no token reached; a MoE expert's rows are its routed tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmq.experts import ExpertLinears, unfuse_experts
+    from llmq.methods.awq import CLIP_TOKENS, sample_inputs
+
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256, head_dim=16,
+                               num_experts=8, num_experts_per_tok=1, moe_intermediate_size=32, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    unfuse_experts(model)  # as load_model does
+    ids = torch.randint(3, 128, (8, 100), generator=torch.Generator().manual_seed(0))
+    arch, inputs = layer_inputs(model, ids)
+    layer = get_module(model, arch.layers)[0]
+    experts = next(m for m in layer.modules() if isinstance(m, ExpertLinears))
+    names = ["self_attn.o_proj"] + [n for n, m in layer.named_modules() if n.endswith("down_proj")]
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n in names]
+    inputs.run(layer)
+    for h in hooks:
+        h.remove()
+    got = sample_inputs(layer, names, inputs, torch.Generator().manual_seed(0))
+    assert got["self_attn.o_proj"].shape[0] == CLIP_TOKENS < 800
+    routed = {n: torch.cat(v) if v else torch.empty(0, 32) for n, v in seen.items()}
+    assert len(experts) == 8 and sum(len(routed[n]) for n in names[1:]) == 800  # top-1 routing: every token once
+    for n in names:
+        rows = routed[n]
+        if len(rows) == 0:
+            assert n not in got
+            continue
+        assert got[n].shape[0] == min(CLIP_TOKENS, len(rows))
+        d = torch.cdist(got[n].double(), rows.double())  # each sampled row is one of the linear's own rows
+        assert (d.min(dim=1).values < 1e-6).all(), n
+        if len(rows) <= CLIP_TOKENS:
+            assert (d.min(dim=0).values < 1e-6).all(), n  # fewer rows than wanted: all of them
+
+
+def test_awq_clips_every_linear_but_q_and_k():
+    """Clipping reaches linears outside the scaled groups: o_proj under GQA (no v -> o fold) and the
+    MoE experts, as the reference clips every linear except q/k."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmq.experts import unfuse_experts
+
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256, head_dim=16,
+                               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    unfuse_experts(model)  # as load_model does
+    ids = torch.randint(3, 128, (8, 64), generator=torch.Generator().manual_seed(0))
+    arch, inputs = layer_inputs(model, ids)
+    layer = get_module(model, arch.layers)[0]
+    from llmq.arch import layer_linears, trace_arch
+
+    arch = trace_arch(arch, layer, inputs.first_batch(), inputs.kwargs)
+    spec = QuantSpec(3, 32, True)
+    targets = {n: spec for n in layer_linears(layer) if not n.endswith("mlp.gate")}
+    notes = AWQ(build_config({}, {"method": "awq", "bits": 3, "group_size": 32})).scale_and_clip(layer, arch, targets, inputs)
+    for n in targets:
+        short = n.rsplit(".", 1)[-1]
+        if short in ("q_proj", "k_proj"):
+            assert "clip_ratio_mean" not in notes.get(n, {}), n
+            continue
+        assert notes[n]["clip_ratio_mean"] < 1, n  # a range was shrunk
+    assert any(n.startswith("mlp.experts.") for n in notes) and "self_attn.o_proj" in notes

@@ -142,6 +142,28 @@ def _capture(layer: nn.Module, groups: list[ScaleGroup], inputs: LayerInputs) ->
     return cap
 
 
+@torch.no_grad()
+def sample_inputs(layer: nn.Module, names: list[str], inputs: LayerInputs, generator: torch.Generator,
+                  tokens: int = CLIP_TOKENS) -> dict[str, torch.Tensor]:
+    """A uniform sample of at most ``tokens`` rows of each named linear's input over all calibration
+    batches (each row drawn a random key, the smallest keys kept: memory stays a few batches' worth).
+    A MoE expert's input is the rows routed to it; an expert no row reached is left out."""
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observer(name: str):
+        def see(x: torch.Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1])
+            keys = torch.rand(x.shape[0], generator=generator).to(x.device)
+            if name in kept:
+                x, keys = torch.cat([kept[name][0], x]), torch.cat([kept[name][1], keys])
+            top = keys.argsort()[:tokens]
+            kept[name] = (x[top], keys[top])
+        return see
+
+    inputs.run(layer, {layer.get_submodule(n): observer(n) for n in names})
+    return {n: kept[n][0] for n in names if n in kept}
+
+
 def _block_out(block: nn.Module, xs: list[torch.Tensor], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The block over every captured batch (batches as LayerInputs formed them)."""
     outs = []
@@ -346,17 +368,21 @@ class AWQ(Method):
                 # alpha None: leaving the group unscaled won; mse_* are the block's output errors
                 notes[name] = {"alpha": info["alpha"], "awq_mse_unscaled": info["mse_unscaled"], "awq_mse_best": info["mse_best"]}
         if self.clip:
+            # Every linear is clipped on its own input (after the scales above), not only the scaled
+            # groups' members: o_proj under GQA, untabled wirings and MoE experts (their routed rows) too.
+            # q/k errors are amplified by the softmax: the reference leaves them unclipped.
             gen = torch.Generator().manual_seed(self.cfg.calibration.seed)
-            for g in groups:
-                for name in g.linears:
-                    if name.rsplit(".", 1)[-1] in NO_CLIP:
-                        continue  # q/k errors are amplified by the softmax: the reference leaves them unclipped
-                    lin = layer.get_submodule(name)
-                    spec = targets[name]
-                    max_val = search_clip(lin.weight.data, cap.x[g.linears[0]], spec, gen)
-                    ratio = max_val / _group_absmax(lin.weight.data, spec).clamp(min=1e-12)
-                    apply_clip(lin, max_val, spec)
-                    notes.setdefault(name, {})["clip_ratio_mean"] = float(ratio.mean())
+            names = [n for n in targets if n.rsplit(".", 1)[-1] not in NO_CLIP]
+            xs = sample_inputs(layer, names, inputs, gen)
+            for name in names:
+                if name not in xs:
+                    continue
+                lin = layer.get_submodule(name)
+                spec = targets[name]
+                max_val = search_clip(lin.weight.data, [xs[name]], spec, gen)
+                ratio = max_val / _group_absmax(lin.weight.data, spec).clamp(min=1e-12)
+                apply_clip(lin, max_val, spec)
+                notes.setdefault(name, {})["clip_ratio_mean"] = float(ratio.mean())
         return notes
 
 
