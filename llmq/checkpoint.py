@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from llmq.errors import LlmqError
+from llmq.experts import ExpertLinears
 from llmq.source import ModelSource
 
 # Everything a runtime needs besides the weights; copied verbatim from the source.
@@ -123,6 +124,22 @@ def iter_quantized(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]):
         if isinstance(mod, nn.Linear) and source.has_tensor(f"{mod_name}.{fmt.suffixes[0]}"):
             tensors = {s: source.load_tensor(f"{mod_name}.{s}") for s in fmt.suffixes if source.has_tensor(f"{mod_name}.{s}")}
             yield mod_name, fmt.unpack(tensors, spec, (mod.out_features, mod.in_features))
+
+
+def unquantized_linears(model: nn.Module, source: ModelSource, quantized: set[str]) -> list[str]:
+    """Checkpoint names of the linears left in floating point (for loaders' ignore lists).
+
+    MoE routers count: transformers holds them as bare weights, runtimes build them as linears."""
+    routers = {f"{owner}.{n}" if owner else n for owner, block in model.named_modules()
+               if any(isinstance(c, ExpertLinears) for c in block.children())
+               for n, c in block.named_children() if not isinstance(c, (nn.Linear, ExpertLinears))
+               and isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2}
+    names = []
+    for name, mod in model.named_modules():
+        if (isinstance(mod, nn.Linear) or name in routers) and name not in quantized:
+            key = source.checkpoint_key(f"{name}.weight") or f"{name}.weight"
+            names.append(key[: -len(".weight")])
+    return names
 
 
 def _gguf_config(p: Path) -> tuple[Any, torch.Tensor | None]:

@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import llmq
-from llmq.checkpoint import OutputDir, copy_sidecars, iter_quantized, quantization_config_of, write_config
+from llmq.checkpoint import (OutputDir, copy_sidecars, iter_quantized, quantization_config_of, unquantized_linears,
+                             write_config)
 from llmq.config import parse_size
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS, PLAIN, format_for_config
@@ -70,7 +70,7 @@ def export_checkpoint(src: str, target: str, out: str | Path, *, max_shard_size:
             writer.add(source.checkpoint_key(name) or name, t.to(out_dtype) if plain and t.is_floating_point() else t)
         writer.finish()
         dtype = PLAIN_DTYPES[target] if plain else _dtype_name(getattr(source.config, "dtype", None))
-        ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in done]
+        ignore = unquantized_linears(model, source, done)  # (checkpoint names, MoE routers included)
         new_qcfg = None if plain else fmt.quantization_config(spec, {**_extra_from(qcfg, natural), "ignore": ignore, "version": llmq.__version__})
         write_config(source.dir, tmp, dtype, new_qcfg)
         copy_sidecars(source.dir, tmp)

@@ -27,10 +27,9 @@ from tqdm.auto import tqdm
 import llmq
 from llmq.activations import LayerInputs
 from llmq.arch import Arch, arch_for, get_module, layer_linears, trace_arch
-from llmq.checkpoint import OutputDir, copy_sidecars, write_config
+from llmq.checkpoint import OutputDir, copy_sidecars, unquantized_linears, write_config
 from llmq.config import QuantizeConfig, parse_size
 from llmq.errors import LlmqError
-from llmq.experts import ExpertLinears
 from llmq.formats import FORMATS
 from llmq.formats.base import natural_g_idx
 from llmq.grid import QuantSpec
@@ -313,7 +312,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             qcfg = fmt.quantization_config(spec, {
                 "act_order": cfg.act_order, "static_groups": cfg.static_groups or cfg.act_order,
                 "true_sequential": cfg.true_sequential, "damp": cfg.damp, "method": cfg.method,
-                "natural_g_idx": natural, "version": llmq.__version__, "ignore": _unquantized_linears(model, source, set(quantized_names)),
+                "natural_g_idx": natural, "version": llmq.__version__, "ignore": unquantized_linears(model, source, set(quantized_names)),
             })
         write_config(source.dir, tmp, str(out_dtype).removeprefix("torch."), qcfg)
         copy_sidecars(source.dir, tmp)
@@ -327,22 +326,6 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
         (tmp / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
     stats.output = output.path
     return stats
-
-
-def _unquantized_linears(model: nn.Module, source: ModelSource, quantized: set[str]) -> list[str]:
-    """Checkpoint names of the linears left in floating point (for loaders' ignore lists).
-
-    MoE routers count: transformers holds them as bare weights, runtimes build them as linears."""
-    routers = {f"{owner}.{n}" if owner else n for owner, block in model.named_modules()
-               if any(isinstance(c, ExpertLinears) for c in block.children())
-               for n, c in block.named_children() if not isinstance(c, (nn.Linear, ExpertLinears))
-               and isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2}
-    names = []
-    for name, mod in model.named_modules():
-        if (isinstance(mod, nn.Linear) or name in routers) and name not in quantized:
-            key = source.checkpoint_key(f"{name}.weight") or f"{name}.weight"
-            names.append(key[: -len(".weight")])
-    return names
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -193,3 +193,24 @@ def test_moe_compressed_tensors_loads_in_transformers(tmp_path):
         a, b, fp = ours(_ids()).logits, theirs(_ids()).logits, _hf(src)(_ids()).logits
     assert (a - fp).abs().max() > 1e-2  # 4-bit experts: far from the fp model ...
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)  # ... and theirs computes ours
+
+
+def test_export_lists_the_same_float_linears_as_quantize(tmp_path):
+    """`llmq export` to compressed-tensors names the linears it leaves in float as the quantize run does:
+    by checkpoint key (Mixtral's router is block_sparse_moe.gate on disk, mlp.gate in transformers),
+    routers included (transformers holds them as bare weights, not nn.Linear)."""
+    import json
+
+    pytest.importorskip("compressed_tensors")
+    from llmq.export import export_checkpoint
+
+    src = _save("mixtral", tmp_path / "src")
+    cfg = build_config({}, {"method": "gptq", "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": N,
+                            "format": "compressed-tensors", "dtype": "float32"})
+    quantize_model(ModelSource(str(src)), cfg, tmp_path / "ct", progress=False, calib_ids=_ids(1))
+    export_checkpoint(str(tmp_path / "ct"), "compressed-tensors", tmp_path / "re")
+    keys = set(load_file(src / "model.safetensors"))
+    ignored = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"]["ignore"] for d in ("ct", "re")]
+    assert sorted(ignored[1]) == sorted(ignored[0])
+    assert {"lm_head", "model.layers.0.block_sparse_moe.gate", "model.layers.1.block_sparse_moe.gate"} <= set(ignored[1])
+    assert all(f"{n}.weight" in keys for n in ignored[1])  # checkpoint names, not module names
