@@ -126,6 +126,13 @@ def iter_quantized(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]):
             yield mod_name, fmt.unpack(tensors, spec, (mod.out_features, mod.in_features))
 
 
+def stored_prefix(source: ModelSource, mod_name: str, suffix: str) -> str:
+    """The key prefix a quantized module's tensors have in its checkpoint ("...block_sparse_moe.experts.3.w1."
+    for transformers' "...mlp.experts.3.w1"): module and checkpoint names can differ."""
+    key = source.checkpoint_key(f"{mod_name}.{suffix}")
+    return key[: -len(suffix)] if key else f"{mod_name}."
+
+
 def unquantized_linears(model: nn.Module, source: ModelSource, quantized: set[str]) -> list[str]:
     """Checkpoint names of the linears left in floating point (for loaders' ignore lists).
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 import llmq
-from llmq.checkpoint import (OutputDir, copy_sidecars, iter_quantized, quantization_config_of, unquantized_linears,
-                             write_config)
+from llmq.checkpoint import (OutputDir, copy_sidecars, iter_quantized, quantization_config_of, stored_prefix,
+                             unquantized_linears, write_config)
 from llmq.config import parse_size
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS, PLAIN, format_for_config
@@ -54,8 +54,7 @@ def export_checkpoint(src: str, target: str, out: str | Path, *, max_shard_size:
         natural = True
         for mod_name, qt in iter_quantized(model, source, qcfg):
             natural = natural and natural_g_idx(qt)
-            key = source.checkpoint_key(f"{mod_name}.{reader.suffixes[0]}")
-            base = key[: -len(reader.suffixes[0])]
+            base = stored_prefix(source, mod_name, reader.suffixes[0])
             if plain:
                 writer.add(base + "weight", qt.dequantize(out_dtype))
             else:
@@ -163,8 +162,7 @@ def export_gguf(src: str, out: str | Path, gguf_type: str, *, overwrite: bool = 
         packed = set()
         if qcfg is not None:
             for mod_name, qt in iter_quantized(model, source, qcfg):
-                stored = source.checkpoint_key(f"{mod_name}.{suffix}")  # (module and checkpoint names can differ)
-                key = f"{stored[: -len(suffix)]}weight" if stored else f"{mod_name}.weight"
+                key = f"{stored_prefix(source, mod_name, suffix)}weight"
                 want = planned(key, qt.shape)
                 if qt.spec.grid != want.lower():
                     raise LlmqError(f"{src!r}: {key} was quantized on the {qt.spec.grid!r} grid, but {gguf_type} stores "

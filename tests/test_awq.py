@@ -162,24 +162,33 @@ def test_awq_runs_and_reloads(tmp_path, method, bits, sym, gs):
     assert stats.peak_resident_layers == 1
 
 
+def _moe_layer(num_experts: int, top_k: int, moe_inter: int, seq: int):
+    """(layer, arch, LayerInputs) of a one-layer random Qwen3-MoE with its experts unfused as load_model
+    does, fed 8 random sequences of ``seq`` tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmq.experts import unfuse_experts
+
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256, head_dim=16,
+                               num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=moe_inter,
+                               pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    unfuse_experts(model)
+    ids = torch.randint(3, 128, (8, seq), generator=torch.Generator().manual_seed(0))
+    arch, inputs = layer_inputs(model, ids)
+    return get_module(model, arch.layers)[0], arch, inputs
+
+
 def test_input_sample_is_drawn_from_each_linears_own_rows():
     """The clip search's inputs: for every linear at most CLIP_TOKENS rows, each one of the rows that
     linear was actually handed (a plain forward hook collects them independently), all of them when
     there are fewer, none for an expert no token reached; a MoE expert's rows are its routed tokens."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from llmq.experts import ExpertLinears, unfuse_experts
+    from llmq.experts import ExpertLinears
     from llmq.methods.awq import CLIP_TOKENS, sample_inputs
 
-    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256, head_dim=16,
-                               num_experts=8, num_experts_per_tok=1, moe_intermediate_size=32, pad_token_id=0)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    unfuse_experts(model)  # as load_model does
-    ids = torch.randint(3, 128, (8, 100), generator=torch.Generator().manual_seed(0))
-    arch, inputs = layer_inputs(model, ids)
-    layer = get_module(model, arch.layers)[0]
+    layer, _, inputs = _moe_layer(num_experts=8, top_k=1, moe_inter=32, seq=100)
     experts = next(m for m in layer.modules() if isinstance(m, ExpertLinears))
     names = ["self_attn.o_proj"] + [n for n, m in layer.named_modules() if n.endswith("down_proj")]
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -207,24 +216,12 @@ def test_input_sample_is_drawn_from_each_linears_own_rows():
 def test_awq_clips_every_linear_but_q_and_k():
     """Clipping reaches linears outside the scaled groups: o_proj under GQA (no v -> o fold) and the
     MoE experts, as the reference clips every linear except q/k."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from llmq.experts import unfuse_experts
-
-    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256, head_dim=16,
-                               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, pad_token_id=0)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    unfuse_experts(model)  # as load_model does
-    ids = torch.randint(3, 128, (8, 64), generator=torch.Generator().manual_seed(0))
-    arch, inputs = layer_inputs(model, ids)
-    layer = get_module(model, arch.layers)[0]
     from llmq.arch import layer_linears, trace_arch
 
+    layer, arch, inputs = _moe_layer(num_experts=4, top_k=2, moe_inter=64, seq=64)
     arch = trace_arch(arch, layer, inputs.first_batch(), inputs.kwargs)
     spec = QuantSpec(3, 32, True)
-    targets = {n: spec for n in layer_linears(layer) if not n.endswith("mlp.gate")}
+    targets = {n: spec for n in layer_linears(layer)}  # (the router is no nn.Linear)
     notes = AWQ(build_config({}, {"method": "awq", "bits": 3, "group_size": 32})).scale_and_clip(layer, arch, targets, inputs)
     for n in targets:
         short = n.rsplit(".", 1)[-1]
