@@ -7,11 +7,16 @@ running each quantized layer over them.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+from llmq.arch import Arch, get_module
+from llmq.errors import LlmqError
+from llmq.source import ModelSource, move_resident, release
 
 Observer = Callable[[torch.Tensor], None]
 
@@ -83,3 +88,85 @@ class LayerInputs:
     def advance(self, layer: nn.Module) -> None:
         """Replace the inputs by this layer's outputs: they are the next layer's inputs."""
         self.hidden = self.run(layer, keep_outputs=True)  # type: ignore[assignment]
+
+
+# ---- capture at layer 0 -------------------------------------------------------------
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for layer 0 to record what the model feeds its decoder layers."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: dict[str, Any] | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.hidden.append(hidden_states)
+        if self.kwargs is None:
+            self.kwargs = _by_name(self.layer, hidden_states, args, kwargs) if args else kwargs
+        raise _StopForward
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the model may read attributes of its layers (e.g. attention_type)
+            return getattr(self._modules["layer"], name)
+
+
+def _by_name(layer: nn.Module, hidden: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments after the hidden states, all as keywords (GPT-2 passes its cache and mask
+    positionally): the layer is later called with a batch of hidden states and these."""
+    signature = inspect.signature(layer.forward)
+    params = signature.parameters
+    try:
+        bound = signature.bind(hidden, *args, **kwargs)
+    except TypeError:
+        bound = None
+    if bound is None or any(params[k].kind == inspect.Parameter.VAR_POSITIONAL for k in bound.arguments):
+        raise LlmqError("cannot name the positional arguments this architecture passes its decoder layers")
+    named: dict[str, Any] = {}
+    for k, v in list(bound.arguments.items())[1:]:
+        if params[k].kind == inspect.Parameter.VAR_KEYWORD:
+            named.update(v)
+        else:
+            named[k] = v
+    return named
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def capture_inputs(model: nn.Module, source: ModelSource, arch: Arch, ids: torch.Tensor,
+                   dtype: torch.dtype, device: torch.device) -> LayerInputs:
+    """Run the calibration tokens up to layer 0 with only the pre-layer weights resident."""
+    layers = get_module(model, arch.layers)
+    head = model.get_output_embeddings()
+    names = _module_names(model)
+    head_name = names.get(id(head)) if head is not None else None
+    # Everything outside the decoder layers except the output head (big, and not needed yet).
+    outside = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()
+                      if not n.startswith(arch.layers + ".") and (head_name is None or not n.startswith(head_name + "."))})
+    for prefix in outside:
+        source.materialize(model, prefix, dtype)
+    move_resident(model, device)
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    try:
+        with torch.no_grad():
+            for row in ids:
+                try:
+                    model(input_ids=row[None].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        layers[0] = catcher.layer
+        for prefix in outside:
+            release(model.get_submodule(prefix))
+    kwargs = {k: v for k, v in (catcher.kwargs or {}).items() if k not in ("past_key_values", "past_key_value", "cache")}
+    return LayerInputs(hidden=catcher.hidden, kwargs=kwargs)

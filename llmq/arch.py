@@ -212,6 +212,18 @@ def _discover(model: nn.Module) -> Arch:
     return Arch(layers=name, sequential=(linears,), discovered=True)
 
 
+def decoder_linears(model: nn.Module, arch: Arch | None = None) -> dict[str, nn.Linear]:
+    """Every decoder linear a run quantizes (before skip patterns), by full module name: the table's in
+    every layer, or each layer's own for families without one (whose layers may differ: dense first
+    layers, then mixture-of-experts ones)."""
+    arch = arch or arch_for(model)
+    found = {}
+    for i, layer in enumerate(get_module(model, arch.layers)):
+        for name in layer_linears(layer) if arch.discovered else arch.linears():
+            found[f"{arch.layers}.{i}.{name}"] = layer.get_submodule(name)
+    return found
+
+
 def layer_linears(layer: nn.Module) -> tuple[str, ...]:
     """The linears of a layer worth quantizing, for families without a table.
 

@@ -5,10 +5,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
+import shlex
 import sys
 from pathlib import Path
 
+import llmq
+from llmq.checkpoint import load_for_eval
+from llmq.config import CalibConfig, QuantizeConfig
+from llmq.data import eval_tokens
+from llmq.dtypes import FLOAT_DTYPES, torch_dtype
 from llmq.errors import LlmqError
+from llmq.eval import evaluate
+from llmq.export import PLAIN, export_checkpoint, export_gguf
+from llmq.formats import FORMATS
+from llmq.gguf.types import BLOCK_TYPES, FLOAT_TYPES, MIXES
+from llmq.grid import SUPPORTED_BITS
+from llmq.hub import push
+from llmq.methods import METHODS
+from llmq.methods.gptq import GPTQOptions
+from llmq.pipeline import quantize_model
+from llmq.provenance import verify
+from llmq.recipe import build_config, load_recipe
+from llmq.report import load_suite, run_report
+from llmq.source import ModelSource
 
 EPILOG_QUANTIZE = """examples:
   python -m llmq quantize --model meta-llama/Llama-2-7b-hf --method gptq --bits 4 --group-size 128 --out llama2-7b-w4g128
@@ -18,46 +38,48 @@ EPILOG_QUANTIZE = """examples:
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    from llmq.formats import FORMATS
-    from llmq.methods import METHODS
-
+    cfg, calib, gptq = QuantizeConfig(), CalibConfig(), GPTQOptions()
     p = sub.add_parser("quantize", help="quantize a causal LM, streaming one decoder layer at a time",
-                       description="Quantize a Hugging Face causal LM layer by layer and write a GPTQ-layout checkpoint.",
+                       description="Quantize a Hugging Face causal LM layer by layer and write a checkpoint or a GGUF file.",
                        epilog=EPILOG_QUANTIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or local directory of the fp model")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True, help="output directory, or .gguf file with --format gguf (written atomically)")
     p.add_argument("--config", help="YAML recipe (see configs/); flags given here override it")
-    p.add_argument("--method", choices=sorted(METHODS), help="quantization method (default rtn)")
-    p.add_argument("--bits", type=int, help="code width: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, help="columns per scale; -1 = one per output channel (default 128)")
+    p.add_argument("--method", choices=sorted(METHODS), help=f"quantization method (default {cfg.method})")
+    p.add_argument("--bits", type=int, help=f"code width: {', '.join(map(str, SUPPORTED_BITS))} (default {cfg.bits})")
+    p.add_argument("--group-size", type=int, help=f"columns per scale; -1 = one per output channel (default {cfg.group_size})")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--sym", dest="sym", action="store_const", const=True, help="symmetric grid (default)")
-    g.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric grid with zero points")
-    p.add_argument("--damp", type=float, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
-    p.add_argument("--block-size", type=int, help="GPTQ lazy-batch block size (default 128)")
+    g.add_argument("--sym", dest="sym", action="store_const", const=True, help="symmetric grid" + _default(cfg.sym))
+    g.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric grid with zero points" + _default(not cfg.sym))
+    p.add_argument("--damp", type=float, help=f"GPTQ damping, fraction of mean diag(H) (default {gptq.damp})")
+    p.add_argument("--block-size", type=int, help=f"GPTQ lazy-batch block size (default {gptq.block_size})")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--act-order", dest="act_order", action="store_const", const=True,
-                   help="GPTQ: quantize columns by decreasing diag(H), with static groups (default for gptq)")
+                   help="GPTQ: quantize columns by decreasing diag(H), with static groups" + _per_method("act_order"))
     g.add_argument("--no-act-order", dest="act_order", action="store_const", const=False,
                    help="GPTQ: quantize columns in their natural order")
     p.add_argument("--static-groups", action="store_const", const=True, help="GPTQ: fix group grids from the unquantized weights")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False,
                    help="GPTQ: calibrate all linears of a layer on the unquantized layer's inputs")
-    p.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False,
-                   help="AWQ: skip the clipping-range search")
-    p.add_argument("--dataset", help="calibration text: wikitext2, c4, pile-val, a .txt/.jsonl/.parquet file or owner/name[:config][@split]")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--awq-clip", dest="awq_clip", action="store_const", const=True,
+                   help="AWQ: search a clipping range per group after scaling" + _per_method("awq_clip"))
+    g.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False, help="AWQ: skip the clipping search")
+    p.add_argument("--dataset", help="calibration text: wikitext2, c4, pile-val, a .txt/.jsonl/.parquet file or owner/name[:config][@split] "
+                                     f"(default: the method's, {_method_defaults('default_dataset')})")
     p.add_argument("--split", help="dataset split (default: train for known sets)")
-    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default: 2048, AWQ 512; capped by the context)")
-    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--nsamples", type=int, help=f"calibration windows (default {calib.nsamples})")
+    p.add_argument("--seqlen", type=int, help=f"tokens per calibration window (default: the method's, {_method_defaults('default_seqlen')}; "
+                                              "capped by the context)")
+    p.add_argument("--seed", type=int, help=f"sampling seed (default {calib.seed})")
     p.add_argument("--format", choices=sorted([*FORMATS, "gguf"]),
                    help="checkpoint layout (default: gptq, or gptq_v2 for --asym); gguf writes one llama.cpp file at --out")
-    p.add_argument("--gguf-type", help="with --format gguf: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K (the method "
-                                       "quantizes on that block grid), Q4_K_M Q5_K_M (mixes), F16 BF16 F32")
+    p.add_argument("--gguf-type", help=f"with --format gguf: {' '.join(BLOCK_TYPES)} (the method quantizes on that block grid), "
+                                       f"{' '.join(MIXES)} (mixes), {' '.join(FLOAT_TYPES)}")
     _add_gguf_tensor_types(p)
-    p.add_argument("--dtype", help="dtype of unquantized tensors: float16 (default), bfloat16, float32")
-    p.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 4GB (default)")
-    p.add_argument("--skip", action="append", help="linear name pattern to leave unquantized (repeatable)")
+    p.add_argument("--dtype", help=f"dtype of unquantized tensors: {', '.join(FLOAT_DTYPES)} (default {cfg.dtype})")
+    p.add_argument("--max-shard-size", help=f"largest safetensors shard, e.g. 4GB (default {cfg.max_shard_size})")
+    p.add_argument("--skip", action="append", help=f"linear name pattern to leave unquantized (repeatable; default {' '.join(cfg.skip)})")
     p.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1)")
     p.add_argument("--revision", help="hub revision of --model")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
@@ -65,6 +87,21 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--stats-json", help="write wall time and peak RSS of this run to this JSON file")
     p.set_defaults(func=cmd_quantize)
+
+
+def _default(on: bool) -> str:
+    return " (default)" if on else ""
+
+
+def _per_method(option: str) -> str:
+    """' (default: on for gptq, off for awq+gptq)' for a method option whose default differs per method."""
+    values = {m.name: getattr(m.Options(), option) for m in METHODS.values() if hasattr(m.Options(), option)}
+    return " (default: " + ", ".join(f"{'on' if v else 'off'} for {m}" for m, v in values.items()) + ")"
+
+
+def _method_defaults(attr: str) -> str:
+    values = {m.name: getattr(m, attr) for m in METHODS.values() if m.needs_calibration}
+    return ", ".join(f"{v} for {m}" for m, v in values.items())
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -92,18 +129,16 @@ def _add_gguf_tensor_types(p: argparse.ArgumentParser) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from llmq.formats import FORMATS, PLAIN
-
     p = sub.add_parser("export", help="re-pack a quantized checkpoint in another format (exactly the same codes)",
                        description="Read a quantized checkpoint (gptq, gptq_v2, awq, compressed-tensors; llmq's or another "
                                    "tool's) and write it in another layout, or dequantize it (fp16/bf16/fp32).")
     p.add_argument("--model", required=True, help="quantized checkpoint directory or hub id")
     p.add_argument("--format", required=True, choices=[*FORMATS, *PLAIN, "gguf"])
-    p.add_argument("--gguf-type", help="with --format gguf: a GGUF type (RTN on its grid from an fp model; see quantize "
-                                       "--help), or the type a `quantize --format raw --gguf-type T` checkpoint was made for")
+    p.add_argument("--gguf-type", help="with --format gguf (from a float model): a GGUF type, every tensor rounded to nearest on "
+                                       "its grid as llama-quantize does (see quantize --help)")
     _add_gguf_tensor_types(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--max-shard-size", default=QuantizeConfig.max_shard_size)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_export)
@@ -127,10 +162,6 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import shlex
-
-    from llmq.report import load_suite, run_report
-
     eval_paths = {}
     for item in args.eval:
         name, sep, spec = item.partition("=")
@@ -159,8 +190,6 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from llmq.hub import push
-
     files = push(args.dir, args.repo_id, private=args.private, dry_run=args.dry_run, base_model=args.base_model,
                  report=args.report)
     verb = "would upload" if args.dry_run else "uploaded"
@@ -178,8 +207,6 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from llmq.export import export_checkpoint, export_gguf
-
     if args.format == "gguf":
         if not args.gguf_type:
             raise LlmqError("--format gguf needs --gguf-type")
@@ -195,8 +222,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from llmq.provenance import verify
-
     d = Path(args.dir)
     if not d.is_dir():
         raise LlmqError(f"{args.dir!r} is not a directory")
@@ -209,17 +234,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _write_stats(path: str | None, seconds: float) -> None:
     if path:
-        import resource
-
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         Path(path).write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak}) + "\n")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from llmq.config import build_config, load_recipe
-    from llmq.pipeline import quantize_model
-    from llmq.source import ModelSource
-
     recipe = load_recipe(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "damp", "block_size", "act_order",
                                                "static_groups", "true_sequential", "awq_clip", "dataset", "split", "nsamples",
@@ -227,28 +246,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                "dtype", "max_shard_size", "skip")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
-    if cfg.format == "gguf":
-        import time
-
-        from llmq.export import quantize_to_gguf
-
-        t0 = time.perf_counter()
-        notes = quantize_to_gguf(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
-        _write_stats(args.stats_json, time.perf_counter() - t0)
-        for n in notes:
-            print(f"note: {n}")
-        print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB): {cfg.method} on the {cfg.gguf_type.upper()} grid")
-        return 0
     stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
-    size = sum(p.stat().st_size for p in Path(stats.output).glob("*.safetensors"))
     _write_stats(args.stats_json, stats.seconds)
-    if cfg.method in ("fp16", "bf16", "fp32"):
-        recipe = ""
-    elif cfg.gguf_type:  # a staging checkpoint on GGUF grids
-        recipe = f"on the {cfg.gguf_type.upper()} grids"
+    for n in stats.notes:
+        print(f"note: {n}")
+    out = Path(stats.output)
+    size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    if cfg.format == "gguf":
+        print(f"wrote {out} ({size / 2**20:.1f} MiB) in {stats.seconds:.1f}s: {cfg.method} on the {cfg.gguf_type.upper()} grids")
     else:
-        recipe = f"W{cfg.bits} g{cfg.group_size} " + ("sym" if cfg.sym else "asym")
-    print(f"wrote {stats.output} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: {cfg.method} {recipe}")
+        recipe_text = f" W{cfg.bits} g{cfg.group_size} " + ("sym" if cfg.sym else "asym") if METHODS[cfg.method].quantizes else ""
+        print(f"wrote {out} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: {cfg.method}{recipe_text}")
     errors = [r["error"] for r in stats.records if "error" in r]
     if errors:
         worst = max(stats.records, key=lambda r: r.get("error", -1))
@@ -261,11 +269,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmq.checkpoint import load_for_eval
-    from llmq.data import eval_tokens
-    from llmq.eval import evaluate
-    from llmq.source import torch_dtype
-
     dtype = torch_dtype(args.dtype)
     model, tokenizer, context = load_for_eval(args.model, dtype, trust_remote_code=args.trust_remote_code)
     seqlen = args.seqlen or min(2048, context or 2048)
@@ -296,10 +299,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmq import __version__
-
     parser = argparse.ArgumentParser(prog="llmq", description="Calibrated LLM weight quantization (RTN, GPTQ, AWQ) with layer streaming, exported to GPTQ, AWQ and compressed-tensors checkpoints.")
-    parser.add_argument("--version", action="version", version=f"llmq {__version__}")
+    parser.add_argument("--version", action="version", version=f"llmq {llmq.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quantize(sub)
     _add_export(sub)

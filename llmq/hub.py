@@ -34,10 +34,10 @@ def model_card(ckpt: Path, repo_id: str | None = None, base_model: str | None = 
     recipe = prov.get("recipe", {})
     source = (prov.get("source") or {}).get("model")
     base = base_model or (source if _looks_like_repo_id(source) else None)
-    method = recipe.get("method") or (q.get("meta") or {}).get("method") or q.get("quant_method") or "fp"
+    method = codes_method(recipe, q)
     bits = q.get("bits") or ((q.get("config_groups") or {}).get("group_0", {}).get("weights") or {}).get("num_bits")
     fmt = q.get("quant_method", "none")
-    tags = ["llmq", "quantized", str(method)] + ([f"{bits}-bit"] if bits else []) + ([fmt] if fmt not in ("none", method) else [])
+    tags = ["llmq", "quantized" if q else "converted", str(method)] + ([f"{bits}-bit"] if bits else []) + ([fmt] if fmt not in ("none", method) else [])
     meta: dict[str, Any] = {"library_name": "transformers", "tags": list(dict.fromkeys(tags)), "quantized_by": "llmq"}
     if base:
         meta["base_model"] = base
@@ -45,8 +45,8 @@ def model_card(ckpt: Path, repo_id: str | None = None, base_model: str | None = 
     name = repo_id or ckpt.name
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
              f"{'Quantized' if q else 'Converted'} with [llmq](https://pypi.org/project/llmq/) {prov.get('llmq_version', '')} "
-             f"from `{source or 'unknown'}`: method **{method}**" + (f", {bits}-bit" if bits else "") +
-             (f", group size {q.get('group_size')}" if q.get("group_size") else "") + f", checkpoint layout `{fmt}`.", ""]
+             f"from `{source or 'unknown'}`: codes chosen by **{method}**" + (f", {bits}-bit" if bits else "") +
+             (f", group size {q.get('group_size')}" if q.get("group_size") else "") + f", checkpoint format `{fmt}`.", ""]
     if recipe:
         lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
     if report_rows:
@@ -69,6 +69,13 @@ def model_card(ckpt: Path, repo_id: str | None = None, base_model: str | None = 
               "## Provenance", "", f"`{PROVENANCE_FILE}` records the source model and the sha256 of its files, the full recipe, "
               "tool versions and the sha256 of every file here; `python -m llmq verify DIR` re-checks them.", ""]
     return "\n".join(lines)
+
+
+def codes_method(recipe: dict[str, Any], qcfg: dict[str, Any]) -> str:
+    """The method that chose the codes, which an export to another format keeps (never the format's name)."""
+    while recipe.get("quantized_with"):  # (an export of an export of ...)
+        recipe = recipe["quantized_with"]
+    return recipe.get("method") or (qcfg.get("meta") or {}).get("method") or ("unknown" if qcfg else "fp")
 
 
 def push(ckpt: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False, base_model: str | None = None,

@@ -14,12 +14,15 @@ from typing import Any
 
 from torch import nn
 
-from llmq.arch import arch_for, get_module
+from llmq.arch import decoder_linears
 from llmq.config import QuantizeConfig
+from llmq.dtypes import nbytes
 from llmq.formats import FORMATS
-
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-_CAST = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from llmq.gguf.model import gguf_config
+from llmq.gguf.plan import GGUFPlan, tensor_namer
+from llmq.gguf.types import BLOCK_TYPES, FLOAT_TYPES
+from llmq.grid import IntGrid
+from llmq.methods import METHODS
 
 
 def meta_model(config_path: str | Path) -> nn.Module:
@@ -46,24 +49,17 @@ def project(model: nn.Module, cfg: QuantizeConfig) -> dict[str, Any]:
     """Bytes by category for ``cfg`` applied to ``model`` (on the meta device)."""
     if cfg.format == "gguf":
         return _project_gguf(model, cfg)
-    arch = arch_for(model)
-    layers = get_module(model, arch.layers)
-    float_dtype = _CAST.get(cfg.method, cfg.dtype)
-    fbytes = _BYTES[float_dtype]
-    quantizes = cfg.method not in _CAST
-    fmt = FORMATS[cfg.format_name()] if quantizes else None
-    spec = cfg.spec() if quantizes else None
-    quantized: dict[str, nn.Linear] = {}
-    if quantizes:
-        for i in range(len(layers)):
-            for name in arch.linears():
-                quantized[f"{arch.layers}.{i}.{name}"] = layers[i].get_submodule(name)
+    method = METHODS[cfg.method]
+    fbytes = nbytes(method.dtype or cfg.dtype)
+    fmt = FORMATS[cfg.format_name()] if method.quantizes else None
+    grid = IntGrid(cfg.bits, cfg.group_size, cfg.sym) if method.quantizes else None
+    quantized = decoder_linears(model) if method.quantizes else {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     sizes = {"quantized_linears": 0, "float_tensors": 0}
     qweights = 0
     for mod_name, lin in quantized.items():
-        sizes["quantized_linears"] += fmt.nbytes(lin.out_features, lin.in_features, spec)
+        sizes["quantized_linears"] += fmt.nbytes(lin.out_features, lin.in_features, grid)
         qweights += lin.out_features * lin.in_features
     skip = {id(l.weight) for l in quantized.values()}
     for n, p in model.named_parameters():
@@ -80,11 +76,7 @@ def project(model: nn.Module, cfg: QuantizeConfig) -> dict[str, Any]:
 
 def _project_gguf(model: nn.Module, cfg: QuantizeConfig) -> dict[str, Any]:
     """GGUF tensor bytes, each tensor at the type the GGUF plan gives it (llama.cpp's block sizes)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    from llmq.gguf_plan import GGUFPlan, tensor_namer
-
-    config = model.config.to_dict()
+    config = gguf_config(model.config)
     namer = tensor_namer(config)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
@@ -97,13 +89,12 @@ def _project_gguf(model: nn.Module, cfg: QuantizeConfig) -> dict[str, Any]:
             continue
         gname = namer(name) or name
         t, _ = plan.tensor_type(gname, tuple(p.shape))
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t]]
-        nbytes = p.numel() // block * size
+        size = BLOCK_TYPES[t].nbytes(tuple(p.shape)) if t in BLOCK_TYPES else p.numel() * FLOAT_TYPES[t].itemsize
         if gname.startswith("blk.") and p.ndim == 2:
-            lin_bytes += nbytes
+            lin_bytes += size
             qweights += p.numel()
         else:
-            other_bytes += nbytes
+            other_bytes += size
     total = lin_bytes + other_bytes
     n = parameter_count(model)
     return {"quantized_linears": lin_bytes, "float_tensors": other_bytes, "total_bytes": total, "params": n,

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from llmq.grid import QuantSpec, dequantize
+from llmq.grid import Grid, dequantize
 
 
 @dataclass
 class QuantizedTensor:
-    codes: torch.Tensor  # (out, in) uint8, values in [0, 2**bits - 1]
-    scales: torch.Tensor  # (out, groups) fp32, exactly representable in spec.scale_dtype
+    codes: torch.Tensor  # (out, in) uint8, values in [0, grid.maxq]
+    scales: torch.Tensor  # (out, groups) fp32, exactly what the grid stores
     zeros: torch.Tensor  # (out, groups) uint8, integer zero points
     g_idx: torch.Tensor  # (in,) int32: group of each input column
-    spec: QuantSpec
+    grid: Grid
     offsets: torch.Tensor | None = None  # (out, groups) fp32: w = scale * (q - zero) + offset
 
     def __post_init__(self) -> None:
@@ -47,16 +47,16 @@ class QuantizedTensor:
     def rows(self, order: torch.Tensor) -> "QuantizedTensor":
         """The same tensor with its output rows reordered."""
         return QuantizedTensor(codes=self.codes[order], scales=self.scales[order], zeros=self.zeros[order], g_idx=self.g_idx,
-                               spec=self.spec, offsets=None if self.offsets is None else self.offsets[order])
+                               grid=self.grid, offsets=None if self.offsets is None else self.offsets[order])
 
     @staticmethod
-    def from_float_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, spec: QuantSpec,
+    def from_float_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, grid: Grid,
                          offsets: torch.Tensor | None = None) -> "QuantizedTensor":
         return QuantizedTensor(
             codes=q.round().to(torch.uint8),
             scales=scales.float().contiguous(),
             zeros=zeros.round().to(torch.uint8),
             g_idx=g_idx.to(torch.int32),
-            spec=spec,
+            grid=grid,
             offsets=None if offsets is None else offsets.float().contiguous(),
         )

@@ -9,11 +9,13 @@ from those records.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -24,12 +26,23 @@ import yaml
 from safetensors import safe_open
 
 import llmq
-from llmq.config import build_config
+from llmq.arch import decoder_linears
+from llmq.checkpoint import load_for_eval, load_model
+from llmq.data import eval_tokens
 from llmq.errors import LlmqError
-from llmq.gguf_plan import GGUF_ARCHS
+from llmq.eval import ReferenceLogProbs, evaluate
+from llmq.gguf import reader as gguf_reader
+from llmq.gguf.model import GGUF_ARCHS
+from llmq.gguf.types import BLOCK_TYPES, MIXES
+from llmq.methods import METHODS, options_for
+from llmq.plot import size_vs_ppl
+from llmq.projection import meta_model, parameter_count, project
+from llmq.recipe import build_config
 from llmq.safetensors_stream import DTYPE_BYTES
+from llmq.source import ModelSource
 
 RECORD = "record.json"
+EVAL_BATCH = 8  # windows per forward pass
 
 # Published Llama-2-7B wikitext-2 perplexities at seqlen 2048 (AWQ paper, Table 4; GPTQ/RTN columns as reported there).
 PUBLISHED_7B = {("fp16", None, None): 5.47,
@@ -93,126 +106,144 @@ def _measure_sizes(ckpt: Path, model_params: int, linear_shapes: dict[str, tuple
             "bits_per_linear_weight": 8 * lin_bytes / lin_weights}
 
 
-def _measure_gguf(path: Path, model_params: int, linear_weights: int) -> dict[str, Any]:
-    import gguf
+@dataclass
+class _Context:
+    """What every variant of a report is measured against, prepared once per run."""
 
-    from llmq.formats.gguf import LINEAR_TENSORS
+    model: str
+    source: ModelSource
+    seqlen: int
+    datasets: dict[str, str]
+    tokens: dict[str, Any]
+    references: dict[str, ReferenceLogProbs]  # the FP32 model's log-probabilities, computed once per dataset
+    linear_shapes: dict[str, tuple[int, int]]  # checkpoint name of each decoder linear -> (out, in)
+    n_params: int
+    projection: Any
 
-    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
-    lin = sum(b for k, b in tensors.items() if k.startswith("blk.") and k.split(".")[2] in LINEAR_TENSORS)
-    return {"file_bytes": path.stat().st_size, "tensor_bytes": sum(tensors.values()),
-            "bits_per_weight": 8 * sum(tensors.values()) / model_params, "bits_per_linear_weight": 8 * lin / linear_weights}
 
-
-def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[str, str], seqlen: int | None,
-               calib_dataset: str | None = None, nsamples: int | None = None, max_windows: int | None = None,
-               progress: bool = True, command: str = "") -> list[dict[str, Any]]:
-    from llmq.arch import arch_for, get_module
-    from llmq.checkpoint import load_for_eval, load_model
-    from llmq.data import eval_tokens
-    from llmq.eval import evaluate
-    from llmq.pipeline import load_tokenizer
-    from llmq.projection import meta_model, parameter_count, project
-
-    out = Path(out)
-    (out / "variants").mkdir(parents=True, exist_ok=True)
+def _prepare(model: str, suite: Suite, out: Path, eval_paths: dict[str, str], seqlen: int | None,
+             max_windows: int | None, progress: bool) -> _Context:
     reference, source = load_model(model)
     context = getattr(source.config, "max_position_embeddings", None)
     seqlen = seqlen or min(2048, context or 2048)
     if context is not None and seqlen > context:
         raise LlmqError(f"--seqlen {seqlen} exceeds the model's context length {context}")
-    tokenizer = load_tokenizer(source)
+    tokenizer = source.tokenizer()
     datasets = {name: eval_paths.get(name, name) for name in suite.eval}
     tokens = {name: eval_tokens(tokenizer, spec) for name, spec in datasets.items()}
     if max_windows:
         tokens = {k: v[: max_windows * seqlen] for k, v in tokens.items()}
-    arch = arch_for(reference)
-    layers = get_module(reference, arch.layers)
-    linear_shapes = {f"{arch.layers}.{i}.{n}": tuple(layers[i].get_submodule(n).weight.shape)
-                     for i in range(len(layers)) for n in arch.linears()}
+    references = {name: ReferenceLogProbs(reference, toks, seqlen, out / ".reference" / f"{name}.npy", batch_size=EVAL_BATCH,
+                                          progress=progress) for name, toks in tokens.items()}
     # keyed by checkpoint names, as the files store them
-    linear_shapes = {(source.checkpoint_key(k + ".weight") or k + ".weight")[: -len(".weight")]: v
-                     for k, v in linear_shapes.items()}
-    n_params = parameter_count(reference)
-    proj_model = meta_model(suite.projection) if suite.projection else None
-    calib = {**suite.calibration, **({"dataset": calib_dataset} if calib_dataset else {}),
-             **({"nsamples": nsamples} if nsamples else {}), "seqlen": seqlen}
+    linear_shapes = {source.module_key(name): tuple(lin.weight.shape) for name, lin in decoder_linears(reference).items()}
+    return _Context(model, source, seqlen, datasets, tokens, references, linear_shapes, parameter_count(reference),
+                    meta_model(suite.projection) if suite.projection else None)
 
+
+def run_report(model: str, suite: Suite, out: str | Path, *, eval_paths: dict[str, str], seqlen: int | None,
+               calib_dataset: str | None = None, nsamples: int | None = None, max_windows: int | None = None,
+               progress: bool = True, command: str = "") -> list[dict[str, Any]]:
+    out = Path(out)
+    (out / "variants").mkdir(parents=True, exist_ok=True)
+    ctx = _prepare(model, suite, out, eval_paths, seqlen, max_windows, progress)
+    calib = {**suite.calibration, **({"dataset": calib_dataset} if calib_dataset else {}),
+             **({"nsamples": nsamples} if nsamples else {}), "seqlen": ctx.seqlen}
     # A record is reused only if it was measured under the same settings: rows must share their windows.
     # The tool version is part of the key: a record measured by other code is measured again.
-    run_key = {"model": model, "seqlen": seqlen, "eval": datasets, "max_windows": max_windows, "calibration": calib,
+    run_key = {"model": model, "seqlen": ctx.seqlen, "eval": ctx.datasets, "max_windows": max_windows, "calibration": calib,
                "llmq": llmq.__version__}
     records = []
-    for v in suite.variants:
-        vdir = out / "variants" / v.slug
-        rec_file = vdir / RECORD
-        if rec_file.is_file():
-            old = json.loads(rec_file.read_text())
-            if old.get("run_key") == run_key and _same_recipe(old.get("recipe") or {}, build_config({**v.recipe, "calibration": calib}, {}).to_dict()):
-                records.append(old)
-                print(f"[{v.name}] finished earlier: reusing {rec_file}", flush=True)
-                continue
-            print(f"[{v.name}] recorded under other settings: measuring again", flush=True)
-        recipe = {**v.recipe, "calibration": calib}
-        cfg = build_config(recipe, {})
-        is_gguf = cfg.format == "gguf"
-        if is_gguf and getattr(source.config, "model_type", None) not in GGUF_ARCHS:
-            print(f"[{v.name}] skipped: GGUF export supports {', '.join(GGUF_ARCHS)} models", flush=True)
-            continue
-        vdir.mkdir(parents=True, exist_ok=True)
-        (vdir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        ckpt = vdir / "checkpoint" / "model.gguf" if is_gguf else vdir / "checkpoint"
-        cmd = [sys.executable, "-m", "llmq", "quantize", "--config", str(vdir / "recipe.yaml"), "--model", model,
-               "--out", str(ckpt), "--overwrite", "--stats-json", str(vdir / "quantize_stats.json")]
-        if not progress:
-            cmd.append("--quiet")
-        print(f"[{v.name}] quantize: {shlex.join(cmd)}", flush=True)
-        p = subprocess.run(cmd, stderr=None if progress else subprocess.PIPE, text=True)
-        if p.returncode != 0:
-            raise LlmqError(f"variant {v.name!r} failed to quantize: {(p.stderr or '').strip().splitlines()[-1:] or 'see above'}")
-        qstats = json.loads((vdir / "quantize_stats.json").read_text())
-        qmodel, _, _ = load_for_eval(str(ckpt))
-        evals = {}
-        for name, toks in tokens.items():
-            r = evaluate(qmodel, toks, seqlen, reference=reference, progress=progress, batch_size=8)
-            evals[name] = {"dataset": datasets[name], **r.to_dict()}
-        del qmodel
-        rec = {"variant": v.name, "slug": v.slug, "run_key": run_key, "recipe": build_config(recipe, {}).to_dict(), "method": cfg.method,
-               "bits": None if cfg.method in ("fp32", "fp16", "bf16") else cfg.spec().bits,
-               "group_size": None if cfg.method in ("fp32", "fp16", "bf16") else cfg.spec().group_size,
-               "format": cfg.gguf_type.upper() if is_gguf else cfg.format_name(),
-               **(_measure_gguf(ckpt, n_params, sum(o * i for o, i in linear_shapes.values())) if is_gguf
-                  else _measure_sizes(ckpt, n_params, linear_shapes)),
-               "quantize_seconds": qstats["seconds"],
-               "quantize_peak_rss_mib": qstats["peak_rss_mib"], "eval": evals, "seqlen": seqlen,
-               "projection": project(proj_model, cfg) if proj_model is not None else None,
-               "published_7b_ppl": PUBLISHED_7B.get(_anchor_key(cfg)), "checkpoint": str(ckpt), "command": command}
-        tmp = rec_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=2) + "\n")
-        os.replace(tmp, rec_file)  # the record appears whole or not at all
-        records.append(rec)
-        print(f"[{v.name}] " + "  ".join(f"{k}: ppl {e['ppl']:.4f} KL {e['kld']:.5f}" for k, e in evals.items()), flush=True)
+    try:
+        for v in suite.variants:
+            rec = _reuse(v, out, run_key, calib)
+            if rec is None:
+                rec = _measure(v, ctx, out, run_key, calib, progress, command)
+            if rec is not None:
+                records.append(rec)
+    finally:
+        shutil.rmtree(out / ".reference", ignore_errors=True)
     write_outputs(records, suite, out, model, command)
     return records
 
 
-def _same_recipe(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Recipes equal, where a key the old record lacks (a later-added option) counts as its default:
-    options are added with defaults that keep the earlier behaviour."""
-    from llmq.config import QuantizeConfig
+def _reuse(v: Variant, out: Path, run_key: dict, calib: dict) -> dict | None:
+    rec_file = out / "variants" / v.slug / RECORD
+    if not rec_file.is_file():
+        return None
+    old = json.loads(rec_file.read_text())
+    if old.get("run_key") == run_key and old.get("recipe") == _recipe_dict({**v.recipe, "calibration": calib}):
+        print(f"[{v.name}] finished earlier: reusing {rec_file}", flush=True)
+        return old
+    print(f"[{v.name}] recorded under other settings: measuring again", flush=True)
+    return None
 
-    defaults = QuantizeConfig().to_dict()
-    return all(old.get(k, defaults[k]) == v for k, v in new.items())
+
+def _recipe_dict(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A variant's recipe with every default filled in, as records keep it."""
+    cfg = build_config(recipe, {})
+    return {**cfg.to_dict(), "options": dataclasses.asdict(options_for(cfg.method, cfg.options))}
+
+
+def _measure(v: Variant, ctx: _Context, out: Path, run_key: dict, calib: dict, progress: bool, command: str) -> dict | None:
+    """Quantize one variant in its own process, evaluate it against the FP32 model, and record it."""
+    recipe = {**v.recipe, "calibration": calib}
+    cfg = build_config(recipe, {})
+    is_gguf = cfg.format == "gguf"
+    if is_gguf and getattr(ctx.source.config, "model_type", None) not in GGUF_ARCHS:
+        print(f"[{v.name}] skipped: GGUF export supports {', '.join(GGUF_ARCHS)} models", flush=True)
+        return None
+    vdir = out / "variants" / v.slug
+    vdir.mkdir(parents=True, exist_ok=True)
+    (vdir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    ckpt = vdir / "checkpoint" / "model.gguf" if is_gguf else vdir / "checkpoint"
+    cmd = [sys.executable, "-m", "llmq", "quantize", "--config", str(vdir / "recipe.yaml"), "--model", ctx.model,
+           "--out", str(ckpt), "--overwrite", "--stats-json", str(vdir / "quantize_stats.json")]
+    if not progress:
+        cmd.append("--quiet")
+    print(f"[{v.name}] quantize: {shlex.join(cmd)}", flush=True)
+    p = subprocess.run(cmd, stderr=None if progress else subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise LlmqError(f"variant {v.name!r} failed to quantize: {(p.stderr or '').strip().splitlines()[-1:] or 'see above'}")
+    qstats = json.loads((vdir / "quantize_stats.json").read_text())
+    qmodel, _, _ = load_for_eval(str(ckpt))
+    evals = {name: {"dataset": ctx.datasets[name], **evaluate(qmodel, toks, ctx.seqlen, reference=ctx.references[name],
+                                                              progress=progress, batch_size=EVAL_BATCH).to_dict()}
+             for name, toks in ctx.tokens.items()}
+    del qmodel
+    quantizes = METHODS[cfg.method].quantizes
+    grid_bits, grid_group = _bits_and_group(cfg) if quantizes else (None, None)
+    lin_weights = sum(o * i for o, i in ctx.linear_shapes.values())
+    rec = {"variant": v.name, "slug": v.slug, "run_key": run_key, "recipe": _recipe_dict(recipe), "method": cfg.method,
+           "bits": grid_bits, "group_size": grid_group, "format": cfg.gguf_type.upper() if is_gguf else cfg.format_name(),
+           **(gguf_reader.measure(ckpt, ctx.n_params, lin_weights) if is_gguf
+              else _measure_sizes(ckpt, ctx.n_params, ctx.linear_shapes)),
+           "quantize_seconds": qstats["seconds"], "quantize_peak_rss_mib": qstats["peak_rss_mib"], "eval": evals,
+           "seqlen": ctx.seqlen, "projection": project(ctx.projection, cfg) if ctx.projection is not None else None,
+           "published_7b_ppl": PUBLISHED_7B.get(_anchor_key(cfg)), "checkpoint": str(ckpt), "command": command}
+    rec_file = vdir / RECORD
+    tmp = rec_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=2) + "\n")
+    os.replace(tmp, rec_file)  # the record appears whole or not at all
+    print(f"[{v.name}] " + "  ".join(f"{k}: ppl {e['ppl']:.4f} KL {e['kld']:.5f}" for k, e in evals.items()), flush=True)
+    return rec
+
+
+def _bits_and_group(cfg) -> tuple[int, int]:
+    """The recipe's code width and group size; a GGUF file's are those of its base type."""
+    if cfg.format == "gguf":
+        t = BLOCK_TYPES.get(MIXES.get(cfg.gguf_type.upper(), cfg.gguf_type.upper()))
+        return (t.bits, t.group_size) if t else (None, None)
+    return cfg.bits, cfg.group_size
 
 
 def _anchor_key(cfg) -> tuple | None:
     """Which published Llama-2-7B number describes this recipe (safetensors INT recipes and FP only)."""
-    if cfg.method in ("fp16", "fp32", "bf16"):
+    if not METHODS[cfg.method].quantizes:
         return ("fp16", None, None)
     if cfg.format == "gguf":
         return None
-    spec = cfg.spec()
-    return (cfg.method, spec.bits, spec.group_size)
+    return (cfg.method, cfg.bits, cfg.group_size)
 
 
 # ---- outputs -------------------------------------------------------------------------
@@ -248,8 +279,6 @@ def write_outputs(records: list[dict], suite: Suite, out: Path, model: str, comm
         w.writeheader()
         w.writerows(rows)
     (out / "report.md").write_text(render_markdown(rows, records, suite, model, command))
-    from llmq.plot import size_vs_ppl
-
     size_vs_ppl(rows, first, out / "size_vs_ppl.png", title=f"{Path(model).name}: perplexity ({first}) vs size")
 
 

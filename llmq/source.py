@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from llmq.dtypes import FLOAT_DTYPES
 from llmq.errors import LlmqError
 from llmq.experts import unfuse_experts
 
@@ -42,16 +43,6 @@ def resolve_model_dir(model: str, revision: str | None = None, allow_patterns: l
         raise LlmqError(f"{model!r} is not a local directory and could not be fetched from the Hugging Face Hub: {first}") from None
 
 
-def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise LlmqError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
-    return table[name]
-
-
 class ModelSource:
     def __init__(self, model: str, revision: str | None = None, trust_remote_code: bool = False):
         self.name = model
@@ -69,8 +60,15 @@ class ModelSource:
         self._index = self._build_index()
         self.base_prefix = ""  # the model class's base_model_prefix, known once skeleton() ran
         self._key_map: dict[str, str] = {}  # model parameter name -> checkpoint key, known once skeleton() ran
+        self._module_map: dict[str, str] = {}  # module name -> its tensors' checkpoint prefix, likewise
         self.tied: dict[str, str] = {}  # parameter stored under another name (tied embeddings)
         self.transposed: set[str] = set()  # weights of Conv1D modules, stored (in, out) on disk
+
+    @property
+    def display_name(self) -> str:
+        """The model's name as files name it: a local directory's name, or a hub id's last part (never
+        the name of a snapshot or staging directory)."""
+        return Path(self.name.rstrip("/")).name or self.dir.resolve().name
 
     # ---- tensors on disk -------------------------------------------------
     def _build_index(self) -> dict[str, Path]:
@@ -117,6 +115,12 @@ class ModelSource:
             return self.checkpoint_key(self.tied[name])
         return None
 
+    def module_key(self, module: str) -> str:
+        """The checkpoint prefix of a module's tensors ("...block_sparse_moe.experts.3.w1" for transformers'
+        "...mlp.experts.3.w1"): module and checkpoint names can differ, in plain and packed checkpoints."""
+        key = self.checkpoint_key(f"{module}.weight")
+        return key[: -len(".weight")] if key else self._module_map.get(module, module)
+
     def has_tensor(self, name: str) -> bool:
         return self.checkpoint_key(name) is not None
 
@@ -155,11 +159,28 @@ class ModelSource:
         unfuse_experts(model)  # per-expert linears, under the names the checkpoint stores them by
         self.base_prefix = model.base_model_prefix or ""
         self._key_map = _checkpoint_names(model, list(self._index))
+        self._module_map = {name.rpartition(".")[0]: key.rpartition(".")[0] for name, key in self._key_map.items()
+                            if name.rpartition(".")[2] == key.rpartition(".")[2]}
         tied = getattr(model, "_tied_weights_keys", None)
         if getattr(self.config, "tie_word_embeddings", False) and isinstance(tied, dict):
             # e.g. {"lm_head.weight": "model.embed_tokens.weight"}: the checkpoint stores only the target
             self.tied = {k: v for k, v in tied.items() if not self.has_tensor(k)}
         return model
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.dir, trust_remote_code=self.trust_remote_code)
+        except Exception as e:
+            raise LlmqError(f"cannot load the tokenizer of {self.name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    def dtype(self) -> torch.dtype:
+        """The dtype the checkpoint's config declares (float32 when it declares none)."""
+        d = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        if isinstance(d, torch.dtype):
+            return d
+        return FLOAT_DTYPES.get(d, torch.float32) if isinstance(d, str) else torch.float32
 
     def materialize(self, model: nn.Module, prefix: str, dtype: torch.dtype) -> nn.Module:
         """Read the parameters of the sub-module at ``prefix`` from disk into memory."""
@@ -243,3 +264,14 @@ def release(module: nn.Module) -> None:
 
 def is_resident(module: nn.Module) -> bool:
     return any(p.device.type != "meta" for p in module.parameters())
+
+
+def move_resident(module: nn.Module, device: torch.device) -> None:
+    """Module.to() that leaves meta (not yet loaded) tensors alone."""
+    if device.type == "cpu":
+        return
+    for m in module.modules():
+        for store in (m._parameters, m._buffers):
+            for k, t in store.items():
+                if t is not None and t.device.type != "meta" and t.device != device:
+                    store[k] = nn.Parameter(t.to(device), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(device)

@@ -22,7 +22,7 @@ CHILD = r"""
 import json, resource, sys, torch
 mode, src, out, method = sys.argv[1:5]
 if mode == "stream":
-    from llmq.config import build_config
+    from llmq.recipe import build_config
     from llmq.pipeline import quantize_model
     from llmq.source import ModelSource
     cfg = build_config({}, {"method": method, "bits": 4, "group_size": 128, "nsamples": 8, "seqlen": 512})
@@ -30,10 +30,10 @@ if mode == "stream":
     quantize_model(ModelSource(src), cfg, out, progress=False, calib_ids=ids)
 else:
     from transformers import AutoModelForCausalLM
-    from llmq.grid import QuantSpec
+    from llmq.grid import IntGrid
     from llmq.methods.rtn import rtn_quantize
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    spec = QuantSpec(4, 128, True)
+    spec = IntGrid(4, 128, True)
     for m in model.modules():
         if isinstance(m, torch.nn.Linear) and m is not model.lm_head:
             m.weight.data = rtn_quantize(m.weight.data, spec).dequantize()

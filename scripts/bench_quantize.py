@@ -36,11 +36,11 @@ from transformers import AutoConfig
 dtype = str(getattr(AutoConfig.from_pretrained(src), "dtype", None) or "float32").removeprefix("torch.")
 t0 = time.perf_counter()
 if tool == "llmq":
-    from llmq.config import build_config
+    from llmq.recipe import build_config
     from llmq.pipeline import quantize_model
     from llmq.source import ModelSource
     cfg = build_config({}, {"method": method.split("-")[0], "bits": bits, "group_size": gs, "nsamples": nsamples,
-                            "seqlen": seqlen, "act_order": act_order, "dtype": dtype})
+                            "seqlen": seqlen, "dtype": dtype, **({"act_order": act_order} if method.startswith("gptq") else {})})
     quantize_model(ModelSource(src), cfg, out, progress=False, calib_ids=ids)
 elif tool == "llmcompressor":
     from datasets import Dataset
@@ -103,10 +103,9 @@ def calibration_ids(src: str, args) -> "torch.Tensor":  # noqa: F821
         vocab = AutoConfig.from_pretrained(src).vocab_size
         return torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     from llmq.data import calibration_tokens
-    from llmq.pipeline import load_tokenizer
     from llmq.source import ModelSource
 
-    return calibration_tokens(load_tokenizer(ModelSource(src)), args.calib_dataset, args.nsamples, args.seqlen)
+    return calibration_tokens(ModelSource(src).tokenizer(), args.calib_dataset, args.nsamples, args.seqlen)
 
 
 def main() -> None:

@@ -36,15 +36,15 @@ def main() -> None:
     import torch
 
     from llmq.checkpoint import load_for_eval, load_model
-    from llmq.config import build_config
+    from llmq.recipe import build_config
     from llmq.data import eval_tokens
     from llmq.eval import evaluate
-    from llmq.export import export_gguf, quantize_to_gguf
-    from llmq.pipeline import load_tokenizer
+    from llmq.export import export_gguf
+    from llmq.pipeline import quantize_model
 
     reference, source = load_model(args.model)
     seqlen = args.seqlen or min(2048, getattr(source.config, "max_position_embeddings", 2048))
-    tokens = eval_tokens(load_tokenizer(source), args.eval)
+    tokens = eval_tokens(source.tokenizer(), args.eval)
     if args.max_windows:
         tokens = tokens[: args.max_windows * seqlen]
     fp = evaluate(reference, tokens, seqlen, progress=False)
@@ -67,7 +67,7 @@ def main() -> None:
             calib = {"dataset": args.calib} if args.calib else {}
             cfg = build_config({}, {"method": "gptq", "format": "gguf", "gguf_type": t, "seqlen": seqlen,
                                     "nsamples": args.nsamples, **calib})
-            quantize_to_gguf(source, cfg, files["llmq GPTQ"], progress=False)
+            quantize_model(source, cfg, files["llmq GPTQ"], progress=False)
             for who, f in files.items():
                 model, _, _ = load_for_eval(str(f))
                 r = evaluate(model, tokens, seqlen, reference=reference, progress=False)

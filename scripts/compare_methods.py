@@ -25,7 +25,7 @@ import torch
 
 
 def parse_variant(name: str, default_gs: int) -> dict:
-    from llmq.gguf_plan import GGUF_TYPES
+    from llmq.gguf.types import GGUF_TYPES
 
     parts = name.split("-")
     opts = {"method": parts[0], "group_size": default_gs, "sym": True}
@@ -47,7 +47,7 @@ def parse_variant(name: str, default_gs: int) -> dict:
         elif p == "noact":
             opts["act_order"] = False
         elif p.upper() in GGUF_TYPES:
-            opts["gguf_type"] = p.upper()  # a GGUF file on that block grid (or mix)
+            opts.update(format="gguf", gguf_type=p.upper())  # a GGUF file on that block grid (or mix)
         else:
             raise SystemExit(f"cannot read variant {name!r} (part {p!r})")
     return opts
@@ -67,15 +67,15 @@ def main() -> None:
     args = ap.parse_args()
 
     from llmq.checkpoint import load_for_eval, load_model
-    from llmq.export import quantize_to_gguf
-    from llmq.config import build_config
+    from llmq.recipe import build_config
     from llmq.data import eval_tokens
     from llmq.eval import evaluate
-    from llmq.pipeline import load_tokenizer, quantize_model
+    from llmq.gguf.types import BLOCK_TYPES, MIXES
+    from llmq.pipeline import quantize_model
     from llmq.source import ModelSource
 
     reference, source = load_model(args.model)
-    tokens = eval_tokens(load_tokenizer(source), args.eval_dataset)
+    tokens = eval_tokens(source.tokenizer(), args.eval_dataset)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for v in args.variants:
@@ -83,10 +83,9 @@ def main() -> None:
             cfg = build_config({}, {**opts, "dataset": args.calib_dataset, "nsamples": args.nsamples, "seqlen": args.seqlen,
                                     "seed": args.seed, "dtype": "float32"})
             t0 = time.perf_counter()
-            if cfg.gguf_type:
-                cfg.format = "gguf"
-                quantize_to_gguf(ModelSource(args.model), cfg, Path(tmp) / f"{v}.gguf", progress=False)
+            if cfg.format == "gguf":
                 stats = None
+                quantize_model(ModelSource(args.model), cfg, Path(tmp) / f"{v}.gguf", progress=False)
                 seconds = time.perf_counter() - t0
                 model, _, _ = load_for_eval(str(Path(tmp) / f"{v}.gguf"))
             else:
@@ -95,7 +94,7 @@ def main() -> None:
                 model, _ = load_model(str(Path(tmp) / v))
             r = evaluate(model, tokens, args.seqlen, reference=reference, progress=False, batch_size=8)
             errs = [x["error"] for x in stats.records if "error" in x] if stats else []
-            opts.setdefault("bits", cfg.spec().bits)
+            opts.setdefault("bits", BLOCK_TYPES[MIXES.get(cfg.gguf_type.upper(), cfg.gguf_type.upper())].bits if cfg.format == "gguf" else cfg.bits)
             rows.append({"variant": v, **opts, "ppl": r.ppl, "kld": r.kld, "top1": r.top1, "fp_ppl": r.reference_ppl,
                          "mean_rel_error": sum(errs) / len(errs) if errs else None, "quantize_seconds": seconds,
                          "windows": r.windows, "tokens_scored": r.tokens_scored})

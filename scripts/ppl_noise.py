@@ -55,14 +55,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from llmq.checkpoint import load_model
-    from llmq.config import build_config
+    from llmq.recipe import build_config
     from llmq.data import eval_tokens
     from llmq.eval import evaluate
-    from llmq.pipeline import load_tokenizer, quantize_model
+    from llmq.pipeline import quantize_model
     from llmq.source import ModelSource
 
     reference, source = load_model(args.model)
-    tokens = eval_tokens(load_tokenizer(source), args.eval_dataset)
+    tokens = eval_tokens(source.tokenizer(), args.eval_dataset)
     per_tok = args.seqlen - 1
     base = {"bits": args.bits, "group_size": args.group_size, "sym": True, "seqlen": args.seqlen, "nsamples": args.nsamples,
             "dtype": "float32"}

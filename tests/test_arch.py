@@ -10,7 +10,7 @@ import torch
 
 from conftest import layer_inputs, save_tiny, tiny_config
 from llmq.arch import ARCHS, _discover, get_module, trace_arch
-from llmq.config import build_config
+from llmq.recipe import build_config
 from llmq.pipeline import quantize_model
 from llmq.source import ModelSource
 from test_awq import FAMILIES

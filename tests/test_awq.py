@@ -9,8 +9,9 @@ import torch
 
 from conftest import layer_inputs, tiny_config
 from llmq.arch import ARCHS, get_module
-from llmq.config import build_config
-from llmq.grid import QuantSpec
+from llmq.methods import options_for
+from llmq.recipe import build_config
+from llmq.grid import IntGrid
 from llmq.arch import ScaleGroup
 from llmq.methods.awq import AWQ, can_fold, commutes, fake_quantize, fold_scales, search_clip
 
@@ -45,7 +46,7 @@ def test_fold_preserves_layer_function(family):
             assert commutes(layer, g, x, inputs.kwargs, ref, 1e-3), f"{g.prev} -> {g.linears} does not commute"
     scaled = copy.deepcopy(layer)
     cfg = build_config({}, {"method": "awq", "bits": 3, "group_size": 16, "awq_clip": False})
-    notes = AWQ(cfg).scale_and_clip(scaled, arch, {n: cfg.spec() for n in arch.linears()}, inputs)
+    notes = AWQ(options_for("awq", cfg.options)).scale_and_clip(scaled, arch, {n: IntGrid(3, 16) for n in arch.linears()}, inputs)
     assert notes, "no scaling group was applicable"
     changed = [n for (n, a), (_, b) in zip(layer.named_parameters(), scaled.named_parameters()) if not torch.equal(a, b)]
     assert changed, "the search folded nothing"
@@ -100,7 +101,7 @@ def test_awq_skips_groups_a_config_variant_breaks(caplog):
     scaled = copy.deepcopy(layer)
     cfg = build_config({}, {"method": "awq", "bits": 3, "group_size": 16, "awq_clip": False})
     with caplog.at_level("WARNING", logger="llmq.awq"):
-        notes = AWQ(cfg).scale_and_clip(scaled, arch, {n: cfg.spec() for n in arch.linears()}, inputs)
+        notes = AWQ(options_for("awq", cfg.options)).scale_and_clip(scaled, arch, {n: IntGrid(3, 16) for n in arch.linears()}, inputs)
     assert "input_layernorm" in caplog.text
     assert "self_attn.q_proj" not in notes and "mlp.down_proj" in notes
     x = inputs.first_batch()
@@ -124,7 +125,7 @@ def test_clip_search_never_worse_than_no_clip():
     w = torch.randn(40, 64, generator=g)
     w[:, 3] *= 8  # outliers make clipping worthwhile
     xs = [torch.randn(256, 64, generator=g)]
-    spec = QuantSpec(3, 32, True)
+    spec = IntGrid(3, 32, True)
     max_val = search_clip(w, xs, spec, torch.Generator().manual_seed(1))
     wc = torch.maximum(torch.minimum(w.reshape(40, 2, 32), max_val[..., None]), -max_val[..., None]).reshape(40, 64)
     err = lambda q: ((xs[0] @ (q - w).T) ** 2).sum().item()  # noqa: E731
@@ -220,9 +221,9 @@ def test_awq_clips_every_linear_but_q_and_k():
 
     layer, arch, inputs = _moe_layer(num_experts=4, top_k=2, moe_inter=64, seq=64)
     arch = trace_arch(arch, layer, inputs.first_batch(), inputs.kwargs)
-    spec = QuantSpec(3, 32, True)
+    spec = IntGrid(3, 32, True)
     targets = {n: spec for n in layer_linears(layer)}  # (the router is no nn.Linear)
-    notes = AWQ(build_config({}, {"method": "awq", "bits": 3, "group_size": 32})).scale_and_clip(layer, arch, targets, inputs)
+    notes = AWQ().scale_and_clip(layer, arch, targets, inputs)
     for n in targets:
         short = n.rsplit(".", 1)[-1]
         if short in ("q_proj", "k_proj"):

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from llmq.checkpoint import load_model
-from llmq.config import build_config
-from llmq.grid import QuantSpec
+from llmq.recipe import build_config
+from llmq.grid import IntGrid
 from llmq.methods.rtn import rtn_quantize
 from llmq.pipeline import quantize_model
 from llmq.provenance import PROVENANCE_FILE, sha256_file
@@ -71,7 +71,7 @@ def test_reload_equals_independent_rtn(rtn_ckpt):
     out, src = rtn_ckpt
     model, _ = load_model(str(out))
     orig = load_file(src / "model.safetensors")
-    spec = QuantSpec(4, 32, True)
+    spec = IntGrid(4, 32, True)
     sd = model.state_dict()
     for name, w in orig.items():
         if name.endswith("proj.weight"):

@@ -102,7 +102,7 @@ def test_bad_options(tmp_path):
 
 def test_failure_midway_leaves_no_output(tmp_path):
     """A crash after writing started removes the temporary directory."""
-    from llmq.config import build_config
+    from llmq.recipe import build_config
     from llmq.pipeline import quantize_model
     from llmq.source import ModelSource
 

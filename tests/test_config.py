@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from llmq.config import build_config, load_recipe, parse_size
+from llmq.config import parse_size
+from llmq.recipe import build_config, load_recipe
 from llmq.errors import LlmqError
+from llmq.methods import options_for
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -43,13 +45,31 @@ def test_parse_size():
         parse_size("lots")
 
 
+def _options(recipe, overrides):
+    cfg = build_config(recipe, overrides)
+    return options_for(cfg.method, cfg.options)
+
+
 def test_act_order_default_is_per_method_and_overridable():
-    assert build_config({"method": "gptq"}, {}).act_order is True
-    assert build_config({"method": "rtn"}, {}).act_order is False
-    assert build_config({"method": "awq+gptq"}, {}).act_order is False
-    assert build_config({"method": "gptq"}, {"act_order": False}).act_order is False
-    assert build_config(load_recipe(ROOT / "configs" / "gptq-w8.yaml"), {}).act_order is False  # the recipe's own choice
-    assert build_config(load_recipe(ROOT / "configs" / "gptq-w8.yaml"), {"act_order": True}).act_order is True
+    assert _options({"method": "gptq"}, {}).act_order is True
+    assert _options({"method": "awq+gptq"}, {}).act_order is False
+    assert _options({"method": "gptq"}, {"act_order": False}).act_order is False
+    assert _options(load_recipe(ROOT / "configs" / "gptq-w8.yaml"), {}).act_order is False  # the recipe's own choice
+    assert _options(load_recipe(ROOT / "configs" / "gptq-w8.yaml"), {"act_order": True}).act_order is True
+
+
+def test_method_options_belong_to_their_method():
+    """A method's own keys are checked against it: RTN takes none, AWQ no GPTQ damping; bad values are refused."""
+    with pytest.raises(LlmqError, match="rtn does not take act_order"):
+        build_config({"method": "rtn"}, {"act_order": True})
+    with pytest.raises(LlmqError, match="awq does not take damp"):
+        build_config({"method": "awq", "damp": 0.1}, {})
+    with pytest.raises(LlmqError, match="block-size"):
+        build_config({"method": "gptq"}, {"block_size": 0})
+    with pytest.raises(LlmqError, match="damp must be a number"):
+        build_config({"method": "gptq", "damp": "lots"}, {})
+    assert _options({"method": "awq+gptq"}, {"awq_clip": True}).awq_clip is True  # the flag reaches AWQ+GPTQ (defect 7)
+    assert _options({"method": "awq"}, {}).awq_clip is True and _options({"method": "awq+gptq"}, {}).awq_clip is False
 
 
 def test_cli_act_order_flags():
@@ -62,3 +82,4 @@ def test_cli_act_order_flags():
     assert p.parse_args([*base, "--act-order"]).act_order is True
     with pytest.raises(SystemExit):
         p.parse_args([*base, "--act-order", "--no-act-order"])
+    assert p.parse_args([*base, "--awq-clip"]).awq_clip is True and p.parse_args([*base, "--no-awq-clip"]).awq_clip is False

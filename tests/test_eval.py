@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from llmq.checkpoint import load_model
 from llmq.data import eval_tokens
 from llmq.eval import evaluate
-from llmq.pipeline import load_tokenizer
 
 
 def plain_perplexity(model_dir, text_path, seqlen):
@@ -33,7 +32,7 @@ def plain_perplexity(model_dir, text_path, seqlen):
 def test_perplexity_matches_plain_loop(stories, tinystories_text):
     ref = plain_perplexity(stories, tinystories_text, 512)
     model, source = load_model(str(stories))
-    tokens = eval_tokens(load_tokenizer(source), str(tinystories_text))
+    tokens = eval_tokens(source.tokenizer(), str(tinystories_text))
     for batch in (1, 4):
         r = evaluate(model, tokens, 512, progress=False, batch_size=batch)
         assert abs(r.ppl - ref) / ref < 1e-4
@@ -42,7 +41,7 @@ def test_perplexity_matches_plain_loop(stories, tinystories_text):
 
 def test_self_reference_has_zero_kl(stories, tinystories_text):
     model, source = load_model(str(stories))
-    tokens = eval_tokens(load_tokenizer(source), str(tinystories_text))[: 4 * 256]
+    tokens = eval_tokens(source.tokenizer(), str(tinystories_text))[: 4 * 256]
     r = evaluate(model, tokens, 256, reference=model, progress=False)
     assert abs(r.kld) < 1e-6 and r.top1 == 1.0 and abs(r.reference_ppl - r.ppl) < 1e-9
 
@@ -54,7 +53,7 @@ def test_wikitext_rows_joined_with_blank_lines(stories):
 
     path = need(WIKI_TEST)
     _, source = load_model(str(stories))
-    tok = load_tokenizer(source)
+    tok = source.tokenizer()
     rows = pd.read_parquet(path)["text"].tolist()
     expected = tok("\n\n".join(rows), return_tensors="pt").input_ids[0]
     assert torch.equal(eval_tokens(tok, str(path)), expected)
@@ -63,7 +62,7 @@ def test_wikitext_rows_joined_with_blank_lines(stories):
 def test_per_window_nll_matches_plain_forward(stories, tinystories_text):
     """Per-window NLLs (for paired comparisons) are each window's own summed cross-entropy."""
     model, source = load_model(str(stories))
-    tokens = eval_tokens(load_tokenizer(source), str(tinystories_text))[: 5 * 128]
+    tokens = eval_tokens(source.tokenizer(), str(tinystories_text))[: 5 * 128]
     r = evaluate(model, tokens, 128, reference=model, progress=False, batch_size=2, per_window=True)
     assert len(r.window_nll) == r.windows == 5 and r.reference_window_nll == r.window_nll
     with torch.no_grad():

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from conftest import REF6M, ROOT, need
 from llmq.checkpoint import load_model
-from llmq.config import build_config
+from llmq.recipe import build_config
 from llmq.errors import LlmqError
 from llmq.export import export_checkpoint
 from llmq.formats import FORMATS
-from llmq.grid import QuantSpec
+from llmq.grid import IntGrid
 from llmq.methods.rtn import rtn_quantize
 from llmq.pipeline import quantize_model
 from llmq.provenance import PROVENANCE_FILE, verify
@@ -115,7 +115,7 @@ def test_compressed_tensors_matches_their_compressor(bits, sym, gs):
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    spec = QuantSpec(bits, gs, sym)
+    spec = IntGrid(bits, gs, sym)
     qt = rtn_quantize(torch.randn(96, 256, generator=torch.Generator().manual_seed(bits)), spec)
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="channel" if gs == -1 else "group",
                             group_size=None if gs == -1 else gs)
@@ -139,7 +139,7 @@ def test_compressed_tensors_matches_their_compressor(bits, sym, gs):
 @pytest.mark.parametrize("gs", [-1, 32, 128])
 def test_format_matrix_roundtrips_or_refuses(fmt, bits, sym, gs):
     f = FORMATS[fmt]
-    spec = QuantSpec(bits, gs, sym)
+    spec = IntGrid(bits, gs, sym)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits))
     w[:, :128] = w[:, :128].abs()  # all-positive groups: asymmetric zero points of 0 occur
     qt = rtn_quantize(w, spec)
@@ -188,7 +188,7 @@ def test_quantize_direct_to_format(tmp_path):
 @pytest.mark.parametrize("bits,gs,sym", [(4, 128, True), (3, 32, False), (8, -1, True), (2, 64, False)])
 def test_nbytes_matches_pack(fmt, shape, bits, gs, sym):
     f = FORMATS[fmt]
-    spec = QuantSpec(bits, gs, sym)
+    spec = IntGrid(bits, gs, sym)
     qt = rtn_quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(0)) + (0 if sym else 0.5), spec)
     try:
         f.check(spec)

@@ -8,7 +8,7 @@ import torch
 from conftest import save_tiny
 from llmq.arch import ARCHS, arch_for
 from llmq.checkpoint import load_model
-from llmq.config import build_config
+from llmq.recipe import build_config
 from llmq.pipeline import quantize_model
 from llmq.source import ModelSource
 

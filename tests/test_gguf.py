@@ -8,16 +8,18 @@ import pytest
 import torch
 
 from conftest import C4, REF6M, need, save_tiny, tiny_config
-from llmq.checkpoint import iter_quantized, load_model, quantization_config_of
-from llmq.config import build_config
+from llmq.checkpoint import load_for_eval, load_model
 from llmq.errors import LlmqError
-from llmq.export import export_gguf, quantize_to_gguf
-from llmq.formats.gguf import ggml_type, pack_blocks, rotary_row_order
-from llmq.gguf_plan import GGUFPlan
-from llmq.grid import QuantSpec
+from llmq.export import export_gguf
+from llmq.gguf.model import rotary_row_order
+from llmq.gguf.plan import GGUFPlan
+from llmq.gguf.types import BLOCK_TYPES
+from llmq.gguf.writer import GGUFSink
 from llmq.methods.gptq import gptq_quantize, relative_error
 from llmq.methods.rtn import rtn_quantize
 from llmq.pipeline import quantize_model
+from llmq.qtensor import QuantizedTensor
+from llmq.recipe import build_config
 from llmq.source import ModelSource
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
@@ -37,6 +39,32 @@ def _gguf_name(hf: str) -> str:
     import gguf
 
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 6).get_name(hf, try_suffixes=(".weight",))
+
+
+def _quantize_gguf(monkeypatch, src, out, **recipe) -> dict:
+    """`quantize --format gguf` of ``src``; returns every parameter as the run handed it to the GGUF sink
+    (QuantizedTensors as they are, float tensors as float32): what the file is meant to hold."""
+    seen = {}
+    add = GGUFSink.add
+
+    def recording(self, name, value):
+        seen[name] = value if isinstance(value, QuantizedTensor) else value.float()
+        add(self, name, value)
+
+    monkeypatch.setattr(GGUFSink, "add", recording)
+    quantize_model(ModelSource(str(src)), build_config({}, {"format": "gguf", **recipe}), out, progress=False)
+    monkeypatch.undo()
+    return seen
+
+
+def _intended_model(src, seen: dict):
+    """llmq's reading of the float model ``src`` with every parameter the run produced put in place:
+    the model a GGUF file of that run should compute."""
+    model, _ = load_model(str(src))
+    params = dict(model.named_parameters())
+    for name, value in seen.items():
+        params[name].data = (value.dequantize() if isinstance(value, QuantizedTensor) else value).reshape(params[name].shape)
+    return model
 
 
 def _permuted(name: str, w: torch.Tensor) -> torch.Tensor:
@@ -59,7 +87,7 @@ def test_every_type_dequantizes_to_llmq_values(gtype, method):
     """gguf's own dequantizer reads back exactly the values llmq chose (acceptance 1)."""
     from gguf.quants import dequantize
 
-    spec = QuantSpec.for_gguf(gtype.lower())
+    spec = BLOCK_TYPES[gtype]
     w = _weights_with_outliers(8, 512, 0)
     rtn = rtn_quantize(w, spec)
     if method == "rtn":
@@ -74,7 +102,7 @@ def test_every_type_dequantizes_to_llmq_values(gtype, method):
         # on the same grid family, error feedback lowers the output error ||WX - QX||^2
         assert relative_error(w, qt.dequantize(), H) < relative_error(w, rtn.dequantize(), H)
     assert int(qt.codes.max()) <= spec.maxq
-    values = dequantize(pack_blocks(qt), ggml_type(gtype))
+    values = dequantize(spec.pack(qt), spec.ggml_type)
     assert values.dtype == np.float32
     assert np.array_equal(values.reshape(qt.shape), qt.dequantize().numpy())
 
@@ -86,60 +114,54 @@ def test_kquants_pack_super_blocks_of_tiny_weights(gtype, method):
     layers) still pack, and gguf's dequantizer reads back exactly llmq's values."""
     from gguf.quants import dequantize
 
-    spec = QuantSpec.for_gguf(gtype.lower())
+    spec = BLOCK_TYPES[gtype]
     w = _weights_with_outliers(16, 512, 0) * torch.logspace(0, -5, 16)[:, None]
     qt = rtn_quantize(w, spec) if method == "rtn" else gptq_quantize(w, torch.eye(512), spec)[0]
-    values = dequantize(pack_blocks(qt), ggml_type(gtype))
+    values = dequantize(spec.pack(qt), spec.ggml_type)
     assert np.array_equal(values.reshape(qt.shape), qt.dequantize().numpy())
 
 
 def test_kquant_error_shrinks_with_bits_and_beats_legacy_at_4_bits():
     w = torch.randn(64, 1024, generator=torch.Generator().manual_seed(3)) * 0.02
-    err = {t: float(((rtn_quantize(w, QuantSpec.for_gguf(t)).dequantize() - w) ** 2).mean()) for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0")}
-    assert err["q2_k"] > err["q3_k"] > err["q4_k"] > err["q5_k"] > err["q6_k"]
-    assert err["q4_k"] < err["q4_0"]  # the searched ranges and the minimum pay off
+    err = {t: float(((rtn_quantize(w, BLOCK_TYPES[t]).dequantize() - w) ** 2).mean()) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0")}
+    assert err["Q2_K"] > err["Q3_K"] > err["Q4_K"] > err["Q5_K"] > err["Q6_K"]
+    assert err["Q4_K"] < err["Q4_0"]  # the searched ranges and the minimum pay off
 
 
 def test_packer_refuses_values_off_the_kquant_grid():
-    qt = rtn_quantize(torch.randn(2, 256), QuantSpec.for_gguf("q4_k"))
+    qt = rtn_quantize(torch.randn(2, 256), BLOCK_TYPES["Q4_K"])
     qt.scales[0, 3] *= 1.001  # no longer fp16 super-scale x 6-bit integer
     with pytest.raises(LlmqError, match="not on the K-quant grid"):
-        pack_blocks(qt)
+        BLOCK_TYPES["Q4_K"].pack(qt)
 
 
-def test_raw_layout_round_trips_every_grid():
-    """The staging layout keeps codes, scales, zeros and minimums exactly, whatever the grid's bits."""
-    from llmq.formats.raw import RawFormat
-
-    fmt = RawFormat()
-    for grid in ("q5_k", "q6_k", "q4_1", "q3_k"):
-        spec = QuantSpec.for_gguf(grid)
-        qt = rtn_quantize(_weights_with_outliers(4, 256, 5), spec)
-        back = fmt.unpack(fmt.pack(qt), fmt.spec_from_config(fmt.quantization_config(spec, {})), qt.shape)
-        assert back.spec == spec and torch.equal(back.dequantize(), qt.dequantize())
+@pytest.mark.parametrize("gtype", LEGACY + KQUANTS)
+def test_unpack_inverts_pack(gtype):
+    """Each type record reads its own blocks back into the same codes, scales, zeros and minimums."""
+    t = BLOCK_TYPES[gtype]
+    qt = rtn_quantize(_weights_with_outliers(4, 512, 5), t)
+    back = t.unpack(t.pack(qt), qt.shape)
+    assert back.grid == t and torch.equal(back.codes, qt.codes) and torch.equal(back.zeros, qt.zeros)
+    assert torch.equal(back.scales, qt.scales) and torch.equal(back.dequantize(), qt.dequantize())
+    assert (back.offsets is None) == (qt.offsets is None) and (qt.offsets is None or torch.equal(back.offsets, qt.offsets))
 
 
 @pytest.mark.parametrize("gtype", ["Q4_K_M", pytest.param("Q5_K_M", marks=pytest.mark.slow), pytest.param("Q4_0", marks=pytest.mark.slow),
                                    pytest.param("Q5_1", marks=pytest.mark.slow), pytest.param("Q3_K", marks=pytest.mark.slow),
                                    pytest.param("Q2_K", marks=pytest.mark.slow), pytest.param("Q6_K", marks=pytest.mark.slow)])
-def test_gptq_values_survive_gguf_dequantizer(tmp_path, gtype):
+def test_gptq_values_survive_gguf_dequantizer(tmp_path, monkeypatch, gtype):
     """The whole path: GPTQ's codes on each tensor's planned grid are what gguf's dequantizer reads."""
     need(REF6M)
-    cfg = build_config({}, {"method": "gptq", "format": "raw", "gguf_type": gtype, "dataset": str(need(C4)),
-                            "nsamples": 8, "seqlen": 128, "dtype": "float32"})
-    stage = tmp_path / "stage"
-    quantize_model(ModelSource(str(REF6M)), cfg, stage, progress=False)
     out = tmp_path / "m.gguf"
-    assert export_gguf(str(stage), out, gtype) == []  # every width of this model fits
+    seen = _quantize_gguf(monkeypatch, REF6M, out, method="gptq", gguf_type=gtype, dataset=str(need(C4)), nsamples=8, seqlen=128)
     read = _gguf_tensors(out)
-    src = ModelSource(str(stage))
-    qcfg = quantization_config_of(src)
-    delattr(src.config, "quantization_config")
     types = {}
-    for mod_name, qt in iter_quantized(src.skeleton(), src, qcfg):
-        t, values = read[_gguf_name(mod_name + ".weight")]
-        assert t.tensor_type.name == qt.spec.grid.upper()
-        assert np.array_equal(values.reshape(qt.shape), _permuted(mod_name + ".weight", qt.dequantize()).numpy())
+    for name, qt in seen.items():
+        if not (isinstance(qt, QuantizedTensor) and ".layers." in name):
+            continue
+        t, values = read[_gguf_name(name)]
+        assert t.tensor_type.name == qt.grid.name
+        assert np.array_equal(values.reshape(qt.shape), _permuted(name, qt.dequantize()).numpy())
         types[t.name] = t.tensor_type.name
     assert len(types) == 6 * 7
     base = gtype.removesuffix("_M")
@@ -188,27 +210,15 @@ def test_plan_falls_back_for_widths_a_type_cannot_hold():
     assert GGUFPlan("F16", 8).tensor_type("blk.0.attn_q.weight", (256, 512)) == ("F16", None)
 
 
-def _intended_model(stage, gtype: str):
-    """llmq's dequantized staged model with the embedding and head rounded as the GGUF plan says."""
-    model, _ = load_model(str(stage))
-    plan = GGUFPlan(gtype, 6)
-    for mod, gname in ((model.model.embed_tokens, "token_embd.weight"), (model.lm_head, "output.weight")):
-        t, _ = plan.tensor_type(gname, tuple(mod.weight.shape))
-        mod.weight.data = rtn_quantize(mod.weight.data, QuantSpec.for_gguf(t.lower())).dequantize()
-    return model
-
-
 @pytest.mark.parametrize("gtype", ["Q4_0", "Q4_K_M"])
-def test_gguf_loads_in_transformers_and_matches(tmp_path, gtype):
+def test_gguf_loads_in_transformers_and_matches(tmp_path, monkeypatch, gtype):
     """transformers' GGUF loader (gguf's dequantizer; it undoes the q/k permutation itself)
     computes the model llmq intended."""
     from transformers import AutoModelForCausalLM
 
     need(REF6M)
-    cfg = build_config({}, {"method": "rtn", "format": "raw", "gguf_type": gtype, "dtype": "float32"})
-    quantize_model(ModelSource(str(REF6M)), cfg, tmp_path / "stage", progress=False)
-    export_gguf(str(tmp_path / "stage"), tmp_path / "m.gguf", gtype)
-    ours = _intended_model(tmp_path / "stage", gtype)
+    seen = _quantize_gguf(monkeypatch, REF6M, tmp_path / "m.gguf", method="rtn", gguf_type=gtype)
+    ours = _intended_model(REF6M, seen)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     ids = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -250,7 +260,7 @@ def test_unsupported_architecture_writes_nothing(tmp_path):
     src = save_tiny("opt", tmp_path / "neox")  # llama.cpp has no OPT graph
     cfg = build_config({}, {"method": "rtn", "format": "gguf", "gguf_type": "Q4_0"})
     with pytest.raises(LlmqError, match="GGUF export supports"):
-        quantize_to_gguf(ModelSource(str(src)), cfg, tmp_path / "x.gguf", progress=False)
+        quantize_model(ModelSource(str(src)), cfg, tmp_path / "x.gguf", progress=False)
     assert not (tmp_path / "x.gguf").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["neox"]
 
@@ -296,10 +306,10 @@ def test_other_families_round_trip_through_transformers(tmp_path, family):
         if gtype == "Q4_K":
             for name, mod in ours.named_modules():
                 if isinstance(mod, torch.nn.Linear):  # llama-quantize's choice: Q4_K, the head at Q6_K
-                    grid = "q6_k" if name == "lm_head" else "q4_k"
-                    mod.weight.data = rtn_quantize(mod.weight.data, QuantSpec.for_gguf(grid)).dequantize()
+                    grid = "Q6_K" if name == "lm_head" else "Q4_K"
+                    mod.weight.data = rtn_quantize(mod.weight.data, BLOCK_TYPES[grid]).dequantize()
             emb = ours.get_input_embeddings()
-            emb.weight.data = rtn_quantize(emb.weight.data, QuantSpec.for_gguf("q4_k")).dequantize()
+            emb.weight.data = rtn_quantize(emb.weight.data, BLOCK_TYPES["Q4_K"]).dequantize()
         with torch.no_grad():
             a, b = ours(ids).logits, theirs(ids).logits
         assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item()), (family, gtype)
@@ -384,7 +394,7 @@ def test_kquant_rounding_matches_llama_cpp_quality(gtype):
         dst = np.zeros(x.size // block * size, dtype=np.uint8)
         lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, dst.ctypes.data, 0, x.shape[0], x.shape[1], None)
         theirs += float(((dequantize(dst.reshape(x.shape[0], -1), qtype) - x) ** 2).sum())
-        ours += float(((rtn_quantize(w.float(), QuantSpec.for_gguf(gtype.lower())).dequantize().numpy() - x) ** 2).sum())
+        ours += float(((rtn_quantize(w.float(), BLOCK_TYPES[gtype]).dequantize().numpy() - x) ** 2).sum())
     assert ours < (1.05 if gtype in ("Q2_K", "Q3_K") else 1.01) * theirs, (ours, theirs)
 
 
@@ -420,7 +430,6 @@ def _eval_loader_logits(src, gguf_file) -> tuple[torch.Tensor, torch.Tensor]:
     """(HF fp32 logits of ``src``, logits of ``gguf_file`` read by `llmq eval`'s loader) on 2 x 40 random tokens."""
     from transformers import AutoModelForCausalLM
 
-    from llmq.checkpoint import load_for_eval
 
     theirs, _, _ = load_for_eval(str(gguf_file))
     fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -488,7 +497,7 @@ def _tiny_gemma(family: str, path, *, hidden: int = 256, layers: int = 2, **conf
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
-def test_gemma_round_trips_through_transformers(tmp_path, family):
+def test_gemma_round_trips_through_transformers(tmp_path, monkeypatch, family):
     """Gemma 2/3 (norms stored as 1 + w, tied head): an F32 file reads back through transformers' GGUF
     loader as exactly the source model, and an AWQ Q4_0 file (AWQ rescales the norms too) as llmq's
     dequantized AWQ checkpoint.  transformers' reader assumes head_dim 256, hence hidden 1024."""
@@ -503,13 +512,10 @@ def test_gemma_round_trips_through_transformers(tmp_path, family):
         a, b = fp(ids).logits, theirs(ids).logits
     assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item())
 
-    cfg = build_config({}, {"method": "awq", "format": "raw", "gguf_type": "Q4_0", "dataset": str(need(C4)),
-                            "nsamples": 4, "seqlen": 64, "dtype": "float32"})
-    quantize_model(ModelSource(str(src)), cfg, tmp_path / "stage", progress=False)
-    export_gguf(str(tmp_path / "stage"), tmp_path / "q4.gguf", "Q4_0")
-    ours, _ = load_model(str(tmp_path / "stage"))
-    emb = ours.get_input_embeddings()  # tied: the head's type, Q6_K
-    emb.weight.data = rtn_quantize(emb.weight.data, QuantSpec.for_gguf("q6_k")).dequantize()
+    seen = _quantize_gguf(monkeypatch, src, tmp_path / "q4.gguf", method="awq", gguf_type="Q4_0", dataset=str(need(C4)),
+                          nsamples=4, seqlen=64)
+    assert seen["model.embed_tokens.weight"].grid.name == "Q6_K"  # tied: the head's type
+    ours = _intended_model(src, seen)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q4.gguf", dtype=torch.float32).eval()
     with torch.no_grad():
         b, q = theirs(ids).logits, ours(ids).logits
@@ -541,7 +547,7 @@ def test_gemma_llama_cpp_cannot_compute_is_refused(tmp_path, family, config, mat
     src = _tiny_gemma(family, tmp_path / "src", **config)
     cfg = build_config({}, {"method": "rtn", "format": "gguf", "gguf_type": "Q4_0"})
     with pytest.raises(LlmqError, match=match):
-        quantize_to_gguf(ModelSource(str(src)), cfg, tmp_path / "x.gguf", progress=False)
+        quantize_model(ModelSource(str(src)), cfg, tmp_path / "x.gguf", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
@@ -566,14 +572,13 @@ def test_eval_loader_reads_what_transformers_gguf_config_skips(tmp_path, family)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
-def test_gptq_gguf_keeps_biases_and_computes_llmqs_model(tmp_path, family):
+def test_gptq_gguf_keeps_biases_and_computes_llmqs_model(tmp_path, monkeypatch, family):
     """`quantize --format gguf` on families with biased linears (Qwen2's q/k/v, GPT-2's every linear,
     its Conv1D weights stored transposed): the file, read back by `llmq eval`'s loader (transformers'
     GGUF reader), computes llmq's dequantized GPTQ checkpoint, with the token embedding, head and GPT-2's
     learned positions as the plan stores them."""
     from transformers import AutoModelForCausalLM
 
-    from llmq.checkpoint import load_for_eval
 
     src = _tiny_with_ref_tokenizer(family, tmp_path / "src")
     model = AutoModelForCausalLM.from_pretrained(src)
@@ -582,17 +587,11 @@ def test_gptq_gguf_keeps_biases_and_computes_llmqs_model(tmp_path, family):
             if name.endswith(".bias"):
                 p.normal_(0, 0.5)
     model.save_pretrained(src)
-    cfg = build_config({}, {"method": "gptq", "format": "raw", "gguf_type": "Q4_0", "dataset": str(need(C4)),
-                            "nsamples": 4, "seqlen": 64, "dtype": "float32"})
-    quantize_model(ModelSource(str(src)), cfg, tmp_path / "stage", progress=False)
-    export_gguf(str(tmp_path / "stage"), tmp_path / "m.gguf", "Q4_0")
-    ours, _ = load_model(str(tmp_path / "stage"))
-    tied = ours.config.tie_word_embeddings
-    plan = GGUFPlan("Q4_0", ours.config.num_hidden_layers, has_output=not tied)
-    for mod, gname in [(ours.get_input_embeddings(), "token_embd.weight")] + ([] if tied else [(ours.lm_head, "output.weight")]):
-        t, _ = plan.tensor_type(gname, tuple(mod.weight.shape))
-        mod.weight.data = rtn_quantize(mod.weight.data, QuantSpec.for_gguf(t.lower())).dequantize()
-    if family == "gpt2":
+    seen = _quantize_gguf(monkeypatch, src, tmp_path / "m.gguf", method="gptq", gguf_type="Q4_0", dataset=str(need(C4)),
+                          nsamples=4, seqlen=64)
+    assert sum(isinstance(v, QuantizedTensor) for v in seen.values()) >= 2 * 4  # the decoder linears at least
+    ours = _intended_model(src, seen)
+    if family == "gpt2":  # learned positions: F16, as llama-quantize leaves them
         wpe = ours.transformer.wpe.weight
         wpe.data = wpe.data.half().float()
     theirs, _, _ = load_for_eval(str(tmp_path / "m.gguf"))
@@ -610,7 +609,7 @@ def test_llama3_rope_factors_match_transformers():
     """rope_freqs.weight divides each default frequency into what transformers' own llama3 rotary init gives."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from llmq.formats.gguf import llama3_rope_factors
+    from llmq.gguf.model import llama3_rope_factors
 
     config = tiny_config("llama", hidden=256)
     config.rope_parameters = {**LLAMA31_ROPE, "original_max_position_embeddings": 8192}
@@ -718,27 +717,21 @@ def test_moe_gguf_stacks_experts_and_reads_back(tmp_path, family):
     t, values = read["blk.1.ffn_up_exps.weight"]
     assert t.tensor_type.name == "Q4_K" and values.shape == (4, 512 if family == "mixtral" else 256, 256)
     for e in range(4):  # expert e's slice is expert e's own rounding
-        want = rtn_quantize(weights[f"model.layers.1.{moe}.experts.{e}.{up}.weight"], QuantSpec.for_gguf("q4_k")).dequantize()
+        want = rtn_quantize(weights[f"model.layers.1.{moe}.experts.{e}.{up}.weight"], BLOCK_TYPES["Q4_K"]).dequantize()
         assert np.array_equal(values[e], want.numpy()), e
     assert read["blk.1.ffn_down_exps.weight"][0].tensor_type.name == "Q6_K"  # Q4_K_M's layer bump reaches experts
     assert read["blk.0.ffn_gate_inp.weight"][0].tensor_type.name == "F32"
 
 
 @pytest.mark.parametrize("family", MOE)
-def test_gptq_moe_gguf_computes_llmqs_model(tmp_path, family):
+def test_gptq_moe_gguf_computes_llmqs_model(tmp_path, monkeypatch, family):
     """`quantize --format gguf` on a MoE model: GPTQ calibrates each expert on its routed tokens, and the
-    file, read back by `llmq eval`'s loader, computes llmq's dequantized checkpoint."""
+    file, read back by `llmq eval`'s loader, computes the model the run produced."""
+
     src = _tiny_moe(family, tmp_path / "src")
-    cfg = build_config({}, {"method": "gptq", "format": "raw", "gguf_type": "Q4_K", "dataset": str(need(C4)),
-                            "nsamples": 4, "seqlen": 64, "dtype": "float32"})
-    quantize_model(ModelSource(str(src)), cfg, tmp_path / "stage", progress=False)
-    export_gguf(str(tmp_path / "stage"), tmp_path / "m.gguf", "Q4_K")
-    ours, _ = load_model(str(tmp_path / "stage"))
-    plan = GGUFPlan("Q4_K", ours.config.num_hidden_layers)
-    for mod, gname in [(ours.get_input_embeddings(), "token_embd.weight"), (ours.lm_head, "output.weight")]:
-        t, _ = plan.tensor_type(gname, tuple(mod.weight.shape))
-        mod.weight.data = rtn_quantize(mod.weight.data, QuantSpec.for_gguf(t.lower())).dequantize()
-    from llmq.checkpoint import load_for_eval
+    seen = _quantize_gguf(monkeypatch, src, tmp_path / "m.gguf", method="gptq", gguf_type="Q4_K", dataset=str(need(C4)),
+                          nsamples=4, seqlen=64)
+    ours = _intended_model(src, seen)
 
     theirs, _, _ = load_for_eval(str(tmp_path / "m.gguf"))
     ids = torch.randint(3, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -752,7 +745,6 @@ def test_llama_cpp_runs_moe_families(tmp_path, family):
     """With llama-cpp-python: Mixtral (llama graph with experts), Qwen3-MoE and Qwen2-MoE (shared expert
     behind a sigmoid gate) files compute the HF model's logits in llama.cpp."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from llmq.checkpoint import load_for_eval
 
     src = _tiny_moe(family, tmp_path / "src")
     export_gguf(str(src), tmp_path / "f32.gguf", "F32")

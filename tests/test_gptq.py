@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmq.grid import QuantSpec, fit_params
+from llmq.grid import IntGrid
 from llmq.methods.gptq import Hessian, gptq_quantize
 from llmq.methods.rtn import rtn_quantize
 
@@ -40,7 +40,7 @@ def test_hessian_is_running_average():
 def test_gptq_output_error_not_worse_than_rtn(kind, bits, gs):
     x = _inputs(kind)
     w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
-    spec = QuantSpec(bits, gs, True)
+    spec = IntGrid(bits, gs, True)
     qg, info = gptq_quantize(w, _hessian(x), spec)
     qr = rtn_quantize(w, spec)
     assert _out_err(w, qg.dequantize(), x) <= _out_err(w, qr.dequantize(), x)
@@ -50,7 +50,7 @@ def test_gptq_output_error_not_worse_than_rtn(kind, bits, gs):
 @pytest.mark.parametrize("gs,sym", [(32, True), (-1, False), (128, True)])
 def test_identity_hessian_equals_rtn(gs, sym):
     w = torch.randn(40, 128, generator=torch.Generator().manual_seed(2))
-    spec = QuantSpec(4, gs, sym)
+    spec = IntGrid(4, gs, sym)
     qg, _ = gptq_quantize(w, torch.eye(128), spec)
     qr = rtn_quantize(w, spec)
     assert torch.equal(qg.codes, qr.codes) and torch.equal(qg.scales, qr.scales) and torch.equal(qg.zeros, qr.zeros)
@@ -60,7 +60,7 @@ def test_solver_independent_of_hessian_scale():
     x = _inputs("correlated")
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
     H = _hessian(x, torch.float64)
-    spec = QuantSpec(4, 32, False)
+    spec = IntGrid(4, 32, False)
     a, _ = gptq_quantize(w, H, spec)
     b, _ = gptq_quantize(w, H * 1024.0, spec)  # a power of two keeps the arithmetic exact
     c, _ = gptq_quantize(w, H * 1e-3, spec)
@@ -68,7 +68,7 @@ def test_solver_independent_of_hessian_scale():
     assert (a.codes != c.codes).float().mean() < 1e-3  # non-power-of-two scale: at most rounding ties move
 
 
-def naive_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01) -> torch.Tensor:
+def naive_gptq(W: torch.Tensor, H: torch.Tensor, spec: IntGrid, damp: float = 0.01) -> torch.Tensor:
     """The original algorithm one column at a time, no blocks, no lazy batches (float64)."""
     W = W.double().clone()
     H = H.double().clone()
@@ -82,7 +82,7 @@ def naive_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 
     Q = torch.zeros_like(W)
     for j in range(n):
         if j % gs == 0:
-            scale, zero = fit_params(W[:, j : j + gs], spec)
+            scale, zero = spec.fit_groups(W[:, j : j + gs])
             scale, zero = scale.double(), zero.double()
         q = torch.clamp(torch.round(W[:, j] / scale) + zero, 0, spec.maxq)
         Q[:, j] = q
@@ -96,7 +96,7 @@ def test_blocked_equals_naive(gs, n):
     x = _inputs("correlated", n, 4096, seed=5)
     w = torch.randn(48, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     H = _hessian(x, torch.float64)
-    spec = QuantSpec(4, gs, False)
+    spec = IntGrid(4, gs, False)
     blocked, _ = gptq_quantize(w, H, spec, block_size=128)
     assert torch.equal(blocked.codes.long(), naive_gptq(w, H, spec).long())
 
@@ -104,11 +104,11 @@ def test_blocked_equals_naive(gs, n):
 def test_act_order_static_groups_monotone_and_consistent():
     x = _inputs("correlated", 128, 2048, seed=7)
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(8))
-    spec = QuantSpec(4, 32, True)
+    spec = IntGrid(4, 32, True)
     q, _ = gptq_quantize(w, _hessian(x), spec, act_order=True)
     assert torch.all(q.g_idx[1:] >= q.g_idx[:-1])
     # static groups: every grid comes from the unquantized weights of its natural group
-    s_ref, _ = fit_params(w[:, 32:64], spec)
+    s_ref, _ = spec.fit_groups(w[:, 32:64])
     assert torch.equal(q.scales[:, 1], s_ref)
     assert _out_err(w, q.dequantize(), x) <= _out_err(w, rtn_quantize(w, spec).dequantize(), x)
 
@@ -118,7 +118,7 @@ def test_rank_deficient_and_dead_inputs_do_not_crash():
     x = torch.randn(512, 8, generator=g) @ torch.randn(8, 64, generator=g)  # rank 8 of 64
     x[:, 5] = 0  # a dead input channel
     w = torch.randn(32, 64, generator=g)
-    q, info = gptq_quantize(w, _hessian(x), QuantSpec(4, 32, True))
+    q, info = gptq_quantize(w, _hessian(x), IntGrid(4, 32, True))
     assert torch.isfinite(q.dequantize()).all()
     assert q.dequantize()[:, 5].abs().max() <= q.scales.max()  # dead column quantized from zero
 
@@ -126,9 +126,9 @@ def test_rank_deficient_and_dead_inputs_do_not_crash():
 def test_non_finite_hessian_falls_back_to_rtn():
     w = torch.randn(16, 32)
     H = torch.full((32, 32), float("nan"))
-    q, info = gptq_quantize(w, H, QuantSpec(4, 32, True))
+    q, info = gptq_quantize(w, H, IntGrid(4, 32, True))
     assert info.fallback_rtn
-    assert torch.equal(q.codes, rtn_quantize(w, QuantSpec(4, 32, True)).codes)
+    assert torch.equal(q.codes, rtn_quantize(w, IntGrid(4, 32, True)).codes)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -139,7 +139,7 @@ def test_stacked_rows_solve_like_separate_matrices(act_order, bits, gs, sym):
     H = _hessian(x, torch.float64)
     g = torch.Generator().manual_seed(12)
     ws = [torch.randn(rows, 128, generator=g, dtype=torch.float64) for rows in (48, 16, 16)]
-    spec = QuantSpec(bits, gs, sym)
+    spec = IntGrid(bits, gs, sym)
     joint, info = gptq_quantize(torch.cat(ws), H, spec, act_order=act_order)
     row = 0
     for w in ws:
@@ -164,6 +164,6 @@ def test_joint_solves_group_by_hessian_and_grid():
     for n in ("q", "k", "v"):
         obs[lin[n]](x)  # one tensor read by q, k and v
     obs[lin["o"]](y)
-    a, b = QuantSpec(4, 8, True), QuantSpec(8, 8, True)
+    a, b = IntGrid(4, 8, True), IntGrid(8, 8, True)
     assert _joint_solves(list(lin), hs, dict.fromkeys(lin, a)) == [["q", "k", "v"], ["o"]]
     assert _joint_solves(list(lin), hs, {"q": a, "k": a, "v": b, "o": a}) == [["q", "k"], ["v"], ["o"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmq.grid import QuantSpec
+from llmq.grid import IntGrid
 from llmq.methods.rtn import rtn_quantize
 
 
@@ -37,7 +37,7 @@ def naive_rtn(w: torch.Tensor, bits: int, gs: int, sym: bool) -> torch.Tensor:
 def test_rtn_matches_naive(bits, gs, sym):
     w = torch.randn(12, 100, generator=torch.Generator().manual_seed(bits * 7 + gs))
     w[3] = 0  # an all-zero row must stay finite and exact
-    got = rtn_quantize(w, QuantSpec(bits, gs, sym)).dequantize(torch.float64)
+    got = rtn_quantize(w, IntGrid(bits, gs, sym)).dequantize(torch.float64)
     ref = naive_rtn(w, bits, gs, sym)
     assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5)
     assert torch.all(got[3] == 0)
@@ -45,12 +45,12 @@ def test_rtn_matches_naive(bits, gs, sym):
 
 def test_more_bits_less_error():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
-    errs = [((rtn_quantize(w, QuantSpec(b, 64, True)).dequantize() - w) ** 2).mean().item() for b in (2, 3, 4, 8)]
+    errs = [((rtn_quantize(w, IntGrid(b, 64, True)).dequantize() - w) ** 2).mean().item() for b in (2, 3, 4, 8)]
     assert errs == sorted(errs, reverse=True)
 
 
 def test_codes_in_range_and_scales_fp16_exact():
-    spec = QuantSpec(3, 32, False)
+    spec = IntGrid(3, 32, False)
     qt = rtn_quantize(torch.randn(8, 96) * 100, spec)
     assert int(qt.codes.max()) <= 7 and int(qt.zeros.max()) <= 7
     assert torch.equal(qt.scales, qt.scales.half().float())

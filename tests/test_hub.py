@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import ROOT, STORIES, need
-from llmq.config import build_config
+from llmq.recipe import build_config
 from llmq.pipeline import quantize_model
 from llmq.provenance import verify
 from llmq.source import ModelSource

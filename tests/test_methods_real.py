@@ -6,10 +6,10 @@ import pytest
 
 from conftest import C4, STORIES, need
 from llmq.checkpoint import load_model
-from llmq.config import build_config
+from llmq.recipe import build_config
 from llmq.data import eval_tokens
 from llmq.eval import evaluate
-from llmq.pipeline import load_tokenizer, quantize_model
+from llmq.pipeline import quantize_model
 from llmq.source import ModelSource
 
 
@@ -17,7 +17,7 @@ from llmq.source import ModelSource
 def test_gptq_beats_rtn_on_stories260k(tmp_path, tinystories_text, bits):
     need(STORIES)
     reference, source = load_model(str(STORIES))
-    tokens = eval_tokens(load_tokenizer(source), str(tinystories_text))
+    tokens = eval_tokens(source.tokenizer(), str(tinystories_text))
     result = {}
     for method in ("rtn", "gptq"):
         cfg = build_config({}, {"method": method, "bits": bits, "group_size": 32, "dataset": str(need(C4)), "nsamples": 32,

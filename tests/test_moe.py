@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from conftest import layer_inputs
 from llmq.arch import Arch, layer_linears, trace_arch
 from llmq.checkpoint import load_model
-from llmq.config import build_config
+from llmq.recipe import build_config
 from llmq.errors import LlmqError
 from llmq.experts import ExpertLinears
-from llmq.grid import QuantSpec
+from llmq.grid import IntGrid
 from llmq.methods.gptq import gptq_quantize
 from llmq.methods.rtn import rtn_quantize
 from llmq.pipeline import quantize_model
@@ -129,7 +129,7 @@ def test_unrouted_expert_rounds_to_nearest():
     """An expert no calibration token reached has H = 0: GPTQ must not treat every column as dead
     (which would zero the matrix) but round to nearest."""
     W = torch.randn(16, 64)
-    spec = QuantSpec(bits=4, group_size=32)
+    spec = IntGrid(bits=4, group_size=32)
     qt, info = gptq_quantize(W, torch.zeros(64, 64), spec)
     assert info.fallback_rtn
     assert torch.equal(qt.codes, rtn_quantize(W, spec).codes)

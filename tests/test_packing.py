@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from llmq.formats.gptq import GPTQFormat
 from llmq.formats.packing import pack, unpack
-from llmq.grid import QuantSpec
+from llmq.grid import IntGrid
 from llmq.methods.rtn import rtn_quantize
 
 
@@ -84,7 +84,7 @@ def test_3bit_matches_autogptq_loop():
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("shape", [(96, 256), (172, 64), (64, 172)])
 def test_gptq_format_roundtrip(bits, group_size, sym, shape):
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym)
+    spec = IntGrid(bits=bits, group_size=group_size, sym=sym)
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     qt = rtn_quantize(w, spec)
     fmt = GPTQFormat()
@@ -105,7 +105,7 @@ def test_gptq_format_roundtrip(bits, group_size, sym, shape):
 
 def test_gptq_v1_zero_offset_independent():
     """v1 stores zero-1: an independent decode of qzeros+1 gives the symmetric midpoint."""
-    spec = QuantSpec(bits=4, group_size=32, sym=True)
+    spec = IntGrid(bits=4, group_size=32, sym=True)
     qt = rtn_quantize(torch.randn(16, 64), spec)
     t = GPTQFormat().pack(qt)
     z = _reference_unpack_rows(t["qzeros"].T.contiguous(), 4, 16).T + 1

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import C4, ROOT, STORIES, TINYSTORIES, need
-from llmq.config import build_config
+from llmq.recipe import build_config
 from llmq.projection import meta_model, parameter_count, project
 
 LLAMA7B = ROOT / "configs" / "models" / "llama-2-7b.json"

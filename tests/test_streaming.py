@@ -7,7 +7,7 @@ import torch
 
 from conftest import save_tiny
 from llmq.arch import arch_for, get_module
-from llmq.config import build_config
+from llmq.recipe import build_config
 from llmq.pipeline import quantize_model
 from llmq.source import ModelSource
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,22 +46,58 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits[:, :-1].float()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int, reference: nn.Module | None = None,
-             device: str = "cpu", progress: bool = True, batch_size: int = 1, per_window: bool = False) -> EvalResult:
-    """``batch_size`` windows go through the model at once (same numbers, better throughput)."""
+def _windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
     tokens = tokens.reshape(-1)
     windows = tokens.numel() // seqlen
     if windows == 0:
         raise LlmqError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}")
-    batches = tokens[: windows * seqlen].reshape(windows, seqlen).split(batch_size)
+    return tokens[: windows * seqlen].reshape(windows, seqlen)
+
+
+class ReferenceLogProbs:
+    """A reference model's log-probabilities over the evaluation windows, computed once and kept in a
+    file (windows x (seqlen-1) x vocab, fp32), so that many models are compared against it without
+    running the reference again.  The numbers are the very ones ``evaluate`` computes from the model."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, seqlen: int, path: Path, *, device: str = "cpu",
+                 batch_size: int = 1, progress: bool = True):
+        import numpy as np
+
+        ids = _windows(tokens, seqlen)
+        self.seqlen = seqlen
+        vocab = model.get_output_embeddings().weight.shape[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.logp = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(ids), seqlen - 1, vocab))
+        with torch.no_grad(), tqdm(total=len(ids), desc="reference", unit="window", disable=not progress,
+                                   dynamic_ncols=True) as bar:
+            for start in range(0, len(ids), batch_size):
+                batch = ids[start : start + batch_size].to(device)
+                self.logp[start : start + len(batch)] = F.log_softmax(_logits(model, batch), dim=-1).cpu().numpy()
+                bar.update(len(batch))
+        self.logp.flush()
+        self.ids = ids
+
+    def of(self, start: int, stop: int) -> torch.Tensor:
+        return torch.from_numpy(self.logp[start:stop])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int, reference: nn.Module | ReferenceLogProbs | None = None,
+             device: str = "cpu", progress: bool = True, batch_size: int = 1, per_window: bool = False) -> EvalResult:
+    """``batch_size`` windows go through the model at once (same numbers, better throughput).
+    ``reference``: a model, or its log-probabilities over these windows computed once (ReferenceLogProbs)."""
+    ids = _windows(tokens, seqlen)
+    windows = len(ids)
+    if isinstance(reference, ReferenceLogProbs) and not torch.equal(reference.ids, ids):
+        raise ValueError("the reference log-probabilities were computed on other windows")
+    batches = ids.split(batch_size)
     nll_sum = ref_nll_sum = kl_sum = 0.0
     agree = 0
     scored = 0
     window_nll: list[float] = []
     ref_window_nll: list[float] = []
     with tqdm(total=windows, desc="eval", unit="window", disable=not progress, dynamic_ncols=True) as bar:
-        for ids in batches:
+        for b, ids in enumerate(batches):
             ids = ids.to(device)
             targets = ids[:, 1:, None]
             logp = F.log_softmax(_logits(model, ids), dim=-1)
@@ -70,7 +107,10 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int, reference: nn.
                 window_nll += nll.tolist()
             scored += targets.numel()
             if reference is not None:
-                ref_logp = F.log_softmax(_logits(reference, ids), dim=-1)
+                if isinstance(reference, ReferenceLogProbs):
+                    ref_logp = reference.of(b * batch_size, b * batch_size + len(ids)).to(device)
+                else:
+                    ref_logp = F.log_softmax(_logits(reference, ids), dim=-1)
                 ref_nll = -ref_logp.gather(2, targets)[..., 0].sum(1)
                 ref_nll_sum += ref_nll.sum().item()
                 if per_window:

@@ -12,10 +12,9 @@ from llmq.formats.awq import AWQGemmFormat
 from llmq.formats.base import Format
 from llmq.formats.compressed_tensors import CompressedTensorsFormat
 from llmq.formats.gptq import GPTQFormat
-from llmq.formats.raw import RawFormat
 
 FORMATS: dict[str, Format] = {f.name: f for f in (GPTQFormat("gptq"), GPTQFormat("gptq_v2"), AWQGemmFormat(),
-                                                  CompressedTensorsFormat(), RawFormat())}
+                                                  CompressedTensorsFormat())}
 PLAIN = ("fp16", "bf16", "fp32")  # export targets that dequantize into an ordinary checkpoint
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from llmq.formats.base import Format, natural_g_idx, refuse, require_plain_grid
+from llmq.formats.base import Format, natural_g_idx, refuse, require_int_grid
 from llmq.formats.packing import pack, unpack
-from llmq.grid import QuantSpec
+from llmq.grid import IntGrid
 from llmq.qtensor import QuantizedTensor
 
 AWQ_ORDER = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
@@ -41,17 +41,17 @@ class AWQGemmFormat(Format):
     quant_method = "awq"
     suffixes = ("qweight", "qzeros", "scales")
 
-    def check(self, spec: QuantSpec) -> None:
-        require_plain_grid(self.name, spec)
-        if spec.bits != 4:
-            raise refuse("awq", f"AWQ GEMM stores 4-bit codes only, not {spec.bits}-bit")
-        if spec.group_size == -1:
+    def check(self, grid: IntGrid) -> None:
+        require_int_grid(self.name, grid)
+        if grid.bits != 4:
+            raise refuse("awq", f"AWQ GEMM stores 4-bit codes only, not {grid.bits}-bit")
+        if grid.group_size == -1:
             raise refuse("awq", "AWQ GEMM needs a group size (e.g. 128), not per-channel scales")
 
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        self.check(qt.spec)
+        self.check(qt.grid)
         out, inp = qt.shape
-        gs = qt.spec.group_size
+        gs = qt.grid.group_size
         if out % 8 or inp % gs:
             raise refuse("awq", f"a {out}x{inp} linear: AWQ GEMM needs out % 8 == 0 and in % {gs} == 0")
         if not natural_g_idx(qt):
@@ -62,26 +62,26 @@ class AWQGemmFormat(Format):
             "scales": qt.scales.T.to(torch.float16).contiguous(),
         }
 
-    def nbytes(self, out: int, inp: int, spec: QuantSpec) -> int:
-        groups = spec.groups(inp)
+    def nbytes(self, out: int, inp: int, grid: IntGrid) -> int:
+        groups = grid.groups(inp)
         return 4 * (inp * out // 8 + groups * out // 8) + 2 * groups * out
 
-    def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> QuantizedTensor:
+    def unpack(self, tensors: dict[str, torch.Tensor], grid: IntGrid, shape: tuple[int, int]) -> QuantizedTensor:
         out, inp = shape
         return QuantizedTensor(
             codes=_deinterleave(unpack(tensors["qweight"], 4, out, dim=1)).T.contiguous(),
             scales=tensors["scales"].float().T.contiguous(),
             zeros=_deinterleave(unpack(tensors["qzeros"], 4, out, dim=1)).T.contiguous(),
-            g_idx=(torch.arange(inp) // spec.group_size).to(torch.int32),
-            spec=spec,
+            g_idx=(torch.arange(inp) // grid.group_size).to(torch.int32),
+            grid=grid,
         )
 
-    def quantization_config(self, spec: QuantSpec, extra: dict[str, Any]) -> dict[str, Any]:
-        return {"quant_method": "awq", "bits": 4, "group_size": spec.group_size, "zero_point": True, "version": "gemm",
+    def quantization_config(self, grid: IntGrid, extra: dict[str, Any]) -> dict[str, Any]:
+        return {"quant_method": "awq", "bits": 4, "group_size": grid.group_size, "zero_point": True, "version": "gemm",
                 "modules_to_not_convert": extra.get("ignore") or None}
 
-    def spec_from_config(self, qcfg: dict[str, Any]) -> QuantSpec:
+    def grid_from_config(self, qcfg: dict[str, Any]) -> IntGrid:
         if str(qcfg.get("version", "gemm")).lower() != "gemm":
             raise refuse("awq", f"AWQ version {qcfg.get('version')!r}; llmq reads the GEMM layout")
-        return QuantSpec(bits=int(qcfg.get("bits", qcfg.get("w_bit", 4))), group_size=int(qcfg.get("group_size", qcfg.get("q_group_size", 128))),
+        return IntGrid(bits=int(qcfg.get("bits", qcfg.get("w_bit", 4))), group_size=int(qcfg.get("group_size", qcfg.get("q_group_size", 128))),
                          sym=False)

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from llmq.formats.base import Format, natural_g_idx, refuse, require_plain_grid
+from llmq.formats.base import Format, natural_g_idx, refuse, require_int_grid
 from llmq.formats.packing import pack, packed_len, unpack
-from llmq.grid import QuantSpec
+from llmq.grid import IntGrid
 from llmq.qtensor import QuantizedTensor
 
 
@@ -27,52 +27,52 @@ class CompressedTensorsFormat(Format):
     quant_method = "compressed-tensors"
     suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
-    def check(self, spec: QuantSpec) -> None:
-        require_plain_grid(self.name, spec)
+    def check(self, grid: IntGrid) -> None:
+        require_int_grid(self.name, grid)
 
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        require_plain_grid(self.name, qt.spec)
+        require_int_grid(self.name, qt.grid)
         if not natural_g_idx(qt):
             raise refuse(self.name, "codes with an act-order g_idx; quantize with static groups")
-        spec = qt.spec
-        sym = bool((qt.zeros == 2 ** (spec.bits - 1)).all())
-        if spec.sym and not sym:
+        grid = qt.grid
+        sym = bool((qt.zeros == 2 ** (grid.bits - 1)).all())
+        if grid.sym and not sym:
             raise refuse(self.name, "a symmetric recipe whose zero points are not the midpoint")
         t = {
-            "weight_packed": pack(qt.codes, spec.bits, dim=1),
+            "weight_packed": pack(qt.codes, grid.bits, dim=1),
             "weight_scale": qt.scales.to(torch.float16).contiguous(),
             "weight_shape": torch.tensor(qt.shape, dtype=torch.int64),
         }
-        if not spec.sym:
-            t["weight_zero_point"] = pack(qt.zeros, spec.bits, dim=0)
+        if not grid.sym:
+            t["weight_zero_point"] = pack(qt.zeros, grid.bits, dim=0)
         return t
 
-    def nbytes(self, out: int, inp: int, spec: QuantSpec) -> int:
-        groups = spec.groups(inp)
-        zp = 0 if spec.sym else 4 * packed_len(out, spec.bits) * groups
-        return 4 * out * packed_len(inp, spec.bits) + 2 * out * groups + zp + 16
+    def nbytes(self, out: int, inp: int, grid: IntGrid) -> int:
+        groups = grid.groups(inp)
+        zp = 0 if grid.sym else 4 * packed_len(out, grid.bits) * groups
+        return 4 * out * packed_len(inp, grid.bits) + 2 * out * groups + zp + 16
 
-    def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> QuantizedTensor:
+    def unpack(self, tensors: dict[str, torch.Tensor], grid: IntGrid, shape: tuple[int, int]) -> QuantizedTensor:
         out, inp = shape
         groups = tensors["weight_scale"].shape[1]
         if "weight_zero_point" in tensors:
-            zeros = unpack(tensors["weight_zero_point"], spec.bits, out, dim=0)
+            zeros = unpack(tensors["weight_zero_point"], grid.bits, out, dim=0)
         else:
-            zeros = torch.full((out, groups), 2 ** (spec.bits - 1), dtype=torch.uint8)
-        gs = inp if spec.group_size == -1 else spec.group_size
+            zeros = torch.full((out, groups), 2 ** (grid.bits - 1), dtype=torch.uint8)
+        gs = inp if grid.group_size == -1 else grid.group_size
         return QuantizedTensor(
-            codes=unpack(tensors["weight_packed"], spec.bits, inp, dim=1),
+            codes=unpack(tensors["weight_packed"], grid.bits, inp, dim=1),
             scales=tensors["weight_scale"].float().contiguous(),
             zeros=zeros.contiguous(),
             g_idx=(torch.arange(inp) // gs).to(torch.int32),
-            spec=spec,
+            grid=grid,
         )
 
-    def quantization_config(self, spec: QuantSpec, extra: dict[str, Any]) -> dict[str, Any]:
+    def quantization_config(self, grid: IntGrid, extra: dict[str, Any]) -> dict[str, Any]:
         weights = {
-            "num_bits": spec.bits, "type": "int", "symmetric": spec.sym, "dynamic": False, "observer": "minmax",
-            "strategy": "channel" if spec.group_size == -1 else "group",
-            "group_size": None if spec.group_size == -1 else spec.group_size, "actorder": None,
+            "num_bits": grid.bits, "type": "int", "symmetric": grid.sym, "dynamic": False, "observer": "minmax",
+            "strategy": "channel" if grid.group_size == -1 else "group",
+            "group_size": None if grid.group_size == -1 else grid.group_size, "actorder": None,
         }
         return {
             "quant_method": "compressed-tensors",
@@ -84,7 +84,7 @@ class CompressedTensorsFormat(Format):
             "kv_cache_scheme": None,
         }
 
-    def spec_from_config(self, qcfg: dict[str, Any]) -> QuantSpec:
+    def grid_from_config(self, qcfg: dict[str, Any]) -> IntGrid:
         if qcfg.get("format") != "pack-quantized":
             raise refuse(self.name, f"compressed-tensors format {qcfg.get('format')!r}; llmq reads pack-quantized")
         groups = list(qcfg.get("config_groups", {}).values())
@@ -94,4 +94,4 @@ class CompressedTensorsFormat(Format):
         if w.get("type") != "int" or w.get("actorder") not in (None, "static"):
             raise refuse(self.name, f"weights of type {w.get('type')!r} / actorder {w.get('actorder')!r}")
         gs = -1 if w.get("strategy") == "channel" else int(w["group_size"])
-        return QuantSpec(bits=int(w["num_bits"]), group_size=gs, sym=bool(w.get("symmetric", True)))
+        return IntGrid(bits=int(w["num_bits"]), group_size=gs, sym=bool(w.get("symmetric", True)))

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from llmq.formats.base import Format, refuse, require_plain_grid
+from llmq.formats.base import Format, refuse, require_int_grid
 from llmq.formats.packing import pack, packed_len, unpack
-from llmq.grid import QuantSpec
+from llmq.grid import IntGrid
 from llmq.qtensor import QuantizedTensor
 
 
@@ -33,44 +33,44 @@ class GPTQFormat(Format):
         self.version = version
         self.offset = 1 if version == "gptq" else 0
 
-    def check(self, spec: QuantSpec) -> None:
-        require_plain_grid(self.name, spec)
-        if self.version == "gptq" and not spec.sym:
+    def check(self, grid: IntGrid) -> None:
+        require_int_grid(self.name, grid)
+        if self.version == "gptq" and not grid.sym:
             raise refuse("gptq", "v1 stores zero points minus one, so the zero point 0 of asymmetric grids "
                                  "would underflow; use --format gptq_v2 (or compressed-tensors)")
 
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        spec = qt.spec
-        require_plain_grid(self.name, spec)
+        grid = qt.grid
+        require_int_grid(self.name, grid)
         zeros = qt.zeros.to(torch.int64) - self.offset
         if zeros.min() < 0:
             raise refuse(self.name, "a zero point of 0 cannot be stored as zero-1 in GPTQ v1; use --format gptq_v2")
         return {
-            "qweight": pack(qt.codes.T, spec.bits, dim=0),
-            "qzeros": pack(zeros.T, spec.bits, dim=1),
+            "qweight": pack(qt.codes.T, grid.bits, dim=0),
+            "qzeros": pack(zeros.T, grid.bits, dim=1),
             "scales": qt.scales.T.to(torch.float16).contiguous(),
             "g_idx": qt.g_idx.to(torch.int32).contiguous(),
         }
 
-    def nbytes(self, out: int, inp: int, spec: QuantSpec) -> int:
-        groups = spec.groups(inp)
-        return 4 * (packed_len(inp, spec.bits) * out + groups * packed_len(out, spec.bits) + inp) + 2 * groups * out
+    def nbytes(self, out: int, inp: int, grid: IntGrid) -> int:
+        groups = grid.groups(inp)
+        return 4 * (packed_len(inp, grid.bits) * out + groups * packed_len(out, grid.bits) + inp) + 2 * groups * out
 
-    def unpack(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> QuantizedTensor:
+    def unpack(self, tensors: dict[str, torch.Tensor], grid: IntGrid, shape: tuple[int, int]) -> QuantizedTensor:
         out, inp = shape
-        zeros = unpack(tensors["qzeros"], spec.bits, out, dim=1).to(torch.int64) + self.offset
+        zeros = unpack(tensors["qzeros"], grid.bits, out, dim=1).to(torch.int64) + self.offset
         g_idx = tensors.get("g_idx")
         if g_idx is None:
-            g_idx = torch.arange(inp) // spec.effective_group_size(inp)
+            g_idx = torch.arange(inp) // grid.effective_group_size(inp)
         return QuantizedTensor(
-            codes=unpack(tensors["qweight"], spec.bits, inp, dim=0).T.contiguous(),
+            codes=unpack(tensors["qweight"], grid.bits, inp, dim=0).T.contiguous(),
             scales=tensors["scales"].float().T.contiguous(),
             zeros=zeros.T.to(torch.uint8).contiguous(),
             g_idx=g_idx.to(torch.int32),
-            spec=spec,
+            grid=grid,
         )
 
-    def quantization_config(self, spec: QuantSpec, extra: dict[str, Any]) -> dict[str, Any]:
+    def quantization_config(self, grid: IntGrid, extra: dict[str, Any]) -> dict[str, Any]:
         # desc_act tells runtimes to reorder (vLLM's Marlin sorts g_idx and permutes activations on
         # every call, and keeps whole scales per rank under tensor parallelism), so it is set only
         # when some packed g_idx is not the plain i // group_size (``natural_g_idx``, from the
@@ -79,18 +79,16 @@ class GPTQFormat(Format):
         act_order = bool(extra.get("act_order", False))
         return {
             "quant_method": "gptq",
-            "bits": spec.bits,
-            "group_size": spec.group_size,
-            "sym": spec.sym,
+            "bits": grid.bits,
+            "group_size": grid.group_size,
+            "sym": grid.sym,
             "desc_act": not extra.get("natural_g_idx", True),
             "static_groups": bool(extra.get("static_groups", False)),
             "true_sequential": bool(extra.get("true_sequential", True)),
             "damp_percent": extra.get("damp", 0.01),
             "checkpoint_format": self.version,
-            **({"llmq_grid": spec.grid} if spec.grid != "minmax" else {}),  # a GGUF block grid, for the GGUF export
             "meta": {"quantizer": [f"llmq:{extra.get('version', '')}"], "method": extra.get("method"), "act_order": act_order},
         }
 
-    def spec_from_config(self, qcfg: dict[str, Any]) -> QuantSpec:
-        return QuantSpec(bits=int(qcfg["bits"]), group_size=int(qcfg.get("group_size", -1)), sym=bool(qcfg.get("sym", True)),
-                         grid=qcfg.get("llmq_grid", "minmax"))
+    def grid_from_config(self, qcfg: dict[str, Any]) -> IntGrid:
+        return IntGrid(bits=int(qcfg["bits"]), group_size=int(qcfg.get("group_size", -1)), sym=bool(qcfg.get("sym", True)))

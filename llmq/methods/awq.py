@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -23,9 +24,9 @@ from torch import nn
 
 from llmq.activations import LayerInputs, layer_hidden
 from llmq.arch import Arch, ScaleGroup, first_param
-from llmq.grid import QuantSpec, dequantize, fit_grid, quantize
+from llmq.grid import Grid, dequantize, quantize
 from llmq.methods.base import LayerLog, Method
-from llmq.methods.gptq import GPTQ, Hessian, gptq_quantize
+from llmq.methods.gptq import GPTQ, GPTQOptions, Hessian, gptq_quantize
 from llmq.methods.rtn import RTN
 
 N_GRID = 20
@@ -37,10 +38,24 @@ NO_CLIP = ("q_proj", "k_proj", "query", "key", "qkv_proj", "query_key_value", "W
 log = logging.getLogger("llmq.awq")
 
 
-def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+@dataclass(frozen=True)
+class AWQOptions:
+    awq_clip: bool = True  # search a per-group clipping range after scaling
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class AWQGPTQOptions(GPTQOptions):
+    act_order: bool = False
+    awq_clip: bool = False  # AWQ's clipping is tuned for RTN and hurt GPTQ in every measurement (eval/)
+
+
+def fake_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Round-to-nearest on the grid, returned in w's dtype (for searching, not storing)."""
-    scale, zero, offset = fit_grid(w, spec).per_column(w.shape[1], spec)
-    q = quantize(w.float(), scale, zero, spec.maxq, offset)
+    scale, zero, offset = grid.fit(w).per_column(w.shape[1], grid)
+    q = quantize(w.float(), scale, zero, grid.maxq, offset)
     return dequantize(q, scale, zero, offset).to(w.dtype)
 
 
@@ -181,21 +196,21 @@ def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 # ---- searches ----------------------------------------------------------------------
 
 # How a candidate scale is judged: quantize W * s the way the final method will, divide by s.
-ScaledQuantizer = Callable[[torch.Tensor, torch.Tensor, QuantSpec], torch.Tensor]  # (w, s, grid) -> Q(w*s)/s
+ScaledQuantizer = Callable[[torch.Tensor, torch.Tensor, Grid], torch.Tensor]  # (w, s, grid) -> Q(w*s)/s
 
 
 def rtn_judge() -> ScaledQuantizer:
-    return lambda w, s, spec: fake_quantize(w.float() * s, spec) / s
+    return lambda w, s, grid: fake_quantize(w.float() * s, grid) / s
 
 
-def gptq_judge(xs: list[torch.Tensor], cfg) -> ScaledQuantizer:
+def gptq_judge(xs: list[torch.Tensor], cfg: GPTQOptions) -> ScaledQuantizer:
     """GPTQ on W * s against the scaled inputs' Hessian, which is H / (s s^T): computed once."""
     h = Hessian(xs[0].shape[-1])
     for x in xs:
         h.add(x)
 
-    def judge(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        q, _ = gptq_quantize(w.float() * s, h.H / (s[:, None] * s[None, :]), spec, cfg.damp, cfg.block_size,
+    def judge(w: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
+        q, _ = gptq_quantize(w.float() * s, h.H / (s[:, None] * s[None, :]), grid, cfg.damp, cfg.block_size,
                              cfg.act_order, cfg.static_groups)
         return q.dequantize() / s
 
@@ -204,8 +219,8 @@ def gptq_judge(xs: list[torch.Tensor], cfg) -> ScaledQuantizer:
 
 @torch.no_grad()
 def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kwargs: dict[str, Any],
-                 specs: list[QuantSpec], judge: ScaledQuantizer | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The best scale for the group's shared input; ``specs``: the grid of each of its linears."""
+                 grids: list[Grid], judge: ScaledQuantizer | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The best scale for the group's shared input; ``grids``: the grid of each of its linears."""
     linears = [layer.get_submodule(n) for n in group.linears]
     block = layer.get_submodule(group.block)
     n = linears[0].in_features
@@ -219,8 +234,8 @@ def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kw
     x_mean = (x_mean / count).float()
     # mean over output rows of |w| normalised by its group's max |w|
     normalised = []
-    for l, spec in zip(linears, specs):
-        gs, groups = spec.effective_group_size(n), spec.groups(n)
+    for l, grid in zip(linears, grids):
+        gs, groups = grid.effective_group_size(n), grid.groups(n)
         Wg = F.pad(l.weight.data.float().abs(), (0, groups * gs - n)).reshape(-1, groups, gs)
         normalised.append((Wg / Wg.amax(dim=2, keepdim=True).clamp(min=1e-12)).reshape(Wg.shape[0], -1)[:, :n])
     w_mean = torch.cat(normalised).mean(0)
@@ -237,8 +252,8 @@ def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kw
     best: tuple[float, float | None, torch.Tensor] = (float("inf"), None, torch.ones(n, device=device))
     unscaled_err = float("nan")
     for alpha, s in candidates:
-        for l, w0, spec in zip(linears, originals, specs):
-            l.weight.data = judge(w0, s, spec).to(w0.dtype)
+        for l, w0, grid in zip(linears, originals, grids):
+            l.weight.data = judge(w0, s, grid).to(w0.dtype)
         err = _mse(_block_out(block, xs, kwargs), reference)
         if alpha is None:
             unscaled_err = err
@@ -250,16 +265,16 @@ def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kw
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, xs: list[torch.Tensor], spec: QuantSpec, generator: torch.Generator,
+def search_clip(w: torch.Tensor, xs: list[torch.Tensor], grid: Grid, generator: torch.Generator,
                 out_chunk: int = 256) -> torch.Tensor:
     """Per (output channel, group) max |w| after the best shrink, minimising the group's output error."""
     out, n = w.shape
-    gs, groups = spec.effective_group_size(n), spec.groups(n)
+    gs, groups = grid.effective_group_size(n), grid.groups(n)
     x = torch.cat([t.reshape(-1, n) for t in xs]).float()
     x = x[torch.randperm(x.shape[0], generator=generator)[:CLIP_TOKENS]]
     pad = groups * gs - n
     xg = F.pad(x, (0, pad)).reshape(-1, groups, gs)  # tokens x groups x gs
-    group_spec = dataclasses.replace(spec, group_size=gs)
+    group_grid = grid if grid.group_size == gs else dataclasses.replace(grid, group_size=gs)  # (per-channel grids)
     best_max = []
     # Output channels in chunks: the (out x tokens x groups) products would not fit for large layers.
     for wc in F.pad(w.float(), (0, pad)).split(out_chunk):
@@ -271,7 +286,7 @@ def search_clip(w: torch.Tensor, xs: list[torch.Tensor], spec: QuantSpec, genera
         for i in range(int(CLIP_GRID * (1 - CLIP_MIN_RATIO))):
             mx = max0 * (1 - i / CLIP_GRID)
             clipped = torch.maximum(torch.minimum(wg, mx[..., None]), -mx[..., None])
-            q = fake_quantize(clipped.reshape(wg.shape[0], -1), group_spec).reshape(wg.shape)
+            q = fake_quantize(clipped.reshape(wg.shape[0], -1), group_grid).reshape(wg.shape)
             err = (torch.einsum("ogk,tgk->otg", q, xg) - ref).pow(2).mean(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -280,15 +295,15 @@ def search_clip(w: torch.Tensor, xs: list[torch.Tensor], spec: QuantSpec, genera
     return torch.cat(best_max)
 
 
-def _group_absmax(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def _group_absmax(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     out, n = w.shape
-    gs, groups = spec.effective_group_size(n), spec.groups(n)
+    gs, groups = grid.effective_group_size(n), grid.groups(n)
     return F.pad(w.float().abs(), (0, groups * gs - n)).reshape(out, groups, gs).amax(dim=2)
 
 
-def apply_clip(lin: nn.Linear, max_val: torch.Tensor, spec: QuantSpec) -> None:
+def apply_clip(lin: nn.Linear, max_val: torch.Tensor, grid: Grid) -> None:
     out, n = lin.weight.shape
-    gs, groups = spec.effective_group_size(n), spec.groups(n)
+    gs, groups = grid.effective_group_size(n), grid.groups(n)
     w = F.pad(lin.weight.data.float(), (0, groups * gs - n)).reshape(out, groups, gs)
     w = torch.maximum(torch.minimum(w, max_val[..., None]), -max_val[..., None])
     lin.weight.data = w.reshape(out, -1)[:, :n].to(lin.weight.dtype)
@@ -298,13 +313,14 @@ def apply_clip(lin: nn.Linear, max_val: torch.Tensor, spec: QuantSpec) -> None:
 
 class AWQ(Method):
     name = "awq"
+    Options = AWQOptions
     needs_calibration = True
     default_dataset = "pile-val"  # as the AWQ reference implementation: 128 x 512 tokens of pile-val
     default_seqlen = 512
     final = RTN
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, options=None, seed: int = 0):
+        super().__init__(options, seed)
         # Whether folding through each scaling group keeps the layer's function: the layers of a model
         # share their wiring, so the first layer's answer holds for all (and a refusal is said once).
         self._commutes: dict[ScaleGroup, bool] = {}
@@ -332,11 +348,7 @@ class AWQ(Method):
     def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:
         return rtn_judge()
 
-    @property
-    def clip(self) -> bool:
-        return self.cfg.awq_clip
-
-    def quantize_layer(self, layer: nn.Module, arch: Arch, targets: dict[str, QuantSpec], inputs: LayerInputs | None,
+    def quantize_layer(self, layer: nn.Module, arch: Arch, targets: dict[str, Grid], inputs: LayerInputs | None,
                        log: LayerLog) -> dict:
         assert inputs is not None
         t0 = time.perf_counter()
@@ -344,14 +356,14 @@ class AWQ(Method):
         search_seconds = round(time.perf_counter() - t0, 3)
         # Final rounding by the wrapped method, whose per-module records get AWQ's choices added.
         inner = LayerLog(layer=log.layer)
-        result = self.final(self.cfg).quantize_layer(layer, arch, targets, inputs, inner)
+        result = self.final(self.options, self.seed).quantize_layer(layer, arch, targets, inputs, inner)
         for rec in inner.records:
             module = rec.pop("module")
             rec.pop("layer", None)
             log.add(module, **rec, **notes.get(module, {}), awq_search_seconds=search_seconds)
         return result
 
-    def scale_and_clip(self, layer: nn.Module, arch: Arch, targets: dict[str, QuantSpec], inputs: LayerInputs) -> dict[str, dict]:
+    def scale_and_clip(self, layer: nn.Module, arch: Arch, targets: dict[str, Grid], inputs: LayerInputs) -> dict[str, dict]:
         """Search and fold the scales of every foldable group, then clip. Returns per-module notes."""
         wanted = set(targets)
         groups = self._foldable(layer, [g for g in arch.scaling if all(n in wanted for n in g.linears) and can_fold(layer, g)],
@@ -367,21 +379,21 @@ class AWQ(Method):
             for name in g.linears:
                 # alpha None: leaving the group unscaled won; mse_* are the block's output errors
                 notes[name] = {"alpha": info["alpha"], "awq_mse_unscaled": info["mse_unscaled"], "awq_mse_best": info["mse_best"]}
-        if self.clip:
+        if self.options.awq_clip:
             # Every linear is clipped on its own input (after the scales above), not only the scaled
             # groups' members: o_proj under GQA, untabled wirings and MoE experts (their routed rows) too.
             # q/k errors are amplified by the softmax: the reference leaves them unclipped.
-            gen = torch.Generator().manual_seed(self.cfg.calibration.seed)
+            gen = torch.Generator().manual_seed(self.seed)
             names = [n for n in targets if n.rsplit(".", 1)[-1] not in NO_CLIP]
             xs = sample_inputs(layer, names, inputs, gen)
             for name in names:
                 if name not in xs:
                     continue
                 lin = layer.get_submodule(name)
-                spec = targets[name]
-                max_val = search_clip(lin.weight.data, [xs[name]], spec, gen)
-                ratio = max_val / _group_absmax(lin.weight.data, spec).clamp(min=1e-12)
-                apply_clip(lin, max_val, spec)
+                grid = targets[name]
+                max_val = search_clip(lin.weight.data, [xs[name]], grid, gen)
+                ratio = max_val / _group_absmax(lin.weight.data, grid).clamp(min=1e-12)
+                apply_clip(lin, max_val, grid)
                 notes.setdefault(name, {})["clip_ratio_mean"] = float(ratio.mean())
         return notes
 
@@ -391,14 +403,11 @@ class AWQGPTQ(AWQ):
 
     Scales are judged by GPTQ-quantizing the scaled weights (not by RTN, whose best scales
     measurably fight GPTQ's error feedback), and the RTN-tuned clipping search is off unless
-    asked for (awq_clip_gptq)."""
+    asked for (awq_clip)."""
 
     name = "awq+gptq"
+    Options = AWQGPTQOptions
     final = GPTQ
 
     def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:
-        return gptq_judge(xs, self.cfg)
-
-    @property
-    def clip(self) -> bool:
-        return self.cfg.awq_clip_gptq
+        return gptq_judge(xs, self.options)

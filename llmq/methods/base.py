@@ -10,9 +10,16 @@ from torch import nn
 
 from llmq.activations import LayerInputs
 from llmq.arch import Arch
-from llmq.config import QuantizeConfig
-from llmq.grid import QuantSpec
+from llmq.grid import Grid
 from llmq.qtensor import QuantizedTensor
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without recipe keys of its own."""
+
+    def validate(self) -> None:
+        pass
 
 
 @dataclass
@@ -31,17 +38,19 @@ class LayerLog:
 
 class Method(ABC):
     name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions  # the method's own recipe keys, a frozen dataclass with validate()
     quantizes: ClassVar[bool] = True  # False: a plain dtype cast, no QuantizedTensors
+    dtype: ClassVar[str | None] = None  # a cast's dtype for every tensor
     needs_calibration: ClassVar[bool] = False
     default_dataset: ClassVar[str] = "wikitext2"  # calibration text when the recipe names none
     default_seqlen: ClassVar[int] = 2048  # calibration window when the recipe names none (capped by the context)
-    act_order_default: ClassVar[bool] = False  # what an unset act_order means for this method
 
-    def __init__(self, cfg: QuantizeConfig):
-        self.cfg = cfg
+    def __init__(self, options: Any = None, seed: int = 0):
+        self.options = options if options is not None else self.Options()
+        self.seed = seed  # for methods that sample (AWQ's clipping rows)
 
     @abstractmethod
-    def quantize_layer(self, layer: nn.Module, arch: Arch, targets: dict[str, QuantSpec],
+    def quantize_layer(self, layer: nn.Module, arch: Arch, targets: dict[str, Grid],
                        inputs: LayerInputs | None, log: LayerLog) -> dict[str, QuantizedTensor]:
         """Quantize ``targets`` (linear names relative to ``layer``, each with the grid it goes on:
         usually the recipe's for all, but a GGUF mix gives some linears more bits).

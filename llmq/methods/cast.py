@@ -10,7 +10,6 @@ from llmq.methods.base import Method
 
 class _Cast(Method):
     quantizes = False
-    dtype: str
 
     def quantize_layer(self, layer, arch, targets, inputs, log):
         return {}

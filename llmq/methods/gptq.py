@@ -19,12 +19,28 @@ from typing import Callable
 import torch
 from torch import nn
 
-from llmq.grid import QuantSpec, dequantize, fit_grid, fit_params, group_index, quantize
+from llmq.errors import LlmqError
+from llmq.grid import Grid, dequantize, group_index, quantize
 from llmq.methods.base import Method
 from llmq.methods.rtn import rtn_quantize
 from llmq.qtensor import QuantizedTensor
 
 log = logging.getLogger("llmq.gptq")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    damp: float = 0.01  # fraction of mean diag(H) added before Cholesky (escalates x10 on failure)
+    block_size: int = 128  # columns per lazy-batch update
+    act_order: bool = True  # columns by decreasing diag(H), with static groups: lowered KL in every setting measured
+    static_groups: bool = False  # group grids fixed from the unquantized weights (implied by act_order)
+    true_sequential: bool = True  # each linear group calibrated on the outputs of the quantized groups before it
+
+    def validate(self) -> None:
+        if not 0 < self.damp < 1:
+            raise LlmqError(f"--damp must be in (0, 1), got {self.damp}")
+        if self.block_size <= 0:
+            raise LlmqError(f"--block-size must be positive, got {self.block_size}")
 
 
 class Hessian:
@@ -132,7 +148,7 @@ def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     return float(num / den) if den > 0 else float(num)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, static_groups: bool = False) -> tuple[QuantizedTensor, SolveInfo]:
     """Quantize W (out x in) against Hessian H (in x in). Works in H's dtype."""
     dtype, device = H.dtype, H.device
@@ -140,23 +156,24 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     W = W0.clone()
     H = H.clone()
     out, n = W.shape
-    gs, groups = spec.effective_group_size(n), spec.groups(n)
+    gs, groups = grid.effective_group_size(n), grid.groups(n)
 
     if not torch.any(torch.diag(H) > 0):
         # No calibration token reached this linear (an expert the router never picked): there is no
         # error to weigh, and zeroing "dead" columns would erase the whole matrix.  Round to nearest.
         log.info("no calibration input reached this module; rounding it to nearest instead")
-        return _rtn_fallback(W0, H, spec, 0.0)
+        return _rtn_fallback(W0, H, grid, 0.0)
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    # GGUF block grids are fixed from the unquantized weights first; error feedback then picks the codes.
-    static = static_groups or act_order or gs == n or spec.grid != "minmax"
+    # Grids with shared super-scales (GGUF's) are fixed from the unquantized weights first; error
+    # feedback then picks the codes.
+    static = static_groups or act_order or gs == n or grid.static
     offset = None
     if static:
-        # diag(H) weighs the K-quants' range search, as llama.cpp's importance matrix does.
-        p = fit_grid(W, spec, importance=torch.diag(H).clone().masked_fill_(dead, 0))
+        # diag(H) weighs grids that search their parameters, as llama.cpp's importance matrix does.
+        p = grid.fit(W, importance=torch.diag(H).clone().masked_fill_(dead, 0))
         scale, zero = p.scale.to(device=device, dtype=dtype), p.zero.to(device=device, dtype=dtype)
         offset = None if p.offset is None else p.offset.to(device=device, dtype=dtype)
     else:
@@ -169,7 +186,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     U, used_damp = _inverse_cholesky(H[perm][:, perm], damp)
     if U is None:
         log.warning("Hessian not positive definite even with damp=1.0; falling back to RTN for this module")
-        return _rtn_fallback(W0, H, spec, used_damp)
+        return _rtn_fallback(W0, H, grid, used_damp)
 
     # Dynamic groups take their grid from the error-updated weights when their first column
     # comes up; aligning blocks to groups keeps those columns fully updated (as in the naive loop).
@@ -191,11 +208,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
         for i in range(i2 - i1):
             col = i1 + i
             if not static and col % gs == 0:
-                gscale, gzero = (t.to(dtype) for t in fit_params(W1[i : i + gs].T, spec))
+                gscale, gzero = (t.to(dtype) for t in grid.fit_groups(W1[i : i + gs].T))
                 scale[:, colg[col]], zero[:, colg[col]] = gscale, gzero
                 S[col : col + gs], Z[col : col + gs] = gscale, gzero
             w, off = W1[i], None if O is None else O[col]
-            q = quantize(w, S[col], Z[col], spec.maxq, off)
+            q = quantize(w, S[col], Z[col], grid.maxq, off)
             Qt[col] = q
             err = (w - dequantize(q, S[col], Z[col], off)) / diag[i]
             W1[i:] -= torch.outer(U1[i, i:], err)
@@ -205,24 +222,24 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     Q = Qt.T
     inv = torch.argsort(perm)
     Q = Q[:, inv]
-    qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, spec), spec,
+    qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, grid), grid,
                                           None if offset is None else offset.cpu())
     return qt, SolveInfo(used_damp, False, *error_terms(W0, qt.dequantize(dtype).to(device), H))
 
 
-def _rtn_fallback(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float) -> tuple[QuantizedTensor, SolveInfo]:
-    qt = rtn_quantize(W.cpu(), spec)
+def _rtn_fallback(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float) -> tuple[QuantizedTensor, SolveInfo]:
+    qt = rtn_quantize(W.cpu(), grid)
     return qt, SolveInfo(damp, True, *error_terms(W, qt.dequantize(H.dtype).to(H.device), H))
 
 
 class GPTQ(Method):
     name = "gptq"
+    Options = GPTQOptions
     needs_calibration = True
-    act_order_default = True
     default_dataset = "c4"  # the GPTQ paper calibrates on C4
 
     def quantize_layer(self, layer, arch, targets, inputs, log):
-        cfg = self.cfg
+        cfg = self.options
         wanted = set(targets)
         steps = arch.sequential if cfg.true_sequential else (tuple(arch.linears()),)
         result = {}
@@ -255,14 +272,14 @@ class GPTQ(Method):
         return result
 
 
-def _joint_solves(names: list[str], hessians: InputHessians, targets: dict[str, QuantSpec]) -> list[list[str]]:
+def _joint_solves(names: list[str], hessians: InputHessians, targets: dict[str, Grid]) -> list[list[str]]:
     """Linears that share a Hessian and a grid, grouped for one solve.
 
     GPTQ treats every output row alone (same H, same column order, its own error feedback), so
     stacking q/k/v (or gate/up) into one matrix gives each row exactly what a solve of its own
     would, with one Cholesky and one column loop instead of several.
     """
-    groups: dict[tuple[int, QuantSpec], list[str]] = {}
+    groups: dict[tuple[int, Grid], list[str]] = {}
     for n in names:
         groups.setdefault((id(hessians[n]), targets[n]), []).append(n)
     return list(groups.values())

@@ -1,0 +1,187 @@
+"""A GGUF file as the output sink of a quantization run.
+
+Tensors arrive one at a time, as the pipeline produces them; their bytes go straight to a data file
+beside the output (an expert's projection waits only until its layer's other experts arrive: llama.cpp
+holds them stacked), so memory never holds more than the tensor at hand.  At the end the header,
+metadata and tokenizer are written and the data appended behind them, and the file is renamed into
+place.  The decoder layers' quantized tensors are listed first, in the order they arrived, then every
+other tensor in the model's parameter order (the order earlier llmq versions wrote, kept so that files
+stay byte-identical).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmq.errors import LlmqError
+from llmq.gguf.model import (GGUF_ARCHS, add_metadata, check_arch, expert_counts, gguf_config, head_dim,
+                             llama3_rope_factors, rope_of, row_order, stored_float)
+from llmq.gguf.plan import GGUFPlan, expert_index, tensor_namer
+from llmq.gguf.types import BLOCK_TYPES, FLOAT_TYPES, BlockType, check_type
+from llmq.gguf.vocab import add_tokenizer, load_vocab
+from llmq.grid import Grid
+from llmq.output import OutputFile
+from llmq.qtensor import QuantizedTensor
+from llmq.sinks import Sink
+from llmq.source import ModelSource
+
+
+@dataclass
+class _Entry:
+    gname: str
+    shape: tuple[int, ...]  # of the stored array (bytes per row for block types)
+    dtype: np.dtype
+    raw: Any  # GGMLQuantizationType, or None for plain F32/F16 arrays
+    offset: int  # in the data file
+    nbytes: int
+    rank: tuple[int, int]  # sort key: (0, arrival) quantized decoder tensors, (1, parameter index) the rest
+
+
+class GGUFSink(Sink):
+    def __init__(self, source: ModelSource, model: nn.Module, out: str | Path, gguf_type: str, *,
+                 token_embedding_type: str | None = None, output_type: str | None = None, overwrite: bool = False):
+        self.source = source
+        self.cfg = gguf_config(source.config)
+        check_arch(self.cfg)
+        load_vocab(source.dir)  # a tokenizer GGUF cannot hold fails now, not after the calibration
+        self.gguf_type = check_type(gguf_type)
+        self.namer = tensor_namer(self.cfg)
+        self.keys = {n: source.checkpoint_key(n) or n for n, _ in model.named_parameters()}
+        # tied embeddings: token_embd is the head too
+        has_output = any(self.namer(k) == "output.weight" for n, k in self.keys.items() if n not in source.tied)
+        self.plan = GGUFPlan(self.gguf_type, self.cfg["num_hidden_layers"], has_output=has_output,
+                             token_embd_type=check_type(token_embedding_type, "--gguf-token-embedding-type", mixes=False)
+                             if token_embedding_type else None,
+                             output_type=check_type(output_type, "--gguf-output-type", mixes=False) if output_type else None)
+        self.param_index = {n: i for i, n in enumerate(self.keys)}
+        self.output = OutputFile(out, overwrite=overwrite)
+        self.n_expert, _ = expert_counts(self.cfg)
+        self.notes: list[str] = []  # tensors written as another type than planned (once per stacked tensor)
+        self._entries: list[_Entry] = []
+        self._experts: dict[str, dict[int, tuple[np.ndarray, Any, tuple[int, int]]]] = {}
+        self._arrived = 0
+
+    # ---- the sink ----------------------------------------------------------------------
+    def __enter__(self) -> "GGUFSink":
+        self.tmp = self.output.__enter__()
+        self.data_path = self.tmp.with_name(self.tmp.name + "-data")
+        self.data = open(self.data_path, "wb")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.data.close()
+        self.data_path.unlink(missing_ok=True)
+        self.output.__exit__(exc_type, exc, tb)
+
+    @property
+    def path(self) -> Path:
+        return self.output.path
+
+    def _gguf_name(self, name: str) -> str:
+        gname = self.namer(self.keys.get(name, name))
+        if gname is None:
+            raise LlmqError(f"no GGUF name for tensor {self.keys.get(name, name)!r}")
+        return gname
+
+    def _type(self, name: str, shape: tuple[int, ...]) -> str:
+        t, note = self.plan.tensor_type(self._gguf_name(name), shape)
+        if note and note not in self.notes:
+            self.notes.append(note)
+        return t
+
+    def grid_for(self, name: str, shape: tuple[int, ...], proposed: Grid | None) -> BlockType | None:
+        return BLOCK_TYPES.get(self._type(name, shape))
+
+    def add(self, name: str, value: torch.Tensor | QuantizedTensor) -> None:
+        key, gname = self.keys.get(name, name), self._gguf_name(name)
+        order = row_order(self.cfg, key, value.shape[0])
+        if isinstance(value, QuantizedTensor):
+            if order is not None:
+                value = value.rows(order)
+            grid = value.grid
+            if not isinstance(grid, BlockType):
+                raise LlmqError(f"{key} is quantized on the {grid.name} grid, which GGUF cannot store")
+            data, raw = grid.pack(value), grid.ggml_type
+            rank = (0, self._arrived) if gname.startswith("blk.") else (1, self.param_index.get(name, len(self.param_index)))
+        else:
+            t = value if order is None else value[order]
+            planned = self._type(name, tuple(value.shape))
+            if planned not in FLOAT_TYPES:
+                raise LlmqError(f"{key} is planned as {planned} but arrived unquantized")
+            ftype = FLOAT_TYPES[planned]
+            data = ftype.encode(stored_float(self.cfg, gname, t))
+            raw = ftype.ggml_type if ftype.type_name == "BF16" else None
+            rank = (1, self.param_index.get(name, len(self.param_index)))
+        self._arrived += 1
+        stacked = expert_index(key)
+        if stacked is None:
+            self._write(gname, data, raw, rank)
+            return
+        # an expert's projection waits until its layer's others arrive: llama.cpp holds them stacked
+        have = self._experts.setdefault(gname, {})
+        have[stacked[1]] = (data, raw, rank)
+        if len(have) == self.n_expert:
+            if sorted(have) != list(range(self.n_expert)) or len({(d.shape, r) for d, r, _ in have.values()}) != 1:
+                raise LlmqError(f"{gname}: the experts' tensors differ in index, shape or type")
+            del self._experts[gname]
+            self._write(gname, np.stack([have[e][0] for e in range(self.n_expert)]), have[0][1],
+                        max(r for _, _, r in have.values()))
+
+    def _write(self, gname: str, data: np.ndarray, raw: Any, rank: tuple[int, int]) -> None:
+        data = np.ascontiguousarray(data)
+        offset = self.data.tell()
+        data.tofile(self.data)
+        self._entries.append(_Entry(gname, tuple(data.shape), data.dtype, raw, offset, data.nbytes, rank))
+
+    def finish(self, recipe: dict[str, Any], facts: dict[str, Any], records: list[dict] | None = None) -> None:
+        import gguf
+
+        if self._experts:
+            gname, have = next(iter(self._experts.items()))
+            raise LlmqError(f"{gname}: {len(have)} of the model's {self.n_expert} experts found")
+        self.data.close()
+        w = gguf.GGUFWriter(str(self.tmp), GGUF_ARCHS[self.cfg["model_type"]])
+        add_metadata(w, self.cfg, self.source.display_name, self.gguf_type)
+        add_tokenizer(w, self.source.dir, self.cfg["vocab_size"], self.cfg["model_type"])
+        entries = sorted(self._entries, key=lambda e: e.rank)
+        extra = self._rope_freqs()
+        for gname, arr in extra:
+            w.add_tensor_info(gname, arr.shape, arr.dtype, arr.nbytes)
+        for e in entries:
+            w.add_tensor_info(e.gname, e.shape, e.dtype, e.nbytes, raw_dtype=e.raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        out = w.fout[0]
+        w.write_padding(out, out.tell())
+        for _, arr in extra:
+            arr.tofile(out)
+            w.write_padding(out, arr.nbytes)
+        with open(self.data_path, "rb") as src:
+            for e in entries:
+                src.seek(e.offset)
+                _copy(src, out, e.nbytes)
+                w.write_padding(out, e.nbytes)
+        w.close()
+
+    def _rope_freqs(self) -> list[tuple[str, np.ndarray]]:
+        """Llama 3.1-style rotary scaling, which llama.cpp takes as a tensor of frequency divisors."""
+        rope = rope_of(self.cfg)
+        if rope.get("rope_type") != "llama3":
+            return []
+        return [("rope_freqs.weight", llama3_rope_factors(rope, head_dim(self.cfg), float(rope["rope_theta"])).numpy())]
+
+
+def _copy(src, dst, n: int, chunk: int = 16 << 20) -> None:
+    while n > 0:
+        block = src.read(min(chunk, n))
+        if not block:
+            raise LlmqError("the GGUF data file ended early")
+        dst.write(block)
+        n -= len(block)

@@ -1,0 +1,106 @@
+"""Recipes: a YAML file and command-line flags turned into a checked QuantizeConfig.
+
+Flags the user actually passed override the file; flags left unset (None) do not.  Everything
+is checked here, before any work: the method and its own keys, the grid, the format and GGUF types.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmq.config import CALIB_KEYS, GENERIC_KEYS, CalibConfig, QuantizeConfig, parse_size
+from llmq.dtypes import FLOAT_DTYPES
+from llmq.errors import LlmqError
+from llmq.formats import FORMATS
+from llmq.gguf.types import BLOCK_TYPES, GGUF_TYPES, check_type
+from llmq.grid import SUPPORTED_BITS
+from llmq.methods import method_class, option_names, options_for
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise LlmqError(f"recipe {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LlmqError(f"recipe {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise LlmqError(f"recipe {str(p)!r} must be a mapping of options")
+    return data
+
+
+def build_config(recipe: dict[str, Any], overrides: dict[str, Any]) -> QuantizeConfig:
+    """Recipe values first, then every override that is not None; checked."""
+    top: dict[str, Any] = {}
+    calib: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    methods_keys = option_names()
+
+    def put(key: str, value: Any, where: str) -> None:
+        key = key.replace("-", "_")
+        if key in GENERIC_KEYS:
+            top[key] = value
+        elif key in CALIB_KEYS:
+            calib[key] = value
+        elif key in methods_keys:
+            options[key] = value
+        else:
+            raise LlmqError(f"unknown {where} key {key!r}")
+
+    for key, value in recipe.items():
+        if key == "calibration":
+            if not isinstance(value, dict):
+                raise LlmqError("recipe key 'calibration' must be a mapping")
+            for k, v in value.items():
+                if k.replace("-", "_") not in CALIB_KEYS:
+                    raise LlmqError(f"unknown calibration key {k!r} in recipe")
+                put(k, v, "calibration")
+        else:
+            put(key, value, "recipe")
+    for key, value in overrides.items():
+        if value is not None:
+            put(key, value, "option")
+    try:
+        cfg = QuantizeConfig(**top, calibration=CalibConfig(**calib), options=options)
+    except TypeError as e:
+        raise LlmqError(f"bad recipe: {e}") from None
+    check(cfg)
+    return cfg
+
+
+def check(cfg: QuantizeConfig) -> None:
+    """Raise LlmqError for anything a run of ``cfg`` could not do."""
+    method = method_class(cfg.method)
+    options_for(cfg.method, cfg.options)
+    if method.quantizes and cfg.format != "gguf":
+        if cfg.bits not in SUPPORTED_BITS:
+            raise LlmqError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {cfg.bits}")
+        if not isinstance(cfg.group_size, int) or (cfg.group_size != -1 and cfg.group_size <= 0):
+            raise LlmqError(f"--group-size must be -1 (per channel) or positive, got {cfg.group_size}")
+    if cfg.format == "gguf":
+        if (cfg.gguf_type or "").upper() not in GGUF_TYPES:
+            raise LlmqError(f"--format gguf needs --gguf-type, one of {', '.join(GGUF_TYPES)}")
+        for flag, value in (("--gguf-token-embedding-type", cfg.gguf_token_embedding_type),
+                            ("--gguf-output-type", cfg.gguf_output_type)):
+            if value:
+                check_type(value, flag, mixes=False)
+        if not method.quantizes and cfg.gguf_type.upper() in (*BLOCK_TYPES, "Q4_K_M", "Q5_K_M"):
+            raise LlmqError(f"method {cfg.method} casts; a {cfg.gguf_type.upper()} file needs a quantization method")
+    elif cfg.gguf_type or cfg.gguf_token_embedding_type or cfg.gguf_output_type:
+        raise LlmqError("--gguf-type and the GGUF tensor types apply only with --format gguf")
+    elif cfg.format is not None and cfg.format not in FORMATS:
+        raise LlmqError(f"unknown format {cfg.format!r}; choose from {', '.join([*FORMATS, 'gguf'])}")
+    if cfg.dtype not in FLOAT_DTYPES:
+        raise LlmqError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {cfg.dtype!r}")
+    c = cfg.calibration
+    if not isinstance(c.nsamples, int) or c.nsamples <= 0:
+        raise LlmqError(f"--nsamples must be positive, got {c.nsamples}")
+    if c.seqlen is not None and (not isinstance(c.seqlen, int) or c.seqlen <= 1):
+        raise LlmqError(f"--seqlen must be at least 2, got {c.seqlen}")
+    if not isinstance(cfg.skip, list):
+        raise LlmqError("recipe key 'skip' must be a list of patterns")
+    parse_size(cfg.max_shard_size)

@@ -1,0 +1,160 @@
+"""Where a run's tensors go: one interface for every output, fed tensor by tensor.
+
+The pipeline (and export) hand a sink each tensor of the model under its parameter name, as a
+QuantizedTensor or a float tensor, in the order they are produced; the sink says which grid a
+tensor goes on (the recipe's, or what its file format plans for it) and lays the bytes out.
+``emit_rest`` is the one loop that copies what no layer produced.  The GGUF sink lives in
+llmq.gguf.writer; this module has the safetensors checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import llmq
+from llmq.dtypes import dtype_name, torch_dtype
+from llmq.experts import ExpertLinears
+from llmq.formats.base import Format, natural_g_idx
+from llmq.grid import Grid
+from llmq.output import OutputDir
+from llmq.provenance import PROVENANCE_FILE, hash_tree, record, sha256_file
+from llmq.qtensor import QuantizedTensor
+from llmq.safetensors_stream import ShardedWriter
+from llmq.source import ModelSource
+
+LOG_FILE = "llmq_quantize_log.jsonl"
+# Everything a runtime needs besides the weights; copied verbatim from the source.
+SIDECAR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+class Sink(ABC):
+    """An output being written.  Use as a context manager: the output appears only if the block completes."""
+
+    def grid_for(self, name: str, shape: tuple[int, ...], proposed: Grid | None) -> Grid | None:
+        """The grid the parameter ``name`` is stored on; ``proposed`` is the recipe's (None: it stays
+        float).  A format with a per-tensor plan (GGUF) answers for every tensor."""
+        return proposed
+
+    @abstractmethod
+    def add(self, name: str, value: torch.Tensor | QuantizedTensor) -> None:
+        """One parameter of the model, under its name in the model."""
+
+    @abstractmethod
+    def finish(self, recipe: dict[str, Any], facts: dict[str, Any], records: list[dict] | None = None) -> None:
+        """Write what follows the tensors.  ``recipe``: for the provenance record; ``facts``: how the codes
+        were made (method, act_order, damp, ...) for the format's config; ``records``: the per-module log."""
+
+    @abstractmethod
+    def __enter__(self) -> "Sink": ...
+
+    @abstractmethod
+    def __exit__(self, exc_type, exc, tb) -> None: ...
+
+
+def emit_rest(sink: Sink, model: nn.Module, source: ModelSource, done: Callable[[str], bool],
+              rtn: Callable[[torch.Tensor, Grid], QuantizedTensor]) -> None:
+    """Every parameter no earlier step emitted (``done``), read from the source one at a time; one the
+    sink plans a grid for is rounded to nearest with ``rtn`` (no calibration reaches it)."""
+    for name, _ in model.named_parameters():
+        if done(name) or name in source.tied:
+            continue
+        t = source.load_tensor(name)
+        grid = sink.grid_for(name, tuple(t.shape), None)
+        sink.add(name, t if grid is None else rtn(t.float(), grid))
+
+
+class CheckpointSink(Sink):
+    """A safetensors checkpoint directory in one of the packed formats (or plain, ``fmt`` None)."""
+
+    def __init__(self, source: ModelSource, model: nn.Module, fmt: Format | None, grid: Grid | None, out: str | Path, *,
+                 dtype: str, max_shard_bytes: int, overwrite: bool = False, origin: str | None = None):
+        self.source, self.model, self.fmt, self.grid = source, model, fmt, grid
+        self.dtype = torch_dtype(dtype)
+        self.max_shard_bytes = max_shard_bytes
+        self.origin = origin or source.name  # the model the provenance names as the source
+        self.output = OutputDir(out, overwrite=overwrite)
+        self.quantized: list[str] = []
+        self.natural = True  # every packed g_idx is i // group_size (no reordering for runtimes to do)
+
+    def __enter__(self) -> "CheckpointSink":
+        self.dir = self.output.__enter__()
+        self.writer = ShardedWriter(self.dir, self.max_shard_bytes)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.output.__exit__(exc_type, exc, tb)
+
+    @property
+    def path(self) -> Path:
+        return self.output.path
+
+    def add(self, name: str, value: torch.Tensor | QuantizedTensor) -> None:
+        if isinstance(value, QuantizedTensor):
+            module = name.removesuffix(".weight")
+            prefix = self.source.module_key(module) + "."
+            for suffix, t in self.fmt.pack(value).items():
+                self.writer.add(prefix + suffix, t)
+            self.quantized.append(module)
+            self.natural = self.natural and natural_g_idx(value)
+            return
+        key = self.source.checkpoint_key(name)
+        t = value.to(self.dtype) if value.is_floating_point() else value
+        self.writer.add(key or name, self.source.stored(name, t))
+
+    def finish(self, recipe: dict[str, Any], facts: dict[str, Any], records: list[dict] | None = None) -> None:
+        self.writer.finish()
+        qcfg = None
+        if self.fmt is not None:
+            ignore = unquantized_linears(self.model, self.source, set(self.quantized))
+            qcfg = self.fmt.quantization_config(self.grid, {**facts, "natural_g_idx": self.natural, "ignore": ignore,
+                                                            "version": llmq.__version__})
+        write_config(self.source.dir, self.dir, dtype_name(self.dtype), qcfg)
+        copy_sidecars(self.source.dir, self.dir)
+        if records is not None:
+            with open(self.dir / LOG_FILE, "w") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+        prov = record(self.origin, self.source.revision if self.origin == self.source.name else None,
+                      {str(p.relative_to(self.source.dir)): sha256_file(p) for p in self.source.files()},
+                      recipe, hash_tree(self.dir))
+        (self.dir / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
+
+
+def copy_sidecars(src_dir: Path, dst_dir: Path) -> None:
+    for name in SIDECAR_FILES:
+        if (src_dir / name).is_file():
+            shutil.copyfile(src_dir / name, dst_dir / name)  # not copy2: keep our umask, not read-only modes
+
+
+def write_config(src_dir: Path, dst_dir: Path, dtype: str, quantization_config: dict[str, Any] | None) -> None:
+    """The source config.json, with the output dtype and (if quantized) quantization_config."""
+    cfg = json.loads((src_dir / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = dtype
+    cfg["torch_dtype"] = dtype  # transformers < 5 and runtimes built on them read this key
+    cfg["use_cache"] = True
+    if quantization_config is not None:
+        cfg["quantization_config"] = quantization_config
+    (dst_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def unquantized_linears(model: nn.Module, source: ModelSource, quantized: set[str]) -> list[str]:
+    """Checkpoint names of the linears left in floating point (for loaders' ignore lists).
+
+    MoE routers count: transformers holds them as bare weights, runtimes build them as linears."""
+    routers = {f"{owner}.{n}" if owner else n for owner, block in model.named_modules()
+               if any(isinstance(c, ExpertLinears) for c in block.children())
+               for n, c in block.named_children() if not isinstance(c, (nn.Linear, ExpertLinears))
+               and isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2}
+    return [source.module_key(name) for name, mod in model.named_modules()
+            if (isinstance(mod, nn.Linear) or name in routers) and name not in quantized]
