@@ -125,7 +125,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_gguf_tensor_types(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-token-embedding-type", help="GGUF: type of token_embd (default: llama-quantize's, the base type)")
-    p.add_argument("--gguf-output-type", help="GGUF: type of the output head (default: llama-quantize's, Q6_K)")
+    p.add_argument("--gguf-output-type", help="GGUF: type of the output head (default: llama-quantize's choice)")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

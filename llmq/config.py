@@ -31,9 +31,9 @@ class QuantizeConfig:
     group_size: int = 128  # -1: one group per output channel
     sym: bool = True
     format: str | None = None  # None: gptq (v1) for symmetric grids, gptq_v2 for asymmetric ones
-    gguf_type: str | None = None  # with format gguf: a block type, a mix (Q4_K_M) or a float type
+    gguf_type: str | None = None  # with format gguf: a block type, a mix or a float type (llmq.gguf.types)
     gguf_token_embedding_type: str | None = None  # None: llama-quantize's choice (the base type)
-    gguf_output_type: str | None = None  # None: llama-quantize's choice (Q6_K)
+    gguf_output_type: str | None = None  # None: llama-quantize's choice
     dtype: str = "float16"  # dtype of the tensors that stay unquantized (embeddings, norms, biases)
     max_shard_size: str = "4GB"
     skip: list[str] = field(default_factory=lambda: ["lm_head"])

@@ -50,7 +50,7 @@ class Grid(ABC):
     @property
     @abstractmethod
     def name(self) -> str:
-        """What logs and records call this grid (e.g. 'int4 g128 sym', 'Q4_K')."""
+        """What logs and records call this grid (e.g. 'int4 g128 sym', or a file format's type name)."""
 
     @property
     def sym(self) -> bool:

@@ -65,7 +65,7 @@ def model_card(ckpt: Path, repo_id: str | None = None, base_model: str | None = 
         lines += [f"(needs {backend} installed.)", ""]
     lines += ["vLLM:", "", "```bash", f"vllm serve {repo}", "```", "",
               "llama.cpp: this repository holds safetensors; for a GGUF file run "
-              "`python -m llmq quantize --format gguf --gguf-type Q4_0 ...` on the source model.", "",
+              "`python -m llmq quantize --format gguf --gguf-type TYPE ...` on the source model.", "",
               "## Provenance", "", f"`{PROVENANCE_FILE}` records the source model and the sha256 of its files, the full recipe, "
               "tool versions and the sha256 of every file here; `python -m llmq verify DIR` re-checks them.", ""]
     return "\n".join(lines)

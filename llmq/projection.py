@@ -17,6 +17,7 @@ from torch import nn
 from llmq.arch import decoder_linears
 from llmq.config import QuantizeConfig
 from llmq.dtypes import nbytes
+from llmq.experts import unfuse_experts
 from llmq.formats import FORMATS
 from llmq.gguf.model import gguf_config
 from llmq.gguf.plan import GGUFPlan, tensor_namer
@@ -26,13 +27,16 @@ from llmq.methods import METHODS
 
 
 def meta_model(config_path: str | Path) -> nn.Module:
+    """The model of a config.json on the meta device, its experts one linear each, as llmq quantizes them."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(config_path).read_text()).items() if k != "architectures"})
     with init_empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)
+    unfuse_experts(model)
+    return model
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import platform
 from pathlib import Path
 from typing import Any
 
 import llmq
+from llmq.errors import LlmqError
 
 PROVENANCE_FILE = "llmq_provenance.json"
 
@@ -51,20 +53,19 @@ def record(source_name: str, source_revision: str | None, source_files: dict[str
 
 
 def verify(root: Path) -> list[str]:
-    """Problems found when re-hashing a checkpoint against its provenance record (empty: intact)."""
-    import json
-
+    """Problems found when re-hashing a checkpoint against its provenance record (empty: intact).
+    Every file is read and hashed once."""
     prov_file = root / PROVENANCE_FILE
     if not prov_file.is_file():
         return [f"no {PROVENANCE_FILE} in {root}"]
-    recorded: dict[str, str] = json.loads(prov_file.read_text()).get("files_sha256", {})
-    problems = []
-    for name, digest in sorted(recorded.items()):
-        path = root / name
-        if not path.is_file():
-            problems.append(f"missing: {name}")
-        elif sha256_file(path) != digest:
-            problems.append(f"modified: {name}")
+    try:
+        recorded = json.loads(prov_file.read_text()).get("files_sha256", {})
+        if not isinstance(recorded, dict):
+            raise ValueError("files_sha256 is not a mapping")
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        raise LlmqError(f"{prov_file} is not a readable provenance record: {str(e).splitlines()[0]}") from None
     present = hash_tree(root)
+    problems = [f"missing: {name}" if name not in present else f"modified: {name}"
+                for name, digest in sorted(recorded.items()) if present.get(name) != digest]
     problems += [f"not in the record: {name}" for name in sorted(set(present) - set(recorded))]
     return problems

@@ -15,7 +15,7 @@ from llmq.config import CALIB_KEYS, GENERIC_KEYS, CalibConfig, QuantizeConfig, p
 from llmq.dtypes import FLOAT_DTYPES
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
-from llmq.gguf.types import BLOCK_TYPES, GGUF_TYPES, check_type
+from llmq.gguf.types import BLOCK_TYPES, GGUF_TYPES, MIXES, check_type
 from llmq.grid import SUPPORTED_BITS
 from llmq.methods import method_class, option_names, options_for
 
@@ -88,7 +88,7 @@ def check(cfg: QuantizeConfig) -> None:
                             ("--gguf-output-type", cfg.gguf_output_type)):
             if value:
                 check_type(value, flag, mixes=False)
-        if not method.quantizes and cfg.gguf_type.upper() in (*BLOCK_TYPES, "Q4_K_M", "Q5_K_M"):
+        if not method.quantizes and cfg.gguf_type.upper() in (*BLOCK_TYPES, *MIXES):
             raise LlmqError(f"method {cfg.method} casts; a {cfg.gguf_type.upper()} file needs a quantization method")
     elif cfg.gguf_type or cfg.gguf_token_embedding_type or cfg.gguf_output_type:
         raise LlmqError("--gguf-type and the GGUF tensor types apply only with --format gguf")

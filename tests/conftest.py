@@ -45,13 +45,13 @@ def tiny_config(model_type: str, layers: int = 2, hidden: int = 64, inter: int =
 
 
 def save_tiny(model_type: str, path: Path, seed: int = 0, **kw) -> Path:
-    """Save a randomly initialised model of that family (fp32 safetensors) with a byte-level tokenizer."""
+    """Save a randomly initialised model of that family: config.json, generation_config.json and fp32
+    safetensors, no tokenizer (tests that need one pass calibration ids or copy tokenizer files)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kw))
     model.save_pretrained(path)
-    # Reuse the stories260K tokenizer files where the vocab fits (512 tokens).
     return path
 
 

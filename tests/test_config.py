@@ -83,3 +83,24 @@ def test_cli_act_order_flags():
     with pytest.raises(SystemExit):
         p.parse_args([*base, "--act-order", "--no-act-order"])
     assert p.parse_args([*base, "--awq-clip"]).awq_clip is True and p.parse_args([*base, "--no-awq-clip"]).awq_clip is False
+
+
+def test_gguf_types_need_the_gguf_format():
+    """A GGUF block type with a safetensors layout would write codes (5-bit, K-quant minimums) no runtime reads."""
+    for fmt in ("gptq_v2", "gptq", "compressed-tensors", None):
+        with pytest.raises(LlmqError, match="only with --format gguf"):
+            build_config({}, {"format": fmt, "gguf_type": "Q5_0"})
+
+
+def test_model_name_of_a_hub_source_is_the_repo_name(tmp_path, monkeypatch):
+    """A hub model's files sit in a snapshot directory named by a hash; outputs name the model."""
+    import shutil
+
+    from conftest import STORIES, need
+    from llmq import source
+
+    snapshot = tmp_path / "snapshots" / "0123456789abcdef"
+    shutil.copytree(need(STORIES), snapshot)
+    monkeypatch.setattr(source, "resolve_model_dir", lambda model, revision=None, allow_patterns=None: snapshot)
+    assert source.ModelSource("karpathy/stories260K").display_name == "stories260K"
+    assert source.ModelSource(str(snapshot) + "/").display_name == "0123456789abcdef"  # a local directory: its name

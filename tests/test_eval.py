@@ -71,3 +71,20 @@ def test_per_window_nll_matches_plain_forward(stories, tinystories_text):
             want = F.cross_entropy(model(input_ids=x).logits[0, :-1].double(), x[0, 1:], reduction="sum").item()
             assert abs(got - want) < 1e-3 * abs(want)
     assert "window_nll" not in evaluate(model, tokens, 128, progress=False).to_dict()
+
+
+def test_reference_log_probs_computed_once_give_the_same_numbers(stories, tinystories_text, tmp_path):
+    """The report compares every variant with the FP32 model's log-probabilities computed once per dataset:
+    the same KL, top-1 and reference perplexity as running the reference alongside each model."""
+    from llmq.eval import ReferenceLogProbs
+
+    reference, source = load_model(str(stories))
+    model, _ = load_model(str(stories))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    tokens = eval_tokens(source.tokenizer(), str(tinystories_text))[: 6 * 128]
+    cached = ReferenceLogProbs(reference, tokens, 128, tmp_path / "ref.npy", batch_size=4, progress=False)
+    a = evaluate(model, tokens, 128, reference=reference, progress=False, batch_size=4)
+    b = evaluate(model, tokens, 128, reference=cached, progress=False, batch_size=4)
+    assert (a.kld, a.top1, a.reference_ppl, a.ppl) == (b.kld, b.top1, b.reference_ppl, b.ppl) and a.kld > 0

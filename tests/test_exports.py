@@ -133,25 +133,45 @@ def test_compressed_tensors_matches_their_compressor(bits, sym, gs):
         assert "weight_zero_point" not in ours and "weight_zero_point" not in theirs
 
 
+def _accepts(fmt: str, bits: int, gs: int, sym: bool) -> bool:
+    """What each layout can store, from its published description (not from llmq's check)."""
+    return {"gptq": sym,  # v1 stores zero - 1: a zero point of 0 underflows
+            "gptq_v2": True,
+            "awq": bits == 4 and gs != -1,  # GEMM: 4-bit codes in groups
+            "compressed-tensors": True}[fmt]
+
+
+def _pack_or_refuse(fmt: str, qt, bits: int, gs: int, sym: bool):
+    f = FORMATS[fmt]
+    if not _accepts(fmt, bits, gs, sym):
+        with pytest.raises(LlmqError, match=f"^format {fmt!r} cannot represent this"):
+            f.check(qt.grid)
+            f.pack(qt)
+        return None
+    f.check(qt.grid)
+    return f.pack(qt)
+
+
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("gs", [-1, 32, 128])
 def test_format_matrix_roundtrips_or_refuses(fmt, bits, sym, gs):
-    f = FORMATS[fmt]
-    spec = IntGrid(bits, gs, sym)
+    """Every combination a layout can store round-trips exactly; every other one is refused clearly."""
+    grid = IntGrid(bits, gs, sym)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits))
     w[:, :128] = w[:, :128].abs()  # all-positive groups: asymmetric zero points of 0 occur
-    qt = rtn_quantize(w, spec)
-    try:
-        f.check(spec)
-        packed = f.pack(qt)
-    except LlmqError as e:
-        assert str(e).startswith(f"format {fmt!r} cannot represent this")
+    qt = rtn_quantize(w, grid)
+    packed = _pack_or_refuse(fmt, qt, bits, gs, sym)
+    if packed is None:
         return
-    back = f.unpack(packed, spec, (64, 256))
+    back = FORMATS[fmt].unpack(packed, grid, (64, 256))
     assert torch.equal(back.dequantize(), qt.dequantize())
     assert torch.equal(back.codes, qt.codes)
+
+
+def test_every_format_takes_some_of_the_matrix():
+    assert all(any(_accepts(f, b, g, s) for b in (2, 3, 4, 8) for g in (-1, 32, 128) for s in (True, False)) for f in FORMATS)
 
 
 def test_verify_detects_a_flipped_byte(tmp_path):
@@ -187,15 +207,12 @@ def test_quantize_direct_to_format(tmp_path):
 @pytest.mark.parametrize("shape", [(256, 512), (96, 256), (128, 384)])
 @pytest.mark.parametrize("bits,gs,sym", [(4, 128, True), (3, 32, False), (8, -1, True), (2, 64, False)])
 def test_nbytes_matches_pack(fmt, shape, bits, gs, sym):
-    f = FORMATS[fmt]
-    spec = IntGrid(bits, gs, sym)
-    qt = rtn_quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(0)) + (0 if sym else 0.5), spec)
-    try:
-        f.check(spec)
-        packed = f.pack(qt)
-    except LlmqError:
-        return
-    assert f.nbytes(*shape, spec) == sum(t.numel() * t.element_size() for t in packed.values())
+    """The size projection's byte count is what packing writes, for every combination a layout stores."""
+    grid = IntGrid(bits, gs, sym)
+    qt = rtn_quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(0)) + (0 if sym else 0.5), grid)
+    packed = _pack_or_refuse(fmt, qt, bits, gs, sym)
+    if packed is not None:
+        assert FORMATS[fmt].nbytes(*shape, grid) == sum(t.numel() * t.element_size() for t in packed.values())
 
 
 def test_act_order_checkpoint_is_a_plain_grouped_one(tmp_path):

@@ -173,6 +173,10 @@ def test_gptq_values_survive_gguf_dequantizer(tmp_path, monkeypatch, gtype):
     assert read["token_embd.weight"][0].tensor_type.name == base
     assert read["output.weight"][0].tensor_type.name == "Q6_K"
     assert read["output_norm.weight"][0].tensor_type.name == "F32"
+    import gguf
+
+    fields = gguf.GGUFReader(str(out)).fields
+    assert fields["general.name"].contents() == "llmq-ref-6m"  # the model's name, not a staging directory's
 
 
 @pytest.mark.parametrize("gtype", LEGACY)
@@ -721,6 +725,20 @@ def test_moe_gguf_stacks_experts_and_reads_back(tmp_path, family):
         assert np.array_equal(values[e], want.numpy()), e
     assert read["blk.1.ffn_down_exps.weight"][0].tensor_type.name == "Q6_K"  # Q4_K_M's layer bump reaches experts
     assert read["blk.0.ffn_gate_inp.weight"][0].tensor_type.name == "F32"
+
+
+def test_moe_gguf_bits_per_weight_count_the_experts(tmp_path):
+    """bits per linear weight of a MoE file counts the stacked experts: every decoder linear of a Q4_K
+    file is Q4_K, 4.5 bits per weight (144 bytes per 256 values)."""
+    from llmq.arch import decoder_linears
+    from llmq.gguf.reader import measure
+    from llmq.projection import meta_model
+
+    src = _tiny_moe("qwen3_moe", tmp_path / "src")
+    export_gguf(str(src), tmp_path / "q.gguf", "Q4_K")
+    model = meta_model(src / "config.json")
+    weights = sum(lin.weight.numel() for lin in decoder_linears(model).values())
+    assert measure(tmp_path / "q.gguf", 1, weights)["bits_per_linear_weight"] == 4.5
 
 
 @pytest.mark.parametrize("family", MOE)

@@ -109,3 +109,34 @@ def test_upload_to_local_endpoint(ckpt):
     assert sorted(sent) == expected
     assert sent["model.safetensors"] == (ckpt / "model.safetensors").read_bytes()
     assert b"quantized_by: llmq" in sent["README.md"]
+
+
+def test_card_of_an_export_names_the_method_and_the_format(tmp_path):
+    """A GPTQ checkpoint re-packed as AWQ GEMM: its codes were chosen by GPTQ, its layout is AWQ's."""
+    from huggingface_hub import ModelCard
+
+    from conftest import C4, REF6M
+    from llmq.export import export_checkpoint
+    from llmq.hub import model_card
+
+    need(REF6M)
+    cfg = build_config({}, {"method": "gptq", "bits": 4, "group_size": 128, "dataset": str(need(C4)), "nsamples": 4, "seqlen": 64})
+    quantize_model(ModelSource(str(REF6M)), cfg, tmp_path / "gptq", progress=False)
+    export_checkpoint(str(tmp_path / "gptq"), "awq", tmp_path / "awq")
+    export_checkpoint(str(tmp_path / "awq"), "compressed-tensors", tmp_path / "ct")  # an export of an export
+    for fmt in ("awq", "ct"):
+        (tmp_path / "card.md").write_text(model_card(tmp_path / fmt))
+        card = ModelCard.load(tmp_path / "card.md")
+        layout = {"awq": "awq", "ct": "compressed-tensors"}[fmt]
+        assert "codes chosen by **gptq**" in card.text and f"checkpoint format `{layout}`" in card.text
+        assert {"gptq", layout} <= set(card.data.tags)
+
+
+def test_verify_reads_every_file_once(ckpt, monkeypatch):
+    from llmq import provenance
+
+    read = []
+    real = provenance.sha256_file
+    monkeypatch.setattr(provenance, "sha256_file", lambda p, *a: read.append(p.name) or real(p, *a))
+    assert verify(ckpt) == []
+    assert len(read) == len(set(read)) and "model.safetensors" in read

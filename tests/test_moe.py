@@ -214,3 +214,23 @@ def test_export_lists_the_same_float_linears_as_quantize(tmp_path):
     assert sorted(ignored[1]) == sorted(ignored[0])
     assert {"lm_head", "model.layers.0.block_sparse_moe.gate", "model.layers.1.block_sparse_moe.gate"} <= set(ignored[1])
     assert all(f"{n}.weight" in keys for n in ignored[1])  # checkpoint names, not module names
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "glm4_moe"])
+def test_projection_counts_each_layers_own_linears(tmp_path, family):
+    """Stacks that mix dense and MoE layers: the size projection (and the report, through the same
+    decoder_linears) takes each layer's own linears, and its byte count is what quantize writes."""
+    from llmq.arch import decoder_linears
+    from llmq.projection import meta_model, project
+
+    src = _save(family, tmp_path / "src")
+    cfg = build_config({}, {"method": "rtn", "bits": 4, "group_size": 32})
+    out = tmp_path / "q"
+    quantize_model(ModelSource(str(src)), cfg, out, progress=False, calib_ids=_ids())
+    packed = load_file(out / "model.safetensors")
+    suffixes = ("qweight", "qzeros", "scales", "g_idx")
+    written = sum(t.numel() * t.element_size() for k, t in packed.items() if k.rsplit(".", 1)[-1] in suffixes)
+    model = meta_model(src / "config.json")
+    linears = decoder_linears(model)
+    assert any(".experts." in n for n in linears) and any(".mlp.gate_proj" in n for n in linears)  # dense and MoE layers
+    assert project(model, cfg)["quantized_linears"] == written
