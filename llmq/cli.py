@@ -19,6 +19,7 @@ from llmq.errors import LlmqError
 from llmq.eval import evaluate
 from llmq.export import PLAIN, export_checkpoint, export_gguf
 from llmq.formats import FORMATS
+from llmq.gguf.check import check_gguf
 from llmq.gguf.types import BLOCK_TYPES, FLOAT_TYPES, MIXES
 from llmq.grid import SUPPORTED_BITS
 from llmq.hub import push
@@ -142,6 +143,37 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_export)
+
+
+def _add_check_gguf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-gguf", help="run a GGUF file in llama.cpp and compare it with the HF model",
+                       description="Tokenizes the text with llama.cpp (from the file alone) and with the HF tokenizer, then "
+                                   "runs llama.cpp and transformers on the same windows: perplexity of both, mean KL and "
+                                   "top-1 agreement. Needs llama-cpp-python (pip install llmq[llamacpp]).")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("--model", required=True, help="the HF model (directory or hub id) the file was made from")
+    p.add_argument("--dataset", default="wikitext2", help="evaluation text, as for eval (default wikitext2)")
+    p.add_argument("--split", help="dataset split (default: test for wikitext2)")
+    p.add_argument("--seqlen", type=int, help="window length (default min(2048, context))")
+    p.add_argument("--max-windows", type=int, help="compare only the first N windows")
+    p.add_argument("--max-kl", type=float, help="exit 1 when the mean KL exceeds this (the tokenizers must agree too)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_check_gguf)
+
+
+def cmd_check_gguf(args: argparse.Namespace) -> int:
+    tokens, r = check_gguf(args.file, args.model, args.dataset, args.split, args.seqlen, args.max_windows, progress=not args.quiet)
+    if tokens.agrees:
+        print(f"tokenizer: llama.cpp and HF agree on all {tokens.hf_tokens} tokens")
+    else:
+        print(f"tokenizer: llama.cpp and HF DIFFER from token {tokens.first_difference} "
+              f"({tokens.llama_cpp_tokens} vs {tokens.hf_tokens} tokens): llama.cpp's perplexity tools would score other tokens")
+    print(f"on HF's tokens, {r.windows} windows of {r.seqlen}:")
+    print(f"  perplexity  HF (transformers) {r.reference_ppl:.4f}   llama.cpp {r.ppl:.4f}")
+    print(f"  mean KL(HF || llama.cpp) {r.kld:.6f}   top-1 agreement {100 * r.top1:.2f}%")
+    if args.max_kl is not None and (not tokens.agrees or not r.kld <= args.max_kl):
+        return 1
+    return 0
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -306,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_eval(sub)
     _add_report(sub)
+    _add_check_gguf(sub)
     _add_push(sub)
     _add_verify(sub)
     return parser

@@ -49,7 +49,7 @@ class GGUFSink(Sink):
         self.source = source
         self.cfg = gguf_config(source.config)
         check_arch(self.cfg)
-        load_vocab(source.dir)  # a tokenizer GGUF cannot hold fails now, not after the calibration
+        load_vocab(source.dir, self.cfg["vocab_size"])  # a tokenizer GGUF cannot hold fails now, not after the calibration
         self.gguf_type = check_type(gguf_type)
         self.namer = tensor_namer(self.cfg)
         self.keys = {n: source.checkpoint_key(n) or n for n, _ in model.named_parameters()}
@@ -148,7 +148,7 @@ class GGUFSink(Sink):
         self.data.close()
         w = gguf.GGUFWriter(str(self.tmp), GGUF_ARCHS[self.cfg["model_type"]])
         add_metadata(w, self.cfg, self.source.display_name, self.gguf_type)
-        add_tokenizer(w, self.source.dir, self.cfg["vocab_size"], self.cfg["model_type"])
+        add_tokenizer(w, self.source.dir, self.cfg["vocab_size"])
         entries = sorted(self._entries, key=lambda e: e.rank)
         extra = self._rope_freqs()
         for gname, arr in extra:
