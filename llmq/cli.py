@@ -264,10 +264,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory.  Linux's VmHWM belongs to the process image, whereas ru_maxrss
+    survives exec: a child started by a large parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (KiB on Linux, bytes on macOS)
+
+
 def _write_stats(path: str | None, seconds: float) -> None:
     if path:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        Path(path).write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak}) + "\n")
+        Path(path).write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak_rss_mib()}) + "\n")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -53,7 +53,7 @@ class QuantizedTensor:
     def from_float_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, grid: Grid,
                          offsets: torch.Tensor | None = None) -> "QuantizedTensor":
         return QuantizedTensor(
-            codes=q.round().to(torch.uint8),
+            codes=q if q.dtype == torch.uint8 else q.round().to(torch.uint8),
             scales=scales.float().contiguous(),
             zeros=zeros.round().to(torch.uint8),
             g_idx=g_idx.to(torch.int32),

@@ -70,7 +70,7 @@ def emit_rest(sink: Sink, model: nn.Module, source: ModelSource, done: Callable[
             continue
         t = source.load_tensor(name)
         grid = sink.grid_for(name, tuple(t.shape), None)
-        sink.add(name, t if grid is None else rtn(t.float(), grid))
+        sink.add(name, t if grid is None else rtn(t, grid))
 
 
 class CheckpointSink(Sink):

@@ -37,7 +37,7 @@ else:
     for m in model.modules():
         if isinstance(m, torch.nn.Linear) and m is not model.lm_head:
             m.weight.data = rtn_quantize(m.weight.data, spec).dequantize()
-print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"peak_rss_mib": [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]}))
 """
 
 

@@ -62,7 +62,7 @@ elif tool == "gptqmodel":
     model.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * seqlen} for r in ids])
     model.save(out)
 print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]}))
 """
 
 OTHER_TOOLS = ("llmcompressor", "gptqmodel")

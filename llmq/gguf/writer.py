@@ -43,6 +43,9 @@ class _Entry:
     rank: tuple[int, int]  # sort key: (0, arrival) quantized decoder tensors, (1, parameter index) the rest
 
 
+ROWS_AT_ONCE = 1 << 22  # values encoded per step
+
+
 class GGUFSink(Sink):
     def __init__(self, source: ModelSource, model: nn.Module, out: str | Path, gguf_type: str, *,
                  token_embedding_type: str | None = None, output_type: str | None = None, overwrite: bool = False):
@@ -101,43 +104,48 @@ class GGUFSink(Sink):
     def add(self, name: str, value: torch.Tensor | QuantizedTensor) -> None:
         key, gname = self.keys.get(name, name), self._gguf_name(name)
         order = row_order(self.cfg, key, value.shape[0])
-        if isinstance(value, QuantizedTensor):
-            if order is not None:
-                value = value.rows(order)
-            grid = value.grid
-            if not isinstance(grid, BlockType):
-                raise LlmqError(f"{key} is quantized on the {grid.name} grid, which GGUF cannot store")
-            data, raw = grid.pack(value), grid.ggml_type
-            rank = (0, self._arrived) if gname.startswith("blk.") else (1, self.param_index.get(name, len(self.param_index)))
-        else:
-            t = value if order is None else value[order]
-            planned = self._type(name, tuple(value.shape))
-            if planned not in FLOAT_TYPES:
-                raise LlmqError(f"{key} is planned as {planned} but arrived unquantized")
-            ftype = FLOAT_TYPES[planned]
-            data = ftype.encode(stored_float(self.cfg, gname, t))
-            raw = ftype.ggml_type if ftype.type_name == "BF16" else None
-            rank = (1, self.param_index.get(name, len(self.param_index)))
+        if order is not None:
+            value = value.rows(order) if isinstance(value, QuantizedTensor) else value[order]
+        encode, raw, rank = self._encoder(name, key, gname, value)
         self._arrived += 1
         stacked = expert_index(key)
         if stacked is None:
-            self._write(gname, data, raw, rank)
+            # rows are encoded a slice at a time: a 262k-token embedding never exists twice in memory
+            step = max(1, ROWS_AT_ONCE // value.shape[-1]) if len(value.shape) == 2 else value.shape[0]
+            self._write(gname, (encode(slice(i, i + step)) for i in range(0, value.shape[0], step)), raw, rank)
             return
         # an expert's projection waits until its layer's others arrive: llama.cpp holds them stacked
         have = self._experts.setdefault(gname, {})
-        have[stacked[1]] = (data, raw, rank)
+        have[stacked[1]] = (encode(slice(None)), raw, rank)
         if len(have) == self.n_expert:
             if sorted(have) != list(range(self.n_expert)) or len({(d.shape, r) for d, r, _ in have.values()}) != 1:
                 raise LlmqError(f"{gname}: the experts' tensors differ in index, shape or type")
             del self._experts[gname]
-            self._write(gname, np.stack([have[e][0] for e in range(self.n_expert)]), have[0][1],
-                        max(r for _, _, r in have.values()))
+            stacked_data = np.stack([have[e][0] for e in range(self.n_expert)])
+            self._write(gname, iter([stacked_data]), have[0][1], max(r for _, _, r in have.values()))
 
-    def _write(self, gname: str, data: np.ndarray, raw: Any, rank: tuple[int, int]) -> None:
-        data = np.ascontiguousarray(data)
-        offset = self.data.tell()
-        data.tofile(self.data)
-        self._entries.append(_Entry(gname, tuple(data.shape), data.dtype, raw, offset, data.nbytes, rank))
+    def _encoder(self, name: str, key: str, gname: str, value: torch.Tensor | QuantizedTensor):
+        """(rows -> stored bytes, raw GGUF type or None, sort rank) of one tensor."""
+        if isinstance(value, QuantizedTensor):
+            grid = value.grid
+            if not isinstance(grid, BlockType):
+                raise LlmqError(f"{key} is quantized on the {grid.name} grid, which GGUF cannot store")
+            rank = (0, self._arrived) if gname.startswith("blk.") else (1, self.param_index.get(name, len(self.param_index)))
+            return (lambda rows: grid.pack(value.rows(torch.arange(value.shape[0])[rows]))), grid.ggml_type, rank
+        planned = self._type(name, tuple(value.shape))
+        if planned not in FLOAT_TYPES:
+            raise LlmqError(f"{key} is planned as {planned} but arrived unquantized")
+        ftype = FLOAT_TYPES[planned]
+        raw = ftype.ggml_type if ftype.type_name == "BF16" else None
+        return (lambda rows: ftype.encode(stored_float(self.cfg, gname, value[rows]))), raw, (1, self.param_index.get(name, len(self.param_index)))
+
+    def _write(self, gname: str, parts, raw: Any, rank: tuple[int, int]) -> None:
+        offset, rows, nbytes, shape, dtype = self.data.tell(), 0, 0, (), None
+        for data in parts:
+            data = np.ascontiguousarray(data)
+            data.tofile(self.data)
+            rows, nbytes, shape, dtype = rows + data.shape[0], nbytes + data.nbytes, data.shape[1:], data.dtype
+        self._entries.append(_Entry(gname, (rows, *shape), dtype, raw, offset, nbytes, rank))
 
     def finish(self, recipe: dict[str, Any], facts: dict[str, Any], records: list[dict] | None = None) -> None:
         import gguf

@@ -15,9 +15,9 @@ def rtn_quantize(w: torch.Tensor, grid: Grid) -> QuantizedTensor:
     out, inp = w.shape
     rows = max(1, ROWS_AT_ONCE // inp)
     codes, scales, zeros, offsets = [], [], [], []
-    for part in w.split(rows):
-        p = grid.fit(part)
-        codes.append(grid.codes(part, p))
+    for part in w.split(rows):  # (a bf16 embedding is widened a slice at a time)
+        p = grid.fit(part.float())
+        codes.append(grid.codes(part.float(), p).to(torch.uint8))
         scales.append(p.scale)
         zeros.append(p.zero)
         offsets.append(p.offset)
