@@ -15,7 +15,6 @@ from llmq.formats.gptq import GPTQFormat
 
 FORMATS: dict[str, Format] = {f.name: f for f in (GPTQFormat("gptq"), GPTQFormat("gptq_v2"), AWQGemmFormat(),
                                                   CompressedTensorsFormat())}
-PLAIN = ("fp16", "bf16", "fp32")  # export targets that dequantize into an ordinary checkpoint
 
 
 def format_for_config(qcfg: dict[str, Any]) -> Format:
@@ -33,4 +32,4 @@ def format_for_config(qcfg: dict[str, Any]) -> Format:
     raise LlmqError(f"checkpoints quantized with {method!r} are not readable by llmq (reads {', '.join(readable)})")
 
 
-__all__ = ["FORMATS", "PLAIN", "Format", "format_for_config"]
+__all__ = ["FORMATS", "Format", "format_for_config"]
