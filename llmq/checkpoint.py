@@ -59,7 +59,11 @@ def iter_quantized(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]):
     for mod_name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and source.has_tensor(f"{mod_name}.{fmt.suffixes[0]}"):
             tensors = {s: source.load_tensor(f"{mod_name}.{s}") for s in fmt.suffixes if source.has_tensor(f"{mod_name}.{s}")}
-            yield mod_name, fmt.unpack(tensors, grid, (mod.out_features, mod.in_features))
+            try:
+                yield mod_name, fmt.unpack(tensors, grid, (mod.out_features, mod.in_features))
+            except (KeyError, ValueError, RuntimeError, IndexError) as e:  # tensors missing, or of other shapes
+                raise LlmqError(f"the packed tensors of {mod_name!r} in {source.name!r} do not form a "
+                                f"{fmt.name} linear of shape {mod.out_features}x{mod.in_features} ({type(e).__name__}: {e})") from None
 
 
 def load_for_eval(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

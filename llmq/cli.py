@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
+import os
 import resource
 import shlex
+import signal
 import sys
 from pathlib import Path
+
+import transformers
 
 import llmq
 from llmq.checkpoint import load_for_eval
@@ -84,7 +90,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1)")
     p.add_argument("--revision", help="hub revision of --model")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out with the same settings")
+    p.add_argument("--allow-nonfinite", action="store_true", help="set NaN/Inf weights of the model to 0 (logged) instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--stats-json", help="write wall time and peak RSS of this run to this JSON file")
     p.set_defaults(func=cmd_quantize)
@@ -210,12 +218,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _add_push(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="upload a checkpoint to the Hugging Face Hub with a generated model card",
-                       description="Writes README.md (the model card) into DIR and uploads DIR in one commit. The token comes "
-                                   "from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another hub.")
+                       description="Uploads DIR in one commit with a generated model card as its README.md (DIR itself is "
+                                   "not written to). The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects "
+                                   "another hub.")
     p.add_argument("dir")
     p.add_argument("--repo-id", required=True, help="user/name")
     p.add_argument("--private", action="store_true")
-    p.add_argument("--dry-run", action="store_true", help="write the card and list the files, upload nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the files, upload nothing")
+    p.add_argument("--card", help="also write the generated model card to this file (outside DIR), e.g. to review it")
     p.add_argument("--base-model", help="hub id of the source model for the card (default: from the provenance)")
     p.add_argument("--report", help="report.json whose row(s) for this checkpoint go into the card")
     p.set_defaults(func=cmd_push)
@@ -223,7 +233,7 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
 
 def cmd_push(args: argparse.Namespace) -> int:
     files = push(args.dir, args.repo_id, private=args.private, dry_run=args.dry_run, base_model=args.base_model,
-                 report=args.report)
+                 report=args.report, card_out=args.card)
     verb = "would upload" if args.dry_run else "uploaded"
     print(f"{verb} {len(files)} files to {args.repo_id}{' (private)' if args.private else ''}:")
     for f in files:
@@ -288,8 +298,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "dtype", "max_shard_size", "skip")}
     cfg = build_config(recipe, overrides)
-    source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
-    stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+    source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
+                         allow_nonfinite=args.allow_nonfinite)
+    stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+                           resume=args.resume)
     _write_stats(args.stats_json, stats.seconds)
     for n in stats.notes:
         print(f"note: {n}")
@@ -331,6 +343,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if reference is not None:
         reference.to(args.device)
     r = evaluate(model, tokens, seqlen, reference, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
+    if not math.isfinite(r.ppl) or (reference is not None and not math.isfinite(r.kld)):
+        raise LlmqError(f"the perplexity of {args.model!r} is not finite ({r.ppl}): its weights or activations overflow")
     print(f"model {args.model}  dataset {args.dataset}  seqlen {seqlen}  windows {r.windows}  tokens scored {r.tokens_scored}")
     print(f"perplexity {r.ppl:.4f}")
     if reference is not None:
@@ -355,21 +369,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="llmq: %(message)s")
-    import transformers
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes (main() may run more than once in a process)."""
 
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _setup_logging() -> None:
+    """llmq's messages as 'llmq: ...'; other libraries' warnings under their own names ('gguf.vocab: ...'),
+    never as llmq's."""
+    ours = logging.getLogger("llmq")
+    if not ours.handlers:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("llmq: %(message)s"))
+        ours.addHandler(handler)
+        ours.propagate = False
+    ours.setLevel(logging.INFO if os.environ.get("LLMQ_VERBOSE") else logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     transformers.logging.set_verbosity_error()  # its advice targets training code, not this tool's users
+
+
+# Failures of the machine, not of llmq: said in one line, like a user error.
+_SYSTEM_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EIO: "input/output error"}
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a run as Ctrl-C does: outputs discarded or kept for --resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except LlmqError as e:
         print(f"llmq: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _SYSTEM_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"llmq: error: {_SYSTEM_ERRORS[e.errno]}{where}; nothing was written", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("llmq: interrupted", file=sys.stderr)
+        resumable = getattr(args, "out", None) and Path(args.out).with_name(f".{Path(args.out).name}.llmq-tmp").is_dir()
+        hint = "; run the same command with --resume to continue" if resumable and args.command == "quantize" else ""
+        print(f"llmq: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

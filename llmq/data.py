@@ -82,10 +82,11 @@ def load_rows(spec: str, split: str | None = None, purpose: str = "eval") -> lis
             f"unknown dataset {spec!r}: use {', '.join(KNOWN)}, a .txt/.jsonl/.parquet file, or a hub dataset 'owner/name[:config][@split]'"
         )
     names = ds.column_names
-    column = "text" if "text" in names else next((c for c in names if getattr(ds.features[c], "dtype", None) == "string"), None)
-    if column is None:
-        raise LlmqError(f"dataset {spec!r} has no text column (columns: {', '.join(ds.column_names)})")
-    return [r if r is not None else "" for r in ds[column]]
+    # Only a column named text: taking another string column (an id, a url, a label) would calibrate or
+    # evaluate on the wrong data without a word.
+    if "text" not in names or getattr(ds.features["text"], "dtype", None) != "string":
+        raise LlmqError(f"dataset {spec!r} needs a 'text' column of strings (it has: {', '.join(names)})")
+    return [r if r is not None else "" for r in ds["text"]]
 
 
 def _load_hub(path: str, config: str | None, split: str, data_files: dict[str, str] | None, spec: str):

@@ -79,7 +79,9 @@ def codes_method(recipe: dict[str, Any], qcfg: dict[str, Any]) -> str:
 
 
 def push(ckpt: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False, base_model: str | None = None,
-         report: str | None = None, commit_message: str | None = None) -> list[str]:
+         report: str | None = None, commit_message: str | None = None, card_out: str | Path | None = None) -> list[str]:
+    """Upload a checkpoint with a generated model card as its README.md.  The card goes into the upload only
+    (and to ``card_out`` when given): the checkpoint directory is never written to."""
     d = Path(ckpt)
     if not d.is_dir() or not (d / "config.json").is_file():
         raise LlmqError(f"{str(ckpt)!r} is not a checkpoint directory (no config.json)")
@@ -87,19 +89,29 @@ def push(ckpt: str | Path, repo_id: str, *, private: bool = False, dry_run: bool
         raise LlmqError(f"--repo-id {repo_id!r} is not of the form user/name")
     rows = None
     if report:
-        data = json.loads(Path(report).read_text())
-        rows = [r for r, rec in zip(data["rows"], data["records"]) if Path(rec["checkpoint"]).resolve() == d.resolve()] or data["rows"]
-    (d / CARD).write_text(model_card(d, repo_id, base_model, rows))
-    files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+        try:
+            data = json.loads(Path(report).read_text())
+            rows = [r for r, rec in zip(data["rows"], data["records"]) if Path(rec["checkpoint"]).resolve() == d.resolve()] or data["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LlmqError(f"cannot read the report {report!r}: {e}") from None
+    card = model_card(d, repo_id, base_model, rows)
+    if card_out is not None:
+        out = Path(card_out)
+        if d.resolve() in out.resolve().parents:
+            raise LlmqError(f"--card {str(card_out)!r} lies inside the checkpoint; write the card elsewhere")
+        out.write_text(card)
+    files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != CARD)
     if dry_run:
-        return files
+        return [*files, CARD]
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi()
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(d / f)) for f in files]
+    operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()))
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.create_commit(repo_id, repo_type="model", commit_message=commit_message or f"Upload {d.name} (llmq)",
-                          operations=[CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(d / f)) for f in files])
+                          operations=operations)
     except Exception as e:  # auth, network, permissions: the user's to fix; never echo the token
         raise LlmqError(f"upload to {repo_id!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return files
+    return [*files, CARD]

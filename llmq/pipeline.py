@@ -13,6 +13,7 @@ a safetensors checkpoint directory or a GGUF file, fed the same way.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from llmq.data import calibration_tokens
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
 from llmq.gguf.writer import GGUFSink
+from llmq.journal import Journal, LayerEntry
 from llmq.methods import LayerLog, Method
 from llmq.methods.rtn import rtn_quantize
 from llmq.plan import RunPlan, resolve
@@ -70,24 +72,31 @@ class _Run:
 
 
 def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *, overwrite: bool = False,
-                   device: str = "cpu", progress: bool = True, calib_ids: torch.Tensor | None = None) -> RunStats:
-    """Quantize ``source`` with ``cfg`` into ``out`` (a directory, or a .gguf file). See the module docstring."""
+                   device: str = "cpu", progress: bool = True, calib_ids: torch.Tensor | None = None,
+                   resume: bool = False) -> RunStats:
+    """Quantize ``source`` with ``cfg`` into ``out`` (a directory, or a .gguf file). See the module docstring.
+    ``resume``: continue the interrupted run of the same settings into ``out`` (llmq.journal)."""
     _release_freed_memory_to_os()
     plan = resolve(cfg, source, device)
     model = _skeleton(source, plan)
     method = plan.make_method()
-    sink = open_sink(plan, source, model, out, overwrite)  # (checks the output, and what a format can store, first)
-    if plan.calibration is not None and calib_ids is None:
-        c = plan.calibration
-        calib_ids = calibration_tokens(source.tokenizer(), c.dataset, c.nsamples, c.seqlen, c.seed, c.split)
+    sink = open_sink(plan, source, model, out, overwrite, resume)  # (checks the output, and what a format can store, first)
     stats = RunStats()
     t0 = time.perf_counter()
-    with sink:
-        run = _start(plan, source, model, method, sink, torch.device(device), calib_ids, progress, stats)
+    with sink:  # (holds the output's lock from here on)
+        ids = calib_ids if calib_ids is not None or plan.calibration is None else _calibration_ids(source, plan)
+        run = _start(plan, source, model, method, sink, torch.device(device), ids, progress, stats)
+        journal = Journal(sink.work, {"recipe": plan.recipe(), "source": source.identity(), "ids": _digest(ids)})
+        done = _resume(run, journal) if resume else 0
         for i in range(stats.layers):
-            _quantize_layer(run, i)
+            if i < done:
+                _replay_layer(run, i, journal.layer(i))
+                continue
+            journal.record(i, _quantize_layer(run, i), sink.state())
+            sink.output.keep()  # an interrupted run leaves its finished layers for --resume
         run.bar.close()
         emit_rest(sink, model, source, done=lambda name: name.startswith(run.arch.layers + "."), rtn=rtn_quantize)
+        journal.clear()
         stats.seconds = time.perf_counter() - t0
         sink.finish({**plan.recipe(), "quantized_modules": stats.quantized}, plan.facts(), stats.records)
     stats.output = sink.path
@@ -95,15 +104,35 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     return stats
 
 
-def open_sink(plan: RunPlan, source: ModelSource, model: nn.Module, out: str | Path, overwrite: bool) -> Sink:
+def _calibration_ids(source: ModelSource, plan: RunPlan) -> torch.Tensor:
+    c = plan.calibration
+    return calibration_tokens(source.tokenizer(), c.dataset, c.nsamples, c.seqlen, c.seed, c.split)
+
+
+def _digest(ids: torch.Tensor | None) -> str | None:
+    return None if ids is None else hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def _resume(run: _Run, journal: Journal) -> int:
+    """Layers an interrupted run finished; the sink is cut back to the state after the last of them."""
+    done, state = journal.finished()
+    run.sink.restore(state)
+    if done:
+        log.warning("resuming after layer %d of %d", done, run.stats.layers)
+    return done
+
+
+def open_sink(plan: RunPlan, source: ModelSource, model: nn.Module, out: str | Path, overwrite: bool,
+              resume: bool = False) -> Sink:
+    inputs = [Path(plan.calibration.dataset)] if plan.calibration and Path(plan.calibration.dataset).exists() else []
     if plan.gguf is not None:
         return GGUFSink(source, model, out, plan.gguf.file_type, token_embedding_type=plan.gguf.token_embedding,
-                        output_type=plan.gguf.output, overwrite=overwrite)
+                        output_type=plan.gguf.output, overwrite=overwrite, inputs=inputs, resume=resume)
     fmt = FORMATS[plan.format] if plan.format else None
     if fmt is not None:
         fmt.check(plan.grid)
     return CheckpointSink(source, model, fmt, plan.grid, out, dtype=plan.dtype, max_shard_bytes=plan.max_shard_bytes,
-                          overwrite=overwrite)
+                          overwrite=overwrite, inputs=inputs, resume=resume)
 
 
 def _skeleton(source: ModelSource, plan: RunPlan) -> nn.Module:
@@ -130,8 +159,9 @@ def _start(plan: RunPlan, source: ModelSource, model: nn.Module, method: Method,
     return _Run(plan, source, model, method, sink, device, arch, not arch.discovered, inputs, bar, per_layer, stats)
 
 
-def _quantize_layer(run: _Run, i: int) -> None:
-    """Load, calibrate and quantize, advance the inputs, emit, free: one decoder layer."""
+def _quantize_layer(run: _Run, i: int) -> LayerEntry:
+    """Load, calibrate and quantize, advance the inputs, emit, free: one decoder layer.  Returns what the
+    journal keeps of it."""
     layers = get_module(run.model, run.arch.layers)
     prefix = f"{run.arch.layers}.{i}"
     run.bar.set_postfix_str(f"layer {i + 1}/{len(layers)} load")
@@ -164,6 +194,31 @@ def _quantize_layer(run: _Run, i: int) -> None:
         run.bar.set_postfix_str(f"layer {i + 1}/{len(layers)} forward")
         run.inputs.advance(layer)
     _emit_layer(run, layer, prefix, qts)
+    targets = {f"{n}.weight" for n in qts}
+    floats = {n: p.detach().cpu().clone() for n, p in layer.named_parameters() if n not in targets}
+    release(layer)
+    return LayerEntry(qts, floats, layer_log.records)
+
+
+def _replay_layer(run: _Run, i: int, entry: LayerEntry) -> None:
+    """A layer an interrupted run finished: put back what it left (no calibration, no rounding) and run it
+    to get the next layer's inputs, exactly as the interrupted run computed them."""
+    layers = get_module(run.model, run.arch.layers)
+    run.bar.set_postfix_str(f"layer {i + 1}/{len(layers)} replay")
+    layer = run.source.materialize(run.model, f"{run.arch.layers}.{i}", run.plan.compute_dtype)
+    move_resident(layer, run.device)
+    run.arch = _layer_arch(run, layer)
+    params = dict(layer.named_parameters())
+    for name, qt in entry.qts.items():
+        w = params[f"{name}.weight"]
+        w.data = qt.dequantize(w.dtype).to(w.device)
+    for name, t in entry.floats.items():
+        params[name].data = t.to(params[name].device)
+    if run.inputs is not None and i + 1 < len(layers):
+        run.inputs.advance(layer)
+    run.stats.records.extend(entry.records)
+    run.stats.quantized += len(entry.qts)
+    run.bar.update(max(1, run.per_layer[i]))
     release(layer)
 
 

@@ -9,6 +9,7 @@ any safetensors reader loads them.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -55,6 +56,35 @@ class ShardedWriter:
                                "data_offsets": [self._offset, self._offset + len(raw)]}
         self._offset += len(raw)
         self.total_size += len(raw)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+    def state(self) -> dict:
+        """Everything written so far, flushed to disk (for resuming an interrupted run)."""
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        return {"shards": [(str(p), names) for p, names in self._shards], "entries": dict(self._entries),
+                "data": None if self._data is None else str(self._data), "offset": self._offset,
+                "total_size": self.total_size, "names": sorted(self._names)}
+
+    def restore(self, state: dict | None) -> None:
+        """Continue from a ``state()`` (None: from nothing): what was written after it is cut off."""
+        state = state or {"shards": [], "entries": {}, "data": None, "offset": 0, "total_size": 0, "names": []}
+        self._shards = [(Path(p), list(names)) for p, names in state["shards"]]
+        self._entries, self._offset, self.total_size = dict(state["entries"]), state["offset"], state["total_size"]
+        self._names = set(state["names"])
+        self._data = None if state["data"] is None else Path(state["data"])
+        known = {p for p, _ in self._shards} | {self._data}
+        for f in self.dir.glob(".shard-*"):  # shards begun after the state
+            if f not in known:
+                f.unlink()
+        if self._data is not None:
+            self._fh = open(self._data, "r+b")
+            self._fh.truncate(self._offset)
+            self._fh.seek(self._offset)
 
     def _close_shard(self) -> None:
         assert self._fh is not None and self._data is not None

@@ -20,10 +20,11 @@ from torch import nn
 
 import llmq
 from llmq.dtypes import dtype_name, torch_dtype
+from llmq.errors import LlmqError
 from llmq.experts import ExpertLinears
 from llmq.formats.base import Format, natural_g_idx
 from llmq.grid import Grid
-from llmq.output import OutputDir
+from llmq.output import Output
 from llmq.provenance import PROVENANCE_FILE, hash_tree, record, sha256_file
 from llmq.qtensor import QuantizedTensor
 from llmq.safetensors_stream import ShardedWriter
@@ -55,20 +56,56 @@ class Sink(ABC):
         were made (method, act_order, damp, ...) for the format's config; ``records``: the per-module log."""
 
     @abstractmethod
-    def __enter__(self) -> "Sink": ...
+    def state(self) -> Any:
+        """What has been written so far, flushed to disk: enough to continue from here (llmq.journal)."""
 
     @abstractmethod
-    def __exit__(self, exc_type, exc, tb) -> None: ...
+    def restore(self, state: Any) -> None:
+        """Continue from a ``state()`` of an interrupted run (None: from the start): anything written after it is cut off."""
+
+    output: Output
+
+    def __enter__(self) -> "Sink":
+        self.work = self.output.__enter__()
+        try:
+            self.open()
+        except BaseException as e:
+            self.output.__exit__(type(e), e, None)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+        self.output.__exit__(exc_type, exc, tb)
+
+    @abstractmethod
+    def open(self) -> None:
+        """Start writing into ``self.work``."""
+
+    def close(self) -> None:
+        """Release open files (before the output is committed or discarded)."""
+
+    @property
+    def path(self) -> Path:
+        return self.output.path
+
+
+def require_finite(name: str, value: torch.Tensor | QuantizedTensor) -> None:
+    """Nothing non-finite is written (a NaN scale would poison its whole group in every runtime)."""
+    parts = [value.scales, *([] if value.offsets is None else [value.offsets])] if isinstance(value, QuantizedTensor) \
+        else [value] if value.is_floating_point() else []
+    if any(not bool(torch.isfinite(t).all()) for t in parts):
+        raise LlmqError(f"{name}: the output would hold non-finite values (NaN/Inf); nothing was written")
 
 
 def emit_rest(sink: Sink, model: nn.Module, source: ModelSource, done: Callable[[str], bool],
               rtn: Callable[[torch.Tensor, Grid], QuantizedTensor]) -> None:
     """Every parameter no earlier step emitted (``done``), read from the source one at a time; one the
     sink plans a grid for is rounded to nearest with ``rtn`` (no calibration reaches it)."""
-    for name, _ in model.named_parameters():
+    for name, param in model.named_parameters():
         if done(name) or name in source.tied:
             continue
-        t = source.load_tensor(name)
+        t = source.load_like(name, param)
         grid = sink.grid_for(name, tuple(t.shape), None)
         sink.add(name, t if grid is None else rtn(t, grid))
 
@@ -77,28 +114,32 @@ class CheckpointSink(Sink):
     """A safetensors checkpoint directory in one of the packed formats (or plain, ``fmt`` None)."""
 
     def __init__(self, source: ModelSource, model: nn.Module, fmt: Format | None, grid: Grid | None, out: str | Path, *,
-                 dtype: str, max_shard_bytes: int, overwrite: bool = False, origin: str | None = None):
+                 dtype: str, max_shard_bytes: int, overwrite: bool = False, origin: str | None = None,
+                 inputs: list[Path] = (), resume: bool = False):
         self.source, self.model, self.fmt, self.grid = source, model, fmt, grid
         self.dtype = torch_dtype(dtype)
         self.max_shard_bytes = max_shard_bytes
         self.origin = origin or source.name  # the model the provenance names as the source
-        self.output = OutputDir(out, overwrite=overwrite)
+        self.output = Output(out, kind="dir", overwrite=overwrite, inputs=[source.dir, *inputs], resume=resume)
         self.quantized: list[str] = []
         self.natural = True  # every packed g_idx is i // group_size (no reordering for runtimes to do)
 
-    def __enter__(self) -> "CheckpointSink":
-        self.dir = self.output.__enter__()
+    def open(self) -> None:
+        self.dir = self.work
         self.writer = ShardedWriter(self.dir, self.max_shard_bytes)
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.output.__exit__(exc_type, exc, tb)
+    def close(self) -> None:
+        self.writer.close()
 
-    @property
-    def path(self) -> Path:
-        return self.output.path
+    def state(self) -> dict:
+        return {"writer": self.writer.state(), "quantized": list(self.quantized), "natural": self.natural}
+
+    def restore(self, state: dict | None) -> None:
+        self.writer.restore(state and state["writer"])
+        self.quantized, self.natural = (list(state["quantized"]), state["natural"]) if state else ([], True)
 
     def add(self, name: str, value: torch.Tensor | QuantizedTensor) -> None:
+        require_finite(name, value)
         if isinstance(value, QuantizedTensor):
             module = name.removesuffix(".weight")
             prefix = self.source.module_key(module) + "."
@@ -131,9 +172,13 @@ class CheckpointSink(Sink):
 
 
 def copy_sidecars(src_dir: Path, dst_dir: Path) -> None:
-    for name in SIDECAR_FILES:
-        if (src_dir / name).is_file():
-            shutil.copyfile(src_dir / name, dst_dir / name)  # not copy2: keep our umask, not read-only modes
+    """Tokenizer and generation files; and a remote-code model's Python modules, which its config's auto_map
+    names: without them the output's config points at code that is not there."""
+    names = [n for n in SIDECAR_FILES if (src_dir / n).is_file()]
+    if "auto_map" in json.loads((src_dir / "config.json").read_text()):
+        names += [p.name for p in sorted(src_dir.glob("*.py"))]
+    for name in names:
+        shutil.copyfile(src_dir / name, dst_dir / name)  # not copy2: keep our umask, not read-only modes
 
 
 def write_config(src_dir: Path, dst_dir: Path, dtype: str, quantization_config: dict[str, Any] | None) -> None:

@@ -9,6 +9,7 @@ safetensors shards.  The pipeline materializes one decoder layer at a time throu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +20,8 @@ from torch import nn
 from llmq.dtypes import FLOAT_DTYPES
 from llmq.errors import LlmqError
 from llmq.experts import unfuse_experts
+
+log = logging.getLogger("llmq")
 
 # What a quantization run needs from a hub repository (no .bin/.h5/.msgpack duplicates).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
@@ -44,10 +47,13 @@ def resolve_model_dir(model: str, revision: str | None = None, allow_patterns: l
 
 
 class ModelSource:
-    def __init__(self, model: str, revision: str | None = None, trust_remote_code: bool = False):
+    def __init__(self, model: str, revision: str | None = None, trust_remote_code: bool = False,
+                 allow_nonfinite: bool = False):
         self.name = model
         self.revision = revision
         self.trust_remote_code = trust_remote_code
+        # A NaN or Inf weight would reach every scale of its group and every output: refused, or (asked for) zeroed.
+        self.allow_nonfinite = allow_nonfinite
         self.dir = resolve_model_dir(model, revision)
         if not (self.dir / "config.json").is_file():
             raise LlmqError(f"{model!r} has no config.json; is it a transformers model directory?")
@@ -56,7 +62,7 @@ class ModelSource:
         try:
             self.config = AutoConfig.from_pretrained(self.dir, trust_remote_code=trust_remote_code)
         except Exception as e:
-            raise LlmqError(f"cannot read the config of {model!r}: {str(e).splitlines()[0]}") from None
+            raise LlmqError(f"cannot read the config of {model!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
         self._index = self._build_index()
         self.base_prefix = ""  # the model class's base_model_prefix, known once skeleton() ran
         self._key_map: dict[str, str] = {}  # model parameter name -> checkpoint key, known once skeleton() ran
@@ -74,8 +80,17 @@ class ModelSource:
     def _build_index(self) -> dict[str, Path]:
         index_file = self.dir / "model.safetensors.index.json"
         if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            return {k: self.dir / v for k, v in weight_map.items()}
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+                index = {k: self.dir / v for k, v in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise LlmqError(f"{str(index_file)!r} is not a readable shard index: {_first_line(e)}") from None
+            for f in set(index.values()):
+                if not f.is_file():
+                    raise LlmqError(f"the shard index of {self.name!r} names {f.name}, which is missing")
+                if not set(_keys(f)) >= {k for k, v in index.items() if v == f}:
+                    raise LlmqError(f"{str(f)!r} lacks tensors its shard index puts there")
+            return index
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             if any(self.dir.glob("*.bin")) or any(self.dir.glob("*.pt")):
@@ -83,9 +98,8 @@ class ModelSource:
             raise LlmqError(f"{self.name!r} contains no .safetensors weights")
         index: dict[str, Path] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    index[k] = f
+            for k in _keys(f):
+                index[k] = f
         return index
 
     def files(self) -> list[Path]:
@@ -124,13 +138,44 @@ class ModelSource:
     def has_tensor(self, name: str) -> bool:
         return self.checkpoint_key(name) is not None
 
+    def identity(self) -> dict:
+        """What identifies these weights cheaply: the name and every file's name and size."""
+        return {"name": self.name, "revision": self.revision,
+                "files": {str(p.relative_to(self.dir)): p.stat().st_size for p in self.files()}}
+
     def load_tensor(self, name: str) -> torch.Tensor:
         key = self.checkpoint_key(name)
         if key is None:
             raise LlmqError(f"tensor {name!r} is missing from the checkpoint of {self.name!r}")
-        with safe_open(str(self._index[key]), framework="pt") as st:
-            t = st.get_tensor(key)
+        path = self._index[key]
+        try:
+            with safe_open(str(path), framework="pt") as st:
+                t = st.get_tensor(key)
+        except Exception as e:  # a truncated or corrupted file: the user's to replace
+            raise LlmqError(f"cannot read tensor {key!r} from {str(path)!r}: {_first_line(e)}") from None
+        if t.is_floating_point():
+            t = self._finite(key, t)
         return t.T.contiguous() if name in self.transposed else t
+
+    def load_like(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """The tensor of model parameter ``name``, checked against the parameter's shape and kind."""
+        t = self.load_tensor(name)
+        if t.shape != param.shape:
+            raise LlmqError(f"tensor {name!r} has shape {tuple(t.shape)} on disk but {tuple(param.shape)} in the model config")
+        if t.is_floating_point() != param.is_floating_point():
+            raise LlmqError(f"tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')} on disk but the model "
+                            f"needs {str(param.dtype).removeprefix('torch.')}")
+        return t
+
+    def _finite(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        bad = int((~torch.isfinite(t)).sum())
+        if not bad:
+            return t
+        if not self.allow_nonfinite:
+            raise LlmqError(f"tensor {key!r} of {self.name!r} holds {bad} non-finite values (NaN/Inf); "
+                            "fix the checkpoint, or pass --allow-nonfinite to zero them")
+        log.warning("tensor %s: %d non-finite values set to 0 (--allow-nonfinite)", key, bad)
+        return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
     def stored(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A model tensor in the layout the checkpoint keeps it in (the inverse of load_tensor's)."""
@@ -191,14 +236,29 @@ class ModelSource:
             full = f"{prefix}.{name}" if prefix else name
             if full in self.tied:
                 continue  # stored under its target's name; tie_weights() shares that tensor
-            t = self.load_tensor(full)
-            if t.shape != param.shape:
-                raise LlmqError(f"tensor {full!r} has shape {tuple(t.shape)} on disk but {tuple(param.shape)} in the model config")
+            t = self.load_like(full, param)
             if t.is_floating_point():
                 t = t.to(dtype)
             _set_param(module, name, t)
         return module
 
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, its header checked: every entry's dtype, shape and extent."""
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            keys = list(st.keys())
+            for k in keys:
+                st.get_slice(k).get_shape()
+            return keys
+    except Exception as e:  # truncated, or a corrupted header (length, JSON, dtype, offsets)
+        raise LlmqError(f"{str(path)!r} is not a readable safetensors file: {_first_line(e)}") from None
 
 
 def _linears_for_conv1d(model: nn.Module) -> set[str]:

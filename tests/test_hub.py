@@ -29,14 +29,18 @@ def ckpt(tmp_path_factory):
     return out
 
 
-def test_dry_run_card_parses(ckpt):
+def test_dry_run_card_parses(ckpt, tmp_path):
+    """The card parses as a Hub model card; a dry run lists it but writes nothing into the checkpoint."""
     from huggingface_hub import ModelCard
 
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
     p = subprocess.run([sys.executable, "-m", "llmq", "push", str(ckpt), "--repo-id", "someone/stories-w4", "--dry-run",
-                        "--base-model", "karpathy/tinyllamas"], capture_output=True, text=True, cwd=ROOT)
+                        "--base-model", "karpathy/tinyllamas", "--card", str(tmp_path / "card.md")],
+                       capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert "model.safetensors" in p.stdout and "README.md" in p.stdout
-    card = ModelCard.load(ckpt / "README.md")
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before  # the user's folder is untouched
+    card = ModelCard.load(tmp_path / "card.md")
     assert card.data.base_model == "karpathy/tinyllamas"
     assert card.data.library_name == "transformers"
     assert {"llmq", "rtn", "4-bit"} <= set(card.data.tags)
@@ -106,7 +110,7 @@ def test_upload_to_local_endpoint(ckpt):
     lines = [json.loads(l) for l in commits[0][3].decode().splitlines() if l.strip()]
     sent = {l["value"]["path"]: base64.b64decode(l["value"]["content"]) for l in lines if l["key"] == "file"}
     expected = sorted(str(f.relative_to(ckpt)) for f in ckpt.rglob("*") if f.is_file())
-    assert sorted(sent) == expected
+    assert sorted(sent) == sorted([*expected, "README.md"]) and not (ckpt / "README.md").exists()
     assert sent["model.safetensors"] == (ckpt / "model.safetensors").read_bytes()
     assert b"quantized_by: llmq" in sent["README.md"]
 

@@ -42,6 +42,11 @@ class EvalResult:
         return d
 
 
+def _exp(x: float) -> float:
+    """exp, inf past float range (a model whose loss overflows has an infinite perplexity, not a crash)."""
+    return math.exp(x) if x < 709 else math.inf
+
+
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits[:, :-1].float()
 
@@ -119,12 +124,12 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int, reference: nn.
                 agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             bar.update(ids.shape[0])
     nll = nll_sum / scored
-    result = EvalResult(seqlen=seqlen, windows=windows, tokens_scored=scored, nll=nll, ppl=math.exp(nll))
+    result = EvalResult(seqlen=seqlen, windows=windows, tokens_scored=scored, nll=nll, ppl=_exp(nll))
     if per_window:
         result.window_nll = window_nll
         result.reference_window_nll = ref_window_nll if reference is not None else None
     if reference is not None:
         result.kld = kl_sum / scored
         result.top1 = agree / scored
-        result.reference_ppl = math.exp(ref_nll_sum / scored)
+        result.reference_ppl = _exp(ref_nll_sum / scored)
     return result

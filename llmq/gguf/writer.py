@@ -11,6 +11,7 @@ stay byte-identical).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,9 @@ from llmq.gguf.plan import GGUFPlan, expert_index, tensor_namer
 from llmq.gguf.types import BLOCK_TYPES, FLOAT_TYPES, BlockType, check_type
 from llmq.gguf.vocab import add_tokenizer, load_vocab
 from llmq.grid import Grid
-from llmq.output import OutputFile
+from llmq.output import Output
 from llmq.qtensor import QuantizedTensor
-from llmq.sinks import Sink
+from llmq.sinks import Sink, require_finite
 from llmq.source import ModelSource
 
 
@@ -48,7 +49,8 @@ ROWS_AT_ONCE = 1 << 22  # values encoded per step
 
 class GGUFSink(Sink):
     def __init__(self, source: ModelSource, model: nn.Module, out: str | Path, gguf_type: str, *,
-                 token_embedding_type: str | None = None, output_type: str | None = None, overwrite: bool = False):
+                 token_embedding_type: str | None = None, output_type: str | None = None, overwrite: bool = False,
+                 inputs: list[Path] = (), resume: bool = False):
         self.source = source
         self.cfg = gguf_config(source.config)
         check_arch(self.cfg)
@@ -63,7 +65,7 @@ class GGUFSink(Sink):
                              if token_embedding_type else None,
                              output_type=check_type(output_type, "--gguf-output-type", mixes=False) if output_type else None)
         self.param_index = {n: i for i, n in enumerate(self.keys)}
-        self.output = OutputFile(out, overwrite=overwrite)
+        self.output = Output(out, kind="file", overwrite=overwrite, inputs=[source.dir, *inputs], resume=resume)
         self.n_expert, _ = expert_counts(self.cfg)
         self.notes: list[str] = []  # tensors written as another type than planned (once per stacked tensor)
         self._entries: list[_Entry] = []
@@ -71,20 +73,26 @@ class GGUFSink(Sink):
         self._arrived = 0
 
     # ---- the sink ----------------------------------------------------------------------
-    def __enter__(self) -> "GGUFSink":
-        self.tmp = self.output.__enter__()
-        self.data_path = self.tmp.with_name(self.tmp.name + "-data")
-        self.data = open(self.data_path, "wb")
-        return self
+    def open(self) -> None:
+        self.tmp = self.work / Output.FILE
+        self.data_path = self.work / "data"
+        self.data = open(self.data_path, "r+b" if self.data_path.exists() else "w+b")  # (kept for a resume)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def close(self) -> None:
         self.data.close()
-        self.data_path.unlink(missing_ok=True)
-        self.output.__exit__(exc_type, exc, tb)
 
-    @property
-    def path(self) -> Path:
-        return self.output.path
+    def state(self) -> dict:
+        self.data.flush()
+        os.fsync(self.data.fileno())
+        return {"offset": self.data.tell(), "entries": list(self._entries), "experts": dict(self._experts),
+                "arrived": self._arrived, "notes": list(self.notes)}
+
+    def restore(self, state: dict | None) -> None:
+        state = state or {"offset": 0, "entries": [], "experts": {}, "arrived": 0, "notes": []}
+        self.data.truncate(state["offset"])
+        self.data.seek(state["offset"])
+        self._entries, self._experts = list(state["entries"]), dict(state["experts"])
+        self._arrived, self.notes = state["arrived"], list(state["notes"])
 
     def _gguf_name(self, name: str) -> str:
         gname = self.namer(self.keys.get(name, name))
@@ -102,6 +110,7 @@ class GGUFSink(Sink):
         return BLOCK_TYPES.get(self._type(name, shape))
 
     def add(self, name: str, value: torch.Tensor | QuantizedTensor) -> None:
+        require_finite(name, value)
         key, gname = self.keys.get(name, name), self._gguf_name(name)
         order = row_order(self.cfg, key, value.shape[0])
         if order is not None:
