@@ -57,7 +57,7 @@ def iter_quantized(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]):
     fmt = format_for_config(qcfg)
     grid = fmt.grid_from_config(qcfg)
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and source.has_tensor(f"{mod_name}.{fmt.suffixes[0]}"):
+        if isinstance(mod, nn.Linear) and fmt.is_packed(lambda suffix: source.has_tensor(f"{mod_name}.{suffix}")):
             tensors = {s: source.load_tensor(f"{mod_name}.{s}") for s in fmt.suffixes if source.has_tensor(f"{mod_name}.{s}")}
             try:
                 yield mod_name, fmt.unpack(tensors, grid, (mod.out_features, mod.in_features))

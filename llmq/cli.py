@@ -80,10 +80,15 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                                               "capped by the context)")
     p.add_argument("--seed", type=int, help=f"sampling seed (default {calib.seed})")
     p.add_argument("--format", choices=sorted([*FORMATS, "gguf"]),
-                   help="checkpoint layout (default: gptq, or gptq_v2 for --asym); gguf writes one llama.cpp file at --out")
+                   help="checkpoint layout (default: gptq, or gptq_v2 for --asym); gguf writes one llama.cpp file at --out; "
+                        "bitsandbytes: NF4/FP4 (--bits 4) or LLM.int8 (--bits 8) as transformers saves them")
     p.add_argument("--gguf-type", help=f"with --format gguf: {' '.join(BLOCK_TYPES)} (the method quantizes on that block grid), "
                                        f"{' '.join(MIXES)} (mixes), {' '.join(FLOAT_TYPES)}")
     _add_gguf_tensor_types(p)
+    p.add_argument("--bnb-type", dest="bnb_4bit_quant_type", choices=["nf4", "fp4"],
+                   help=f"with --format bitsandbytes --bits 4: the 4-bit code table (default {cfg.bnb_4bit_quant_type})")
+    p.add_argument("--bnb-double-quant", dest="bnb_4bit_use_double_quant", action="store_const", const=True,
+                   help="with --format bitsandbytes --bits 4: quantize the blocks' absmax values again (8-bit)")
     p.add_argument("--dtype", help=f"dtype of unquantized tensors: {', '.join(FLOAT_DTYPES)} (default {cfg.dtype})")
     p.add_argument("--max-shard-size", help=f"largest safetensors shard, e.g. 4GB (default {cfg.max_shard_size})")
     p.add_argument("--skip", action="append", help=f"linear name pattern to leave unquantized (repeatable; default {' '.join(cfg.skip)})")
@@ -296,6 +301,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "damp", "block_size", "act_order",
                                                "static_groups", "true_sequential", "awq_clip", "dataset", "split", "nsamples",
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
+                                               "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                                                "dtype", "max_shard_size", "skip")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
@@ -310,8 +316,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if cfg.format == "gguf":
         print(f"wrote {out} ({size / 2**20:.1f} MiB) in {stats.seconds:.1f}s: {cfg.method} on the {cfg.gguf_type.upper()} grids")
     else:
-        recipe_text = f" W{cfg.bits} g{cfg.group_size} " + ("sym" if cfg.sym else "asym") if METHODS[cfg.method].quantizes else ""
-        print(f"wrote {out} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: {cfg.method}{recipe_text}")
+        on = f" on the {stats.grid} grid" if stats.grid else ""
+        print(f"wrote {out} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: {cfg.method}{on}")
     errors = [r["error"] for r in stats.records if "error" in r]
     if errors:
         worst = max(stats.records, key=lambda r: r.get("error", -1))

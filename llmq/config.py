@@ -34,6 +34,8 @@ class QuantizeConfig:
     gguf_type: str | None = None  # with format gguf: a block type, a mix or a float type (llmq.gguf.types)
     gguf_token_embedding_type: str | None = None  # None: llama-quantize's choice (the base type)
     gguf_output_type: str | None = None  # None: llama-quantize's choice
+    bnb_4bit_quant_type: str = "nf4"  # with format bitsandbytes and 4 bits: nf4 or fp4 (names as transformers' BitsAndBytesConfig)
+    bnb_4bit_use_double_quant: bool = False  # quantize the 4-bit blocks' absmax values again (8-bit, blocks of 256)
     dtype: str = "float16"  # dtype of the tensors that stay unquantized (embeddings, norms, biases)
     max_shard_size: str = "4GB"
     skip: list[str] = field(default_factory=lambda: ["lm_head"])

@@ -12,7 +12,7 @@ format later writes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,13 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 @dataclass
 class GridParams:
-    """Per (row, group): w = scale * (q - zero) + offset (offset None: zero)."""
+    """Per (row, group): w = scale * (q - zero) + offset (offset None: zero), or what the grid's ``value`` makes of
+    them.  ``stored``: what a grid keeps besides (bitsandbytes' double-quantized absmax codes)."""
 
     scale: torch.Tensor
     zero: torch.Tensor
     offset: torch.Tensor | None = None
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def per_column(self, in_features: int, grid: "Grid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(scale, zero, offset) of every column (out x in), for rounding whole matrices at once."""
@@ -46,6 +48,9 @@ class Grid(ABC):
     # True: the parameters must be fixed from the unquantized weights before any code is chosen (a
     # grid whose groups share quantized super-scales); False: a method may fit each group as it goes.
     static: bool = False
+    # False: the parameters of a row depend on other rows (a whole tensor's statistics), so a matrix may be
+    # neither split into row slices nor stacked with another before it is fitted.
+    rows_independent: bool = True
 
     @property
     @abstractmethod
@@ -75,6 +80,10 @@ class Grid(ABC):
         """Whether rows of this width can be stored on this grid."""
         return True
 
+    def for_width(self, in_features: int) -> "Grid | None":
+        """This grid as a linear of ``in_features`` columns is stored on (None: it cannot be)."""
+        return self if self.fits(in_features) else None
+
     @abstractmethod
     def fit(self, W: torch.Tensor, importance: torch.Tensor | None = None) -> GridParams:
         """The grid of a whole (out x in) matrix: (out x groups) parameters.  ``importance`` (in,),
@@ -85,10 +94,18 @@ class Grid(ABC):
         GPTQ's dynamic groups need.  Only grids that are not ``static`` support it."""
         raise NotImplementedError(f"the {self.name} grid is fixed from the whole matrix")
 
+    def nearest(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The code (as float) nearest to each value of ``w``; parameters broadcast against it."""
+        return quantize(w, scale, zero, self.maxq, offset)
+
+    def value(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """What codes ``q`` stand for: the inverse of ``nearest`` on the grid's values."""
+        return dequantize(q, scale, zero, offset)
+
     def codes(self, W: torch.Tensor, params: GridParams) -> torch.Tensor:
-        """Round-to-nearest codes (as float) of W on ``params``."""
+        """Round-to-nearest codes (as float) of W on ``params`` (a format may round its own way, see GGUF's legacy types)."""
         scale, zero, offset = params.per_column(W.shape[1], self)
-        return quantize(W.float(), scale, zero, self.maxq, offset)
+        return self.nearest(W.float(), scale, zero, offset)
 
 
 @dataclass(frozen=True)

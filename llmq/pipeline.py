@@ -50,6 +50,7 @@ class RunStats:
     records: list[dict[str, Any]] = field(default_factory=list)
     output: Path | None = None
     quantized: int = 0  # linears quantized
+    grid: str | None = None  # the recipe's grid (None: a cast or a GGUF file, which plans a type per tensor)
     notes: list[str] = field(default_factory=list)  # tensors a file format stores otherwise than planned
 
 
@@ -81,7 +82,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     model = _skeleton(source, plan)
     method = plan.make_method()
     sink = open_sink(plan, source, model, out, overwrite, resume)  # (checks the output, and what a format can store, first)
-    stats = RunStats()
+    stats = RunStats(grid=None if plan.grid is None else plan.grid.name)
     t0 = time.perf_counter()
     with sink:  # (holds the output's lock from here on)
         ids = calib_ids if calib_ids is not None or plan.calibration is None else _calibration_ids(source, plan)
@@ -128,7 +129,7 @@ def open_sink(plan: RunPlan, source: ModelSource, model: nn.Module, out: str | P
     if plan.gguf is not None:
         return GGUFSink(source, model, out, plan.gguf.file_type, token_embedding_type=plan.gguf.token_embedding,
                         output_type=plan.gguf.output, overwrite=overwrite, inputs=inputs, resume=resume)
-    fmt = FORMATS[plan.format] if plan.format else None
+    fmt = FORMATS[plan.format].for_dtype(plan.dtype) if plan.format else None
     if fmt is not None:
         fmt.check(plan.grid)
     return CheckpointSink(source, model, fmt, plan.grid, out, dtype=plan.dtype, max_shard_bytes=plan.max_shard_bytes,

@@ -14,7 +14,8 @@ import torch
 
 from llmq.config import QuantizeConfig, parse_size
 from llmq.errors import LlmqError
-from llmq.grid import IntGrid
+from llmq.formats.bitsandbytes.grids import FourBitGrid, Int8RowGrid
+from llmq.grid import Grid, IntGrid
 from llmq.methods import Method, method_class, options_for
 from llmq.recipe import check
 from llmq.source import ModelSource
@@ -40,7 +41,7 @@ class GGUFTypes:
 class RunPlan:
     method: str
     options: Any  # the method's own options (a frozen dataclass), defaults filled in
-    grid: IntGrid | None  # the recipe's grid; None for a cast.  A GGUF file plans a type per tensor instead.
+    grid: Grid | None  # the recipe's grid; None for a cast.  A GGUF file plans a type per tensor instead.
     format: str | None  # gptq, gptq_v2, awq, compressed-tensors, gguf; None: a plain (cast) checkpoint
     gguf: GGUFTypes | None
     dtype: str  # of the tensors that stay unquantized
@@ -81,7 +82,7 @@ def resolve(cfg: QuantizeConfig, source: ModelSource, device: str = "cpu") -> Ru
     return RunPlan(
         method=cfg.method,
         options=options_for(cfg.method, cfg.options),
-        grid=IntGrid(cfg.bits, cfg.group_size, cfg.sym) if cls.quantizes and not gguf else None,
+        grid=recipe_grid(cfg) if cls.quantizes and not gguf else None,
         format=cfg.format_name() if cls.quantizes or gguf else None,
         gguf=GGUFTypes(cfg.gguf_type.upper(), cfg.gguf_token_embedding_type, cfg.gguf_output_type) if gguf else None,
         dtype=cls.dtype or cfg.dtype,
@@ -91,6 +92,13 @@ def resolve(cfg: QuantizeConfig, source: ModelSource, device: str = "cpu") -> Ru
         skip=tuple(cfg.skip),
         max_shard_bytes=parse_size(cfg.max_shard_size),
     )
+
+
+def recipe_grid(cfg: QuantizeConfig) -> Grid:
+    """The recipe's grid: bitsandbytes' (blocks of 64, as transformers writes them) or the integer grid."""
+    if cfg.format == "bitsandbytes":
+        return FourBitGrid(cfg.bnb_4bit_quant_type, 64, cfg.bnb_4bit_use_double_quant) if cfg.bits == 4 else Int8RowGrid()
+    return IntGrid(cfg.bits, cfg.group_size, cfg.sym)
 
 
 def _calibration(cfg: QuantizeConfig, cls: type[Method], source: ModelSource) -> Calibration:

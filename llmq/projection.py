@@ -22,8 +22,8 @@ from llmq.formats import FORMATS
 from llmq.gguf.model import gguf_config
 from llmq.gguf.plan import GGUFPlan, tensor_namer
 from llmq.gguf.types import BLOCK_TYPES, FLOAT_TYPES
-from llmq.grid import IntGrid
 from llmq.methods import METHODS
+from llmq.plan import recipe_grid
 
 
 def meta_model(config_path: str | Path) -> nn.Module:
@@ -55,9 +55,9 @@ def project(model: nn.Module, cfg: QuantizeConfig) -> dict[str, Any]:
         return _project_gguf(model, cfg)
     method = METHODS[cfg.method]
     fbytes = nbytes(method.dtype or cfg.dtype)
-    fmt = FORMATS[cfg.format_name()] if method.quantizes else None
-    grid = IntGrid(cfg.bits, cfg.group_size, cfg.sym) if method.quantizes else None
-    quantized = decoder_linears(model) if method.quantizes else {}
+    fmt = FORMATS[cfg.format_name()].for_dtype(method.dtype or cfg.dtype) if method.quantizes else None
+    grid = recipe_grid(cfg) if method.quantizes else None
+    quantized = {n: lin for n, lin in decoder_linears(model).items() if grid.fits(lin.in_features)} if method.quantizes else {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     sizes = {"quantized_linears": 0, "float_tensors": 0}

@@ -7,11 +7,11 @@ on disk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from llmq.grid import Grid, dequantize
+from llmq.grid import Grid
 
 
 @dataclass
@@ -22,6 +22,7 @@ class QuantizedTensor:
     g_idx: torch.Tensor  # (in,) int32: group of each input column
     grid: Grid
     offsets: torch.Tensor | None = None  # (out, groups) fp32: w = scale * (q - zero) + offset
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)  # what the grid keeps besides (GridParams.stored)
 
     def __post_init__(self) -> None:
         out, inp = self.codes.shape
@@ -40,18 +41,21 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """w = scale * (q - zero) [+ offset] in fp32, then cast: the one definition every format must reproduce."""
         g = self.g_idx.long()
-        w = dequantize(self.codes.float(), self.scales[:, g], self.zeros[:, g].float(),
-                       None if self.offsets is None else self.offsets[:, g])
+        w = self.grid.value(self.codes.float(), self.scales[:, g], self.zeros[:, g].float(),
+                            None if self.offsets is None else self.offsets[:, g])
         return w.to(dtype)
 
     def rows(self, order: torch.Tensor) -> "QuantizedTensor":
-        """The same tensor with its output rows reordered."""
+        """The same tensor with its output rows reordered (or a slice of them)."""
+        if self.stored and not torch.equal(order.cpu(), torch.arange(self.shape[0])):
+            raise ValueError(f"the rows of a {self.grid.name} tensor cannot be reordered or split: its grid spans all of them")
         return QuantizedTensor(codes=self.codes[order], scales=self.scales[order], zeros=self.zeros[order], g_idx=self.g_idx,
-                               grid=self.grid, offsets=None if self.offsets is None else self.offsets[order])
+                               grid=self.grid, offsets=None if self.offsets is None else self.offsets[order],
+                               stored=self.stored)
 
     @staticmethod
     def from_float_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, grid: Grid,
-                         offsets: torch.Tensor | None = None) -> "QuantizedTensor":
+                         offsets: torch.Tensor | None = None, stored: dict[str, torch.Tensor] | None = None) -> "QuantizedTensor":
         return QuantizedTensor(
             codes=q if q.dtype == torch.uint8 else q.round().to(torch.uint8),
             scales=scales.float().contiguous(),
@@ -59,4 +63,5 @@ class QuantizedTensor:
             g_idx=g_idx.to(torch.int32),
             grid=grid,
             offsets=None if offsets is None else offsets.float().contiguous(),
+            stored={k: v.cpu() for k, v in (stored or {}).items()},
         )

@@ -76,7 +76,12 @@ def check(cfg: QuantizeConfig) -> None:
     """Raise LlmqError for anything a run of ``cfg`` could not do."""
     method = method_class(cfg.method)
     options_for(cfg.method, cfg.options)
-    if method.quantizes and cfg.format != "gguf":
+    if cfg.format == "bitsandbytes":
+        if cfg.bits not in (4, 8):
+            raise LlmqError(f"--format bitsandbytes stores 4-bit (NF4/FP4) or 8-bit (LLM.int8) codes, not {cfg.bits}-bit")
+        if cfg.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise LlmqError(f"--bnb-type must be nf4 or fp4, got {cfg.bnb_4bit_quant_type!r}")
+    elif method.quantizes and cfg.format != "gguf":
         if cfg.bits not in SUPPORTED_BITS:
             raise LlmqError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {cfg.bits}")
         if not isinstance(cfg.group_size, int) or (cfg.group_size != -1 and cfg.group_size <= 0):

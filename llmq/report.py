@@ -35,6 +35,7 @@ from llmq.gguf import reader as gguf_reader
 from llmq.gguf.model import GGUF_ARCHS
 from llmq.gguf.types import BLOCK_TYPES, MIXES
 from llmq.methods import METHODS, options_for
+from llmq.plan import recipe_grid
 from llmq.plot import size_vs_ppl
 from llmq.projection import meta_model, parameter_count, project
 from llmq.recipe import build_config
@@ -99,11 +100,17 @@ def _measure_sizes(ckpt: Path, model_params: int, linear_shapes: dict[str, tuple
     """File bytes, and bits per weight over the whole model and over the decoder linears."""
     tensors = _tensor_bytes(ckpt)
     file_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    lin_bytes = sum(b for k, b in tensors.items() if k.rsplit(".", 1)[0] in linear_shapes)
+    lin_bytes = sum(b for k, b in tensors.items() if _owner(k, linear_shapes))
     lin_weights = sum(o * i for o, i in linear_shapes.values())
     return {"file_bytes": file_bytes, "tensor_bytes": sum(tensors.values()),
             "bits_per_weight": 8 * sum(tensors.values()) / model_params,
             "bits_per_linear_weight": 8 * lin_bytes / lin_weights}
+
+
+def _owner(key: str, linears: dict[str, Any]) -> str | None:
+    """The linear a stored tensor belongs to ("...q_proj" for "...q_proj.qweight" or "...q_proj.weight.absmax")."""
+    parts = key.split(".")
+    return next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if p in linears), None)
 
 
 @dataclass
@@ -234,14 +241,15 @@ def _bits_and_group(cfg) -> tuple[int, int]:
     if cfg.format == "gguf":
         t = BLOCK_TYPES.get(MIXES.get(cfg.gguf_type.upper(), cfg.gguf_type.upper()))
         return (t.bits, t.group_size) if t else (None, None)
-    return cfg.bits, cfg.group_size
+    grid = recipe_grid(cfg)
+    return grid.bits, grid.group_size
 
 
 def _anchor_key(cfg) -> tuple | None:
     """Which published Llama-2-7B number describes this recipe (safetensors INT recipes and FP only)."""
     if not METHODS[cfg.method].quantizes:
         return ("fp16", None, None)
-    if cfg.format == "gguf":
+    if cfg.format in ("gguf", "bitsandbytes"):
         return None
     return (cfg.method, cfg.bits, cfg.group_size)
 

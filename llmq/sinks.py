@@ -123,6 +123,14 @@ class CheckpointSink(Sink):
         self.output = Output(out, kind="dir", overwrite=overwrite, inputs=[source.dir, *inputs], resume=resume)
         self.quantized: list[str] = []
         self.natural = True  # every packed g_idx is i // group_size (no reordering for runtimes to do)
+        self.notes: list[str] = []
+
+    def grid_for(self, name: str, shape: tuple[int, ...], proposed: Grid | None) -> Grid | None:
+        grid = None if proposed is None else proposed.for_width(shape[-1])
+        if proposed is not None and grid is None:
+            self.notes.append(f"{self.source.checkpoint_key(name) or name}: {shape[-1]} columns do not fit {proposed.name} "
+                              "blocks; left unquantized")
+        return grid
 
     def open(self) -> None:
         self.dir = self.work

@@ -132,6 +132,8 @@ class ModelSource:
     def module_key(self, module: str) -> str:
         """The checkpoint prefix of a module's tensors ("...block_sparse_moe.experts.3.w1" for transformers'
         "...mlp.experts.3.w1"): module and checkpoint names can differ, in plain and packed checkpoints."""
+        if f"{module}.weight" in self.tied:  # a tied head is stored as the embedding, but it is its own module
+            return module
         key = self.checkpoint_key(f"{module}.weight")
         return key[: -len(".weight")] if key else self._module_map.get(module, module)
 

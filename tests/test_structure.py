@@ -38,7 +38,10 @@ def _imports(name: str) -> set[str]:
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
         else:
             continue
-        found.update(t for t in targets if t in MODULES and t != name)
+        for t in targets:  # importing a.b.c from outside package a.b runs a/__init__ and a/b/__init__ first
+            parts = t.split(".")
+            found.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                         if p in MODULES and p != name and not name.startswith(p + "."))
     return found
 
 
@@ -55,10 +58,12 @@ def _reach(start: str) -> set[str]:
     return seen
 
 
-def test_the_graph_sees_function_level_imports(tmp_path):
-    """The checker itself: an import inside a function is an edge too."""
+def test_the_graph_sees_function_level_imports_and_parent_packages(tmp_path):
+    """The checker itself: an import inside a function is an edge too, and so is the package a module is in
+    (importing llmq.formats.base runs llmq/formats/__init__.py first)."""
     assert "llmq.gguf.fit" in GRAPH["llmq.gguf.types"]
     assert "llmq.methods.gptq" in GRAPH["llmq.methods.awq"]
+    assert "llmq.formats" in GRAPH["llmq.pipeline"] and "llmq.formats" not in GRAPH["llmq.formats.gptq"]
 
 
 def test_no_import_cycles():

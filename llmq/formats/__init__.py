@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmq.formats.bitsandbytes.layout import BitsAndBytesFormat
 from llmq.errors import LlmqError
 from llmq.formats.awq import AWQGemmFormat
 from llmq.formats.base import Format
@@ -14,7 +15,7 @@ from llmq.formats.compressed_tensors import CompressedTensorsFormat
 from llmq.formats.gptq import GPTQFormat
 
 FORMATS: dict[str, Format] = {f.name: f for f in (GPTQFormat("gptq"), GPTQFormat("gptq_v2"), AWQGemmFormat(),
-                                                  CompressedTensorsFormat())}
+                                                  CompressedTensorsFormat(), BitsAndBytesFormat())}
 
 
 def format_for_config(qcfg: dict[str, Any]) -> Format:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -15,7 +15,16 @@ from llmq.qtensor import QuantizedTensor
 class Format(ABC):
     name: str  # what --format calls it
     quant_method: str  # quantization_config.quant_method
-    suffixes: tuple[str, ...]  # tensors replacing a linear's "weight"; the first marks a packed linear
+    suffixes: tuple[str, ...]  # tensors replacing a linear's "weight"
+    markers: tuple[str, ...] = ()  # the tensors that mark a packed linear (default: the first suffix)
+
+    def is_packed(self, has: Callable[[str], bool]) -> bool:
+        """Whether a linear is packed, given ``has(suffix)``: does the checkpoint hold that tensor of it."""
+        return any(has(m) for m in (self.markers or self.suffixes[:1]))
+
+    def for_dtype(self, dtype: str) -> "Format":
+        """This format writing for unquantized tensors of ``dtype`` (bitsandbytes records it per tensor)."""
+        return self
 
     def check(self, grid: Grid) -> None:
         """Raise LlmqError, before any work, when this format cannot represent the recipe."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from llmq.activations import LayerInputs, layer_hidden
 from llmq.arch import Arch, ScaleGroup, first_param
-from llmq.grid import Grid, dequantize, quantize
+from llmq.grid import Grid
 from llmq.methods.base import LayerLog, Method
 from llmq.methods.gptq import GPTQ, GPTQOptions, Hessian, gptq_quantize
 from llmq.methods.rtn import RTN
@@ -55,8 +55,7 @@ class AWQGPTQOptions(GPTQOptions):
 def fake_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Round-to-nearest on the grid, returned in w's dtype (for searching, not storing)."""
     scale, zero, offset = grid.fit(w).per_column(w.shape[1], grid)
-    q = quantize(w.float(), scale, zero, grid.maxq, offset)
-    return dequantize(q, scale, zero, offset).to(w.dtype)
+    return grid.value(grid.nearest(w.float(), scale, zero, offset), scale, zero, offset).to(w.dtype)
 
 
 # ---- folding scales into the producing op -----------------------------------------

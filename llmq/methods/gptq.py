@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from llmq.errors import LlmqError
-from llmq.grid import Grid, dequantize, group_index, quantize
+from llmq.grid import Grid, group_index
 from llmq.methods.base import Method
 from llmq.methods.rtn import rtn_quantize
 from llmq.qtensor import QuantizedTensor
@@ -170,12 +170,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     # Grids with shared super-scales (GGUF's) are fixed from the unquantized weights first; error
     # feedback then picks the codes.
     static = static_groups or act_order or gs == n or grid.static
-    offset = None
+    offset, stored = None, {}
     if static:
         # diag(H) weighs grids that search their parameters, as llama.cpp's importance matrix does.
         p = grid.fit(W, importance=torch.diag(H).clone().masked_fill_(dead, 0))
         scale, zero = p.scale.to(device=device, dtype=dtype), p.zero.to(device=device, dtype=dtype)
         offset = None if p.offset is None else p.offset.to(device=device, dtype=dtype)
+        stored = p.stored
     else:
         scale = torch.zeros(out, groups, dtype=dtype, device=device)
         zero = torch.zeros(out, groups, dtype=dtype, device=device)
@@ -212,9 +213,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
                 scale[:, colg[col]], zero[:, colg[col]] = gscale, gzero
                 S[col : col + gs], Z[col : col + gs] = gscale, gzero
             w, off = W1[i], None if O is None else O[col]
-            q = quantize(w, S[col], Z[col], grid.maxq, off)
+            q = grid.nearest(w, S[col], Z[col], off)
             Qt[col] = q
-            err = (w - dequantize(q, S[col], Z[col], off)) / diag[i]
+            err = (w - grid.value(q, S[col], Z[col], off)) / diag[i]
             W1[i:] -= torch.outer(U1[i, i:], err)
             Err1[i] = err
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1
@@ -223,7 +224,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     inv = torch.argsort(perm)
     Q = Q[:, inv]
     qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, grid), grid,
-                                          None if offset is None else offset.cpu())
+                                          None if offset is None else offset.cpu(), stored)
     return qt, SolveInfo(used_damp, False, *error_terms(W0, qt.dequantize(dtype).to(device), H))
 
 
@@ -281,5 +282,8 @@ def _joint_solves(names: list[str], hessians: InputHessians, targets: dict[str, 
     """
     groups: dict[tuple[int, Grid], list[str]] = {}
     for n in names:
-        groups.setdefault((id(hessians[n]), targets[n]), []).append(n)
+        if targets[n].rows_independent:
+            groups.setdefault((id(hessians[n]), targets[n]), []).append(n)
+        else:  # a grid fitted on the whole tensor: each linear alone
+            groups[(id(hessians[n]), n)] = [n]
     return list(groups.values())

@@ -14,6 +14,10 @@ ROWS_AT_ONCE = 1 << 22  # weights rounded per step: rows are independent, so big
 def rtn_quantize(w: torch.Tensor, grid: Grid) -> QuantizedTensor:
     out, inp = w.shape
     rows = max(1, ROWS_AT_ONCE // inp)
+    if not grid.rows_independent:
+        p = grid.fit(w.float())
+        return QuantizedTensor.from_float_codes(grid.codes(w.float(), p), p.scale, p.zero, group_index(inp, grid), grid,
+                                                p.offset, p.stored)
     codes, scales, zeros, offsets = [], [], [], []
     for part in w.split(rows):  # (a bf16 embedding is widened a slice at a time)
         p = grid.fit(part.float())
