@@ -101,7 +101,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
         stats.seconds = time.perf_counter() - t0
         sink.finish({**plan.recipe(), "quantized_modules": stats.quantized}, plan.facts(), stats.records)
     stats.output = sink.path
-    stats.notes = getattr(sink, "notes", [])
+    stats.notes = sink.notes
     return stats
 
 

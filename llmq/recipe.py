@@ -81,7 +81,9 @@ def check(cfg: QuantizeConfig) -> None:
             raise LlmqError(f"--format bitsandbytes stores 4-bit (NF4/FP4) or 8-bit (LLM.int8) codes, not {cfg.bits}-bit")
         if cfg.bnb_4bit_quant_type not in ("nf4", "fp4"):
             raise LlmqError(f"--bnb-type must be nf4 or fp4, got {cfg.bnb_4bit_quant_type!r}")
-    elif method.quantizes and cfg.format != "gguf":
+    elif cfg.bnb_4bit_quant_type != "nf4" or cfg.bnb_4bit_use_double_quant:
+        raise LlmqError("--bnb-type and --bnb-double-quant apply only with --format bitsandbytes")
+    if method.quantizes and cfg.format not in ("gguf", "bitsandbytes"):
         if cfg.bits not in SUPPORTED_BITS:
             raise LlmqError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {cfg.bits}")
         if not isinstance(cfg.group_size, int) or (cfg.group_size != -1 and cfg.group_size <= 0):

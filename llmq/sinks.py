@@ -41,6 +41,8 @@ SIDECAR_FILES = (
 class Sink(ABC):
     """An output being written.  Use as a context manager: the output appears only if the block completes."""
 
+    notes: list[str]  # tensors stored otherwise than planned (a width a type or block cannot hold), for the user
+
     def grid_for(self, name: str, shape: tuple[int, ...], proposed: Grid | None) -> Grid | None:
         """The grid the parameter ``name`` is stored on; ``proposed`` is the recipe's (None: it stays
         float).  A format with a per-tensor plan (GGUF) answers for every tensor."""
