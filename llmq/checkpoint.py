@@ -55,9 +55,10 @@ def load_model(name: str, dtype: torch.dtype = torch.float32,
 def iter_quantized(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]):
     """(module name, QuantizedTensor) for every packed linear of a checkpoint, read one at a time."""
     fmt = format_for_config(qcfg)
-    grid = fmt.grid_from_config(qcfg)
+    fmt.grid_from_config(qcfg)  # (an unreadable config fails before any tensor is read)
     for mod_name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and fmt.is_packed(lambda suffix: source.has_tensor(f"{mod_name}.{suffix}")):
+            grid = fmt.module_grid(qcfg, source.module_key(mod_name))
             tensors = {s: source.load_tensor(f"{mod_name}.{s}") for s in fmt.suffixes if source.has_tensor(f"{mod_name}.{s}")}
             try:
                 yield mod_name, fmt.unpack(tensors, grid, (mod.out_features, mod.in_features))

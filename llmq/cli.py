@@ -92,6 +92,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", help=f"dtype of unquantized tensors: {', '.join(FLOAT_DTYPES)} (default {cfg.dtype})")
     p.add_argument("--max-shard-size", help=f"largest safetensors shard, e.g. 4GB (default {cfg.max_shard_size})")
     p.add_argument("--skip", action="append", help=f"linear name pattern to leave unquantized (repeatable; default {' '.join(cfg.skip)})")
+    p.add_argument("--rule", dest="rules", action="append", metavar="REGEX=SPEC",
+                   help="per-module precision, first match wins (repeatable): 'down_proj=bits:8', 'layers\\.0\\.=keep', "
+                        "'v_proj=type:<a --gguf-type>' with --format gguf; keys bits, group_size, sym, type, keep")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target-size", help="allocate each linear's bits (and GGUF types) so the weight files fit this size, e.g. 3.9GB")
+    g.add_argument("--target-bpw", type=float, help="the same, as bits per parameter of the whole model (embeddings and head included)")
+    p.add_argument("--save-recipe", help="also write the run's recipe (with an allocation's per-module rules) to this YAML file")
     p.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1)")
     p.add_argument("--revision", help="hub revision of --model")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
@@ -302,7 +309,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                "static_groups", "true_sequential", "awq_clip", "dataset", "split", "nsamples",
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
-                                               "dtype", "max_shard_size", "skip")}
+                                               "dtype", "max_shard_size", "skip", "rules", "target_size", "target_bpw")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                          allow_nonfinite=args.allow_nonfinite)

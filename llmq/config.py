@@ -39,6 +39,12 @@ class QuantizeConfig:
     dtype: str = "float16"  # dtype of the tensors that stay unquantized (embeddings, norms, biases)
     max_shard_size: str = "4GB"
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    rules: list[Any] = field(default_factory=list)  # per-module precision rules, first match wins (llmq.rules)
+    target_size: str | None = None  # allocate bits per module so the weight files fit this size (llmq.allocate)
+    target_bpw: float | None = None  # the same, as bits per parameter of the whole model
+    allocate_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])  # the allocation's candidate grids
+    allocate_group_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])  # (with the recipe's group size)
+    allocate_gguf_types: list[str] | None = None  # None: llmq.gguf.types.ALLOCATION_TYPES
     calibration: CalibConfig = field(default_factory=CalibConfig)
     options: dict[str, Any] = field(default_factory=dict)  # the method's own keys, as given
 

@@ -12,7 +12,7 @@ a safetensors checkpoint directory or a GGUF file, fed the same way.
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import hashlib
 import logging
 import time
@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmq.activations import LayerInputs, capture_inputs
+from llmq.allocate import Allocation, allocate, budget_bytes
 from llmq.arch import Arch, arch_for, get_module, layer_linears, trace_arch
 from llmq.config import QuantizeConfig
 from llmq.data import calibration_tokens
@@ -33,8 +34,9 @@ from llmq.formats import FORMATS
 from llmq.gguf.writer import GGUFSink
 from llmq.journal import Journal, LayerEntry
 from llmq.methods import LayerLog, Method
-from llmq.methods.rtn import rtn_quantize
-from llmq.plan import RunPlan, resolve
+from llmq.rounding import rtn_quantize
+from llmq.plan import RunPlan, check_rules_on, head_grid, resolve
+from llmq.projection import parameter_count
 from llmq.qtensor import QuantizedTensor
 from llmq.sinks import CheckpointSink, Sink, emit_rest
 from llmq.source import ModelSource, is_resident, move_resident, release
@@ -52,6 +54,7 @@ class RunStats:
     quantized: int = 0  # linears quantized
     grid: str | None = None  # the recipe's grid (None: a cast or a GGUF file, which plans a type per tensor)
     notes: list[str] = field(default_factory=list)  # tensors a file format stores otherwise than planned
+    allocation: Allocation | None = None  # what --target-size / --target-bpw chose
 
 
 @dataclass
@@ -80,12 +83,18 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     _release_freed_memory_to_os()
     plan = resolve(cfg, source, device)
     model = _skeleton(source, plan)
+    check_rules_on(plan, model)
     method = plan.make_method()
     sink = open_sink(plan, source, model, out, overwrite, resume)  # (checks the output, and what a format can store, first)
     stats = RunStats(grid=None if plan.grid is None else plan.grid.name)
+    ids = calib_ids if calib_ids is not None or plan.calibration is None else _calibration_ids(source, plan)
+    if plan.target_size is not None or plan.target_bpw is not None:
+        budget = budget_bytes(plan.target_size, plan.target_bpw, parameter_count(model))
+        stats.allocation = allocate(source, plan, model, method, ids, budget, torch.device(device), progress)
+        plan = dataclasses.replace(plan, rules=stats.allocation.rules() + plan.rules)
+        sink = open_sink(plan, source, model, out, overwrite, resume)
     t0 = time.perf_counter()
     with sink:  # (holds the output's lock from here on)
-        ids = calib_ids if calib_ids is not None or plan.calibration is None else _calibration_ids(source, plan)
         run = _start(plan, source, model, method, sink, torch.device(device), ids, progress, stats)
         journal = Journal(sink.work, {"recipe": plan.recipe(), "source": source.identity(), "ids": _digest(ids)})
         done = _resume(run, journal) if resume else 0
@@ -96,10 +105,12 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             journal.record(i, _quantize_layer(run, i), sink.state())
             sink.output.keep()  # an interrupted run leaves its finished layers for --resume
         run.bar.close()
-        emit_rest(sink, model, source, done=lambda name: name.startswith(run.arch.layers + "."), rtn=rtn_quantize)
+        emit_rest(sink, model, source, done=lambda name: name.startswith(run.arch.layers + "."), rtn=rtn_quantize,
+                  proposed=head_grid(plan, model))
         journal.clear()
         stats.seconds = time.perf_counter() - t0
-        sink.finish({**plan.recipe(), "quantized_modules": stats.quantized}, plan.facts(), stats.records)
+        allocation = {} if stats.allocation is None else {"allocation": stats.allocation.record()}
+        sink.finish({**plan.recipe(), "quantized_modules": stats.quantized, **allocation}, plan.facts(), stats.records)
     stats.output = sink.path
     stats.notes = sink.notes
     return stats
@@ -128,7 +139,7 @@ def open_sink(plan: RunPlan, source: ModelSource, model: nn.Module, out: str | P
     inputs = [Path(plan.calibration.dataset)] if plan.calibration and Path(plan.calibration.dataset).exists() else []
     if plan.gguf is not None:
         return GGUFSink(source, model, out, plan.gguf.file_type, token_embedding_type=plan.gguf.token_embedding,
-                        output_type=plan.gguf.output, overwrite=overwrite, inputs=inputs, resume=resume)
+                        output_type=plan.gguf.output, overwrite=overwrite, inputs=inputs, resume=resume, rules=plan.rules)
     fmt = FORMATS[plan.format].for_dtype(plan.dtype) if plan.format else None
     if fmt is not None:
         fmt.check(plan.grid)
@@ -153,8 +164,8 @@ def _start(plan: RunPlan, source: ModelSource, model: nn.Module, method: Method,
     inputs = None
     if calib_ids is not None and method.needs_calibration:
         inputs = capture_inputs(model, source, arch, calib_ids, plan.compute_dtype, device)
-    per_layer = [len(_targets(layer_linears(layer) if arch.discovered else arch.linears(), plan.skip, f"{arch.layers}.{i}"))
-                 if plan.quantizes else 0 for i, layer in enumerate(layers)]
+    per_layer = [len(_targets(layer_linears(layer) if arch.discovered else arch.linears(), plan, f"{arch.layers}.{i}"))
+                 for i, layer in enumerate(layers)]
     bar = tqdm(total=sum(max(1, n) for n in per_layer), desc="quantize", unit="module", disable=not progress,
                dynamic_ncols=True)
     return _Run(plan, source, model, method, sink, device, arch, not arch.discovered, inputs, bar, per_layer, stats)
@@ -173,8 +184,9 @@ def _quantize_layer(run: _Run, i: int) -> LayerEntry:
 
     targets = {}
     if run.plan.quantizes:
-        for name in _targets(run.arch.linears(), run.plan.skip, prefix):
-            grid = run.sink.grid_for(f"{prefix}.{name}.weight", tuple(layer.get_submodule(name).weight.shape), run.plan.grid)
+        for name in _targets(run.arch.linears(), run.plan, prefix):
+            grid = run.sink.grid_for(f"{prefix}.{name}.weight", tuple(layer.get_submodule(name).weight.shape),
+                                     run.plan.grid_of(f"{prefix}.{name}"))
             if grid is not None:
                 targets[name] = grid
     layer_log = LayerLog(layer=i)
@@ -252,12 +264,9 @@ def _emit_layer(run: _Run, layer: nn.Module, prefix: str, qts: dict[str, Quantiz
         run.sink.add(full, qt if qt is not None else t.cpu())
 
 
-def _targets(linears: list[str] | tuple[str, ...], skip: tuple[str, ...], layer_prefix: str) -> list[str]:
-    def skipped(name: str) -> bool:
-        full = f"{layer_prefix}.{name}"
-        return any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(name, p) or name.endswith(p) for p in skip)
-
-    return [n for n in linears if not skipped(n)]
+def _targets(linears: list[str] | tuple[str, ...], plan: RunPlan, layer_prefix: str) -> list[str]:
+    """The linears of a layer the plan quantizes (not skipped, no rule keeping them in float)."""
+    return [n for n in linears if plan.quantizes_module(f"{layer_prefix}.{n}")]
 
 
 def _release_freed_memory_to_os() -> None:

@@ -7,17 +7,23 @@ RunPlan says what will happen, for this model on this device.  The caller's conf
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
+from llmq.arch import arch_for, decoder_linears, get_module
 from llmq.config import QuantizeConfig, parse_size
 from llmq.errors import LlmqError
+from llmq.formats import FORMATS
+from llmq.gguf.types import ALLOCATION_TYPES
 from llmq.formats.bitsandbytes.grids import FourBitGrid, Int8RowGrid
 from llmq.grid import Grid, IntGrid
 from llmq.methods import Method, method_class, options_for
-from llmq.recipe import check
+from llmq.recipe import check, rule_grid
+from llmq.rules import Rule, first_match, parse_rules
 from llmq.source import ModelSource
 
 
@@ -49,6 +55,37 @@ class RunPlan:
     calibration: Calibration | None  # None: the method needs no data
     skip: tuple[str, ...]
     max_shard_bytes: int
+    rules: tuple[Rule, ...] = ()  # per-module precision, first match wins; an allocation's come first
+    target_size: int | None = None  # bytes the weight files must fit (an allocation), or:
+    target_bpw: float | None = None  # bits per parameter of the whole model
+    allocate_bits: tuple[int, ...] = ()  # the allocation's candidates
+    allocate_group_sizes: tuple[int, ...] = ()
+    allocate_gguf_types: tuple[str, ...] = ()
+
+    def skipped(self, module: str) -> bool:
+        """Whether a --skip pattern names this linear: a glob over its name or a dotted tail of it
+        (mlp.* , *down_proj), or a plain suffix of the name."""
+        parts = module.split(".")
+        tails = [".".join(parts[i:]) for i in range(len(parts))]
+        return any(module.endswith(p) or any(fnmatch.fnmatch(t, p) for t in tails) for p in self.skip)
+
+    def quantizes_module(self, module: str) -> bool:
+        """Whether the method quantizes this decoder linear: no rule keeps it in float, and unless a rule
+        names it, no --skip pattern does."""
+        rule = first_match(self.rules, module)
+        return self.quantizes and (not rule.keep if rule is not None else not self.skipped(module))
+
+    def grid_of(self, module: str) -> Grid | None:
+        """The grid of a decoder linear: the first matching rule's (None: kept in float), else the recipe's
+        unless --skip names it.  GGUF files ask their sink instead (llmq.gguf.plan), which reads the same rules."""
+        rule = first_match(self.rules, module)
+        if rule is None and self.skipped(module):
+            return None
+        if rule is None or self.grid is None:
+            return self.grid
+        if rule.keep:
+            return None
+        return rule_grid(rule, self.grid) if rule.sets_grid else self.grid
 
     def make_method(self) -> Method:
         return method_class(self.method)(self.options, self.calibration.seed if self.calibration else 0)
@@ -71,7 +108,11 @@ class RunPlan:
         d.update(options=dataclasses.asdict(self.options), grid=None if self.grid is None else self.grid.name,
                  gguf=None if self.gguf is None else dataclasses.asdict(self.gguf),
                  calibration=None if self.calibration is None else dataclasses.asdict(self.calibration),
-                 skip=list(self.skip))
+                 skip=list(self.skip), rules=[r.to_dict() for r in self.rules])
+        for key in ("target_size", "target_bpw", "allocate_bits", "allocate_group_sizes", "allocate_gguf_types"):
+            del d[key]  # an allocation is recorded by the rules it made, and its own record
+        if not self.rules:
+            del d["rules"]  # (records of runs without rules read as before)
         return d
 
 
@@ -88,10 +129,62 @@ def resolve(cfg: QuantizeConfig, source: ModelSource, device: str = "cpu") -> Ru
         dtype=cls.dtype or cfg.dtype,
         # Calibration runs in fp32 on CPU (fp16 matmuls are slow and lossy there); on a GPU the model dtype is fine.
         compute_dtype=torch.float32 if torch.device(device).type == "cpu" else source.dtype(),
-        calibration=_calibration(cfg, cls, source) if cls.needs_calibration else None,
+        # (an allocation probes with calibration text whatever the method)
+        calibration=_calibration(cfg, cls, source) if cls.needs_calibration or _allocates(cfg) else None,
         skip=tuple(cfg.skip),
         max_shard_bytes=parse_size(cfg.max_shard_size),
+        rules=parse_rules(cfg.rules),
+        target_size=None if cfg.target_size is None else parse_size(cfg.target_size),
+        target_bpw=cfg.target_bpw,
+        allocate_bits=tuple(cfg.allocate_bits),
+        allocate_group_sizes=tuple(cfg.allocate_group_sizes),
+        allocate_gguf_types=tuple(t.upper() for t in cfg.allocate_gguf_types or ALLOCATION_TYPES),
     )
+
+
+def quantizable_head(plan: RunPlan, model: nn.Module) -> str | None:
+    """The output head's module name when this checkpoint format stores it packed (an untied head; GGUF
+    files plan their head themselves), else None."""
+    head = model.get_output_embeddings()
+    if plan.gguf is not None or plan.format is None or head is None or not FORMATS[plan.format].quantizes_head \
+            or getattr(model.config, "tie_word_embeddings", False):
+        return None
+    return next(n for n, m in model.named_modules() if m is head)
+
+
+def head_grid(plan: RunPlan, model: nn.Module) -> Callable[[str], Grid | None]:
+    """For emit_rest: the grid of the checkpoint's head (by parameter name) when a rule quantizes it."""
+    head = quantizable_head(plan, model)
+    rule = first_match(plan.rules, head) if head is not None else None
+    grid = rule_grid(rule, plan.grid) if rule is not None and rule.sets_grid else None
+    return lambda name: grid if name == f"{head}.weight" else None
+
+
+def check_rules_on(plan: RunPlan, model: nn.Module) -> None:
+    """Rules against this model's modules, before any work: each must match a module it can apply to, and
+    (checkpoint formats) siblings that runtimes fuse into one linear (q/k/v, gate/up) must share a grid."""
+    if not plan.rules:
+        return
+    arch = arch_for(model)
+    linears = decoder_linears(model, arch)
+    names = [*linears, *filter(None, [quantizable_head(plan, model)])] if plan.gguf is None else \
+        [n.removesuffix(".weight") for n, p in model.named_parameters() if p.dim() == 2]
+    for rule in plan.rules:
+        if not any(rule.matches(n) for n in names):
+            where = "decoder linear or (gptq) head, what checkpoint formats quantize" if plan.gguf is None else "weight"
+            raise LlmqError(f"rule {rule.match!r} matches no {where} of this model; names look like {names[0]!r}")
+    if plan.gguf is not None or arch.discovered:
+        return
+    for i in range(len(get_module(model, arch.layers))):
+        for group in arch.sequential:
+            grids = {plan.grid_of(f"{arch.layers}.{i}.{n}") for n in group}
+            if len(grids) > 1:
+                raise LlmqError(f"the rules give {', '.join(group)} of layer {i} different grids; runtimes (vLLM) "
+                                "fuse them into one linear, so give them one rule")
+
+
+def _allocates(cfg: QuantizeConfig) -> bool:
+    return cfg.target_size is not None or cfg.target_bpw is not None
 
 
 def recipe_grid(cfg: QuantizeConfig) -> Grid:

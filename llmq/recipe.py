@@ -16,8 +16,9 @@ from llmq.dtypes import FLOAT_DTYPES
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
 from llmq.gguf.types import BLOCK_TYPES, GGUF_TYPES, MIXES, check_type
-from llmq.grid import SUPPORTED_BITS
+from llmq.grid import SUPPORTED_BITS, IntGrid
 from llmq.methods import method_class, option_names, options_for
+from llmq.rules import Rule, parse_rules
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -62,7 +63,9 @@ def build_config(recipe: dict[str, Any], overrides: dict[str, Any]) -> QuantizeC
         else:
             put(key, value, "recipe")
     for key, value in overrides.items():
-        if value is not None:
+        if key == "rules" and value:  # the command line's rules come first: they win where both match
+            top["rules"] = [*value, *(top.get("rules") or [])]
+        elif value is not None:
             put(key, value, "option")
     try:
         cfg = QuantizeConfig(**top, calibration=CalibConfig(**calib), options=options)
@@ -111,3 +114,62 @@ def check(cfg: QuantizeConfig) -> None:
     if not isinstance(cfg.skip, list):
         raise LlmqError("recipe key 'skip' must be a list of patterns")
     parse_size(cfg.max_shard_size)
+    check_rules(cfg)
+    check_target(cfg)
+
+
+def check_rules(cfg: QuantizeConfig) -> None:
+    """Every rule is one the output format can carry the way its runtimes read it."""
+    rules = parse_rules(cfg.rules)
+    if rules and not method_class(cfg.method).quantizes:
+        raise LlmqError(f"method {cfg.method} casts every tensor; per-module rules need a quantization method")
+    for r in rules:
+        if cfg.format == "gguf":
+            if r.sets_grid:
+                raise LlmqError(f"rule {r.match!r}: a GGUF file stores llama.cpp types; give type (one of --gguf-type's), not bits/group_size/sym")
+            if r.type:
+                check_type(r.type, f"rule {r.match!r} type", mixes=False)
+            continue
+        if r.type:
+            raise LlmqError(f"rule {r.match!r}: type sets GGUF tensor types and needs --format gguf; use bits/group_size/sym")
+        if not r.sets_grid:
+            continue
+        fmt = FORMATS[cfg.format_name()]
+        if not fmt.mixes_grids:
+            raise LlmqError(f"format {fmt.name!r} stores one grid for all its linears; its rules can only keep modules unquantized")
+        grid = rule_grid(r, IntGrid(cfg.bits, cfg.group_size, cfg.sym))
+        fmt.check(grid)
+
+
+def rule_grid(rule: Rule, base: IntGrid) -> IntGrid:
+    """The integer grid a rule sets: the recipe's, with the rule's keys in place."""
+    grid = IntGrid(base.bits if rule.bits is None else rule.bits, base.group_size if rule.group_size is None else rule.group_size,
+                   base.sym if rule.sym is None else rule.sym)
+    if grid.bits not in SUPPORTED_BITS:
+        raise LlmqError(f"rule {rule.match!r}: bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {grid.bits}")
+    if grid.group_size != -1 and grid.group_size <= 0:
+        raise LlmqError(f"rule {rule.match!r}: group_size must be -1 (per channel) or positive, got {grid.group_size}")
+    return grid
+
+
+def check_target(cfg: QuantizeConfig) -> None:
+    if cfg.target_size is None and cfg.target_bpw is None:
+        return
+    if cfg.target_size is not None and cfg.target_bpw is not None:
+        raise LlmqError("give --target-size or --target-bpw, not both")
+    if cfg.target_size is not None:
+        parse_size(cfg.target_size)
+    elif not isinstance(cfg.target_bpw, (int, float)) or isinstance(cfg.target_bpw, bool) or not 1 <= cfg.target_bpw <= 32:
+        raise LlmqError(f"--target-bpw must be a number of bits per weight between 1 and 32, got {cfg.target_bpw!r}")
+    if not method_class(cfg.method).quantizes:
+        raise LlmqError(f"method {cfg.method} casts; allocating bits to a size needs a quantization method")
+    if not cfg.allocate_bits or any(b not in SUPPORTED_BITS for b in cfg.allocate_bits):
+        raise LlmqError(f"allocate_bits must be a list of {', '.join(map(str, SUPPORTED_BITS))}, got {cfg.allocate_bits!r}")
+    if any(not isinstance(g, int) or (g != -1 and g <= 0) for g in cfg.allocate_group_sizes):
+        raise LlmqError(f"allocate_group_sizes must be -1 or positive integers, got {cfg.allocate_group_sizes!r}")
+    for t in cfg.allocate_gguf_types or ():
+        if str(t).upper() not in BLOCK_TYPES:
+            raise LlmqError(f"allocate_gguf_types: {t!r} is not a GGUF block type ({', '.join(BLOCK_TYPES)})")
+    if cfg.format != "gguf" and not FORMATS[cfg.format_name()].mixes_grids:
+        raise LlmqError(f"format {cfg.format_name()!r} stores one grid for all its linears, so it cannot mix bits to meet a "
+                        "size; use gptq, gptq_v2, compressed-tensors or gguf")

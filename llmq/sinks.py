@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from abc import ABC, abstractmethod
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,8 +23,8 @@ import llmq
 from llmq.dtypes import dtype_name, torch_dtype
 from llmq.errors import LlmqError
 from llmq.experts import ExpertLinears
-from llmq.formats.base import Format, natural_g_idx
-from llmq.grid import Grid
+from llmq.formats.base import Format, natural_g_idx, refuse
+from llmq.grid import Grid, IntGrid
 from llmq.output import Output
 from llmq.provenance import PROVENANCE_FILE, hash_tree, record, sha256_file
 from llmq.qtensor import QuantizedTensor
@@ -101,14 +102,16 @@ def require_finite(name: str, value: torch.Tensor | QuantizedTensor) -> None:
 
 
 def emit_rest(sink: Sink, model: nn.Module, source: ModelSource, done: Callable[[str], bool],
-              rtn: Callable[[torch.Tensor, Grid], QuantizedTensor]) -> None:
+              rtn: Callable[[torch.Tensor, Grid], QuantizedTensor],
+              proposed: Callable[[str], Grid | None] = lambda name: None) -> None:
     """Every parameter no earlier step emitted (``done``), read from the source one at a time; one the
-    sink plans a grid for is rounded to nearest with ``rtn`` (no calibration reaches it)."""
+    sink plans a grid for (``proposed``: the recipe's, e.g. for a head a rule quantizes) is rounded to
+    nearest with ``rtn`` (no calibration reaches it)."""
     for name, param in model.named_parameters():
         if done(name) or name in source.tied:
             continue
         t = source.load_like(name, param)
-        grid = sink.grid_for(name, tuple(t.shape), None)
+        grid = sink.grid_for(name, tuple(t.shape), proposed(name))
         sink.add(name, t if grid is None else rtn(t, grid))
 
 
@@ -123,7 +126,7 @@ class CheckpointSink(Sink):
         self.max_shard_bytes = max_shard_bytes
         self.origin = origin or source.name  # the model the provenance names as the source
         self.output = Output(out, kind="dir", overwrite=overwrite, inputs=[source.dir, *inputs], resume=resume)
-        self.quantized: list[str] = []
+        self.quantized: dict[str, Grid] = {}  # module -> its grid, in arrival order
         self.natural = True  # every packed g_idx is i // group_size (no reordering for runtimes to do)
         self.notes: list[str] = []
 
@@ -142,20 +145,23 @@ class CheckpointSink(Sink):
         self.writer.close()
 
     def state(self) -> dict:
-        return {"writer": self.writer.state(), "quantized": list(self.quantized), "natural": self.natural}
+        return {"writer": self.writer.state(), "quantized": dict(self.quantized), "natural": self.natural}
 
     def restore(self, state: dict | None) -> None:
         self.writer.restore(state and state["writer"])
-        self.quantized, self.natural = (list(state["quantized"]), state["natural"]) if state else ([], True)
+        self.quantized, self.natural = (dict(state["quantized"]), state["natural"]) if state else ({}, True)
 
     def add(self, name: str, value: torch.Tensor | QuantizedTensor) -> None:
         require_finite(name, value)
         if isinstance(value, QuantizedTensor):
             module = name.removesuffix(".weight")
+            if not self.fmt.mixes_grids and isinstance(self.grid, IntGrid) and value.grid != self.grid:
+                raise refuse(self.fmt.name, f"{module} is on the {value.grid.name} grid and the rest on {self.grid.name}; "
+                                            "this format stores one grid for all its linears")
             prefix = self.source.module_key(module) + "."
             for suffix, t in self.fmt.pack(value).items():
                 self.writer.add(prefix + suffix, t)
-            self.quantized.append(module)
+            self.quantized[module] = value.grid
             self.natural = self.natural and natural_g_idx(value)
             return
         key = self.source.checkpoint_key(name)
@@ -167,8 +173,14 @@ class CheckpointSink(Sink):
         qcfg = None
         if self.fmt is not None:
             ignore = unquantized_linears(self.model, self.source, set(self.quantized))
-            qcfg = self.fmt.quantization_config(self.grid, {**facts, "natural_g_idx": self.natural, "ignore": ignore,
-                                                            "version": llmq.__version__})
+            head = self.model.get_output_embeddings()
+            skipped = [k for k in ignore if head is None or k != self.source.module_key(_name_of(self.model, head))]  # (decoder's)
+            grids = {self.source.module_key(m): g for m, g in self.quantized.items()}
+            head_key = None if head is None else self.source.module_key(_name_of(self.model, head))
+            qcfg = self.fmt.quantization_config(_most_common(list(grids.values())) or self.grid,
+                                                {**facts, "natural_g_idx": self.natural, "ignore": ignore, "grids": grids,
+                                                 "skipped": skipped, "head_quantized": head_key in grids,
+                                                 "version": llmq.__version__})
         write_config(self.source.dir, self.dir, dtype_name(self.dtype), qcfg)
         copy_sidecars(self.source.dir, self.dir)
         if records is not None:
@@ -179,6 +191,15 @@ class CheckpointSink(Sink):
                       {str(p.relative_to(self.source.dir)): sha256_file(p) for p in self.source.files()},
                       recipe, hash_tree(self.dir))
         (self.dir / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
+
+
+def _most_common(grids: list[Grid]) -> Grid | None:
+    """The grid most linears use (the first of those tied): the base a format's per-module overrides refer to."""
+    return Counter(grids).most_common(1)[0][0] if grids else None
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def copy_sidecars(src_dir: Path, dst_dir: Path) -> None:

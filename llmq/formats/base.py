@@ -17,6 +17,8 @@ class Format(ABC):
     quant_method: str  # quantization_config.quant_method
     suffixes: tuple[str, ...]  # tensors replacing a linear's "weight"
     markers: tuple[str, ...] = ()  # the tensors that mark a packed linear (default: the first suffix)
+    mixes_grids: bool = False  # whether quantization_config can give linears different grids (per-module rules)
+    quantizes_head: bool = False  # whether its runtimes read a packed output head (lm_head)
 
     def is_packed(self, has: Callable[[str], bool]) -> bool:
         """Whether a linear is packed, given ``has(suffix)``: does the checkpoint hold that tensor of it."""
@@ -44,11 +46,16 @@ class Format(ABC):
 
     @abstractmethod
     def quantization_config(self, grid: IntGrid, extra: dict[str, Any]) -> dict[str, Any]:
-        """The ``quantization_config`` entry of config.json."""
+        """The ``quantization_config`` entry of config.json: ``grid`` the most common one; a format that mixes
+        grids also gets ``extra["grids"]``, the grid of every quantized linear by checkpoint name."""
 
     @abstractmethod
     def grid_from_config(self, qcfg: dict[str, Any]) -> IntGrid:
-        """Read back the grid description from ``quantization_config``."""
+        """Read back the (base) grid description from ``quantization_config``."""
+
+    def module_grid(self, qcfg: dict[str, Any], module: str) -> Grid:
+        """The grid of the linear ``module`` (checkpoint name): the base grid, unless the format mixes grids."""
+        return self.grid_from_config(qcfg)
 
 
 def natural_g_idx(qt: QuantizedTensor) -> bool:

@@ -12,6 +12,7 @@ zero point 0, i.e. our midpoint zero.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
     quant_method = "compressed-tensors"
     suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+    mixes_grids = True  # one config group per grid; exact module names outrank the class target "Linear"
 
     def check(self, grid: IntGrid) -> None:
         require_int_grid(self.name, grid)
@@ -69,17 +71,18 @@ class CompressedTensorsFormat(Format):
         )
 
     def quantization_config(self, grid: IntGrid, extra: dict[str, Any]) -> dict[str, Any]:
-        weights = {
-            "num_bits": grid.bits, "type": "int", "symmetric": grid.sym, "dynamic": False, "observer": "minmax",
-            "strategy": "channel" if grid.group_size == -1 else "group",
-            "group_size": None if grid.group_size == -1 else grid.group_size, "actorder": None,
-        }
+        groups = {"group_0": _group(["Linear"], grid)}
+        others: dict[IntGrid, list[str]] = {}
+        for name, g in extra.get("grids", {}).items():
+            if g != grid:
+                others.setdefault(g, []).append(name)
+        for i, (g, names) in enumerate(others.items(), 1):
+            groups[f"group_{i}"] = _group(sorted(names), g)
         return {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",
             "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None, "format": "pack-quantized"}},
+            "config_groups": groups,
             "ignore": extra.get("ignore") or ["lm_head"],
             "kv_cache_scheme": None,
         }
@@ -88,10 +91,34 @@ class CompressedTensorsFormat(Format):
         if qcfg.get("format") != "pack-quantized":
             raise refuse(self.name, f"compressed-tensors format {qcfg.get('format')!r}; llmq reads pack-quantized")
         groups = list(qcfg.get("config_groups", {}).values())
-        if len(groups) != 1 or groups[0].get("weights") is None:
-            raise refuse(self.name, "several config groups (mixed schemes); llmq reads one weight scheme")
-        w = groups[0]["weights"]
-        if w.get("type") != "int" or w.get("actorder") not in (None, "static"):
-            raise refuse(self.name, f"weights of type {w.get('type')!r} / actorder {w.get('actorder')!r}")
-        gs = -1 if w.get("strategy") == "channel" else int(w["group_size"])
-        return IntGrid(bits=int(w["num_bits"]), group_size=gs, sym=bool(w.get("symmetric", True)))
+        if not groups or any(g.get("weights") is None for g in groups):
+            raise refuse(self.name, "config groups without weight quantization; llmq reads weight-only schemes")
+        return _grid(next((g for g in groups if "Linear" in g.get("targets", [])), groups[0])["weights"])
+
+    def module_grid(self, qcfg: dict[str, Any], module: str) -> IntGrid:
+        """The scheme compressed-tensors applies: a group naming the module outranks one matching it by
+        regex ("re:..."), which outranks the class target "Linear"."""
+        self.grid_from_config(qcfg)
+        groups = list(qcfg["config_groups"].values())
+        for hit in (lambda t: t == module, lambda t: t.startswith("re:") and re.match(t[3:], module), lambda t: t == "Linear"):
+            g = next((g for g in groups if any(hit(t) for t in g.get("targets", []))), None)
+            if g is not None:
+                return _grid(g["weights"])
+        raise refuse(self.name, f"no config group targets the packed linear {module!r}")
+
+
+def _group(targets: list[str], grid: IntGrid) -> dict[str, Any]:
+    weights = {
+        "num_bits": grid.bits, "type": "int", "symmetric": grid.sym, "dynamic": False, "observer": "minmax",
+        "strategy": "channel" if grid.group_size == -1 else "group",
+        "group_size": None if grid.group_size == -1 else grid.group_size, "actorder": None,
+    }
+    return {"targets": targets, "weights": weights, "input_activations": None, "output_activations": None,
+            "format": "pack-quantized"}
+
+
+def _grid(w: dict[str, Any]) -> IntGrid:
+    if w.get("type") != "int" or w.get("actorder") not in (None, "static"):
+        raise refuse("compressed-tensors", f"weights of type {w.get('type')!r} / actorder {w.get('actorder')!r}")
+    gs = -1 if w.get("strategy") == "channel" else int(w["group_size"])
+    return IntGrid(bits=int(w["num_bits"]), group_size=gs, sym=bool(w.get("symmetric", True)))

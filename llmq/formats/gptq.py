@@ -13,6 +13,8 @@ zero-padded (runtimes' kernels want in and out to be multiples of 32/bits).
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -23,9 +25,16 @@ from llmq.grid import IntGrid
 from llmq.qtensor import QuantizedTensor
 
 
+# vLLM builds these sibling linears as one (model.layers.3.self_attn.qkv_proj) and looks its dynamic
+# override up under the fused name, so a pattern naming the parts must name the whole too.
+RUNTIME_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 class GPTQFormat(Format):
     quant_method = "gptq"
     suffixes = ("qweight", "qzeros", "scales", "g_idx")
+    mixes_grids = True  # quantization_config.dynamic, as GPTQModel writes it and vLLM reads it
+    quantizes_head = True  # quantization_config.lm_head, read by GPTQModel and vLLM
 
     def __init__(self, version: str = "gptq"):
         assert version in ("gptq", "gptq_v2")
@@ -77,7 +86,7 @@ class GPTQFormat(Format):
         # tensors).  Act-order with static groups keeps g_idx plain; the recipe's act-order setting
         # is recorded in ``meta``.
         act_order = bool(extra.get("act_order", False))
-        return {
+        cfg = {
             "quant_method": "gptq",
             "bits": grid.bits,
             "group_size": grid.group_size,
@@ -89,6 +98,50 @@ class GPTQFormat(Format):
             "checkpoint_format": self.version,
             "meta": {"quantizer": [f"llmq:{extra.get('version', '')}"], "method": extra.get("method"), "act_order": act_order},
         }
+        dynamic = _dynamic(grid, extra.get("grids", {}), extra.get("skipped", []))
+        if dynamic:
+            cfg["dynamic"] = dynamic
+        if extra.get("head_quantized"):
+            cfg["lm_head"] = True
+        return cfg
 
     def grid_from_config(self, qcfg: dict[str, Any]) -> IntGrid:
         return IntGrid(bits=int(qcfg["bits"]), group_size=int(qcfg.get("group_size", -1)), sym=bool(qcfg.get("sym", True)))
+
+    def module_grid(self, qcfg: dict[str, Any], module: str) -> IntGrid:
+        """The base grid with the first matching ``dynamic`` override applied (GPTQModel's and vLLM's rule:
+        entries in order, re.match, '-:' excludes, '+:' or no prefix overrides)."""
+        base = self.grid_from_config(qcfg)
+        for pattern, override in (qcfg.get("dynamic") or {}).items():
+            if re.match(pattern.removeprefix("-:").removeprefix("+:"), module):
+                if pattern.startswith("-:"):
+                    return base
+                o = override or {}
+                return IntGrid(int(o.get("bits", base.bits)), int(o.get("group_size", base.group_size)), bool(o.get("sym", base.sym)))
+        return base
+
+
+def _dynamic(base: IntGrid, grids: dict[str, IntGrid], skipped: list[str]) -> dict[str, dict[str, Any]]:
+    """``quantization_config.dynamic``: one '+:' entry per grid other than the base, naming its linears, and
+    one '-:' entry for the decoder linears left unquantized.  Names are anchored, so entries never overlap."""
+    by_grid: dict[IntGrid, list[str]] = defaultdict(list)
+    for name, g in grids.items():
+        if g != base:
+            by_grid[g].append(name)
+    dynamic = {}
+    if skipped:
+        dynamic["-:" + _names_pattern(skipped)] = {}
+    for g, names in by_grid.items():
+        override = {k: v for k, v in (("bits", g.bits), ("group_size", g.group_size), ("sym", g.sym)) if v != getattr(base, k)}
+        dynamic["+:" + _names_pattern(names)] = override
+    return dynamic
+
+
+def _names_pattern(names: list[str]) -> str:
+    """A regex matching exactly ``names`` and the fused runtime names of sibling sets it holds whole."""
+    names = set(names)
+    for fused, parts in RUNTIME_FUSED.items():
+        for parent in {n.rsplit(".", 1)[0] for n in names if "." in n}:
+            if all(f"{parent}.{p}" in names for p in parts):
+                names.add(f"{parent}.{fused}")
+    return "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"

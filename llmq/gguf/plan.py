@@ -87,12 +87,12 @@ class GGUFPlan:
                 return "Q6_K"
         return self.base
 
-    def tensor_type(self, gguf_name: str, shape: tuple[int, ...]) -> tuple[str, str | None]:
-        """(type, note): the type written for a tensor of ``shape`` and, when the width forced
-        a different type than preferred, a note saying so.  1-D tensors are always F32."""
+    def tensor_type(self, gguf_name: str, shape: tuple[int, ...], want: str | None = None) -> tuple[str, str | None]:
+        """(type, note): the type written for a tensor of ``shape`` (``want``: a rule's, else the plan's) and,
+        when the width forced a different type, a note saying so.  1-D tensors are always F32."""
         if len(shape) == 1:
             return "F32", None
-        want = self.preferred(gguf_name)
+        want = want or self.preferred(gguf_name)
         got = want
         while got in BLOCK_TYPES and not BLOCK_TYPES[got].fits(shape[-1]):
             got = BLOCK_TYPES[got].fallback

@@ -348,6 +348,10 @@ FLOAT_TYPES: dict[str, FloatType] = {t.type_name: t for t in (FloatType("F32", "
                                                               FloatType("BF16", ""))}
 MIXES = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}  # llama.cpp's _M mixes -> their base type
 GGUF_TYPES = (*BLOCK_TYPES, *MIXES, *FLOAT_TYPES)  # what --gguf-type takes
+# What bit allocation chooses among (the K-quants and Q8_0), and for rows K-quants cannot hold
+# (not a multiple of 256) the legacy types.
+ALLOCATION_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+NARROW_ALLOCATION_TYPES = ("Q4_0", "Q5_0", "Q8_0")
 
 
 def check_type(name: str | None, flag: str = "--gguf-type", mixes: bool = True) -> str:

@@ -11,10 +11,12 @@ stay byte-identical).
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from llmq.gguf.vocab import add_tokenizer, load_vocab
 from llmq.grid import Grid
 from llmq.output import Output
 from llmq.qtensor import QuantizedTensor
+from llmq.rules import Rule, first_match
 from llmq.sinks import Sink, require_finite
 from llmq.source import ModelSource
 
@@ -50,8 +53,9 @@ ROWS_AT_ONCE = 1 << 22  # values encoded per step
 class GGUFSink(Sink):
     def __init__(self, source: ModelSource, model: nn.Module, out: str | Path, gguf_type: str, *,
                  token_embedding_type: str | None = None, output_type: str | None = None, overwrite: bool = False,
-                 inputs: list[Path] = (), resume: bool = False):
+                 inputs: list[Path] = (), resume: bool = False, rules: tuple[Rule, ...] = ()):
         self.source = source
+        self.rules = rules
         self.cfg = gguf_config(source.config)
         check_arch(self.cfg)
         load_vocab(source.dir, self.cfg["vocab_size"])  # a tokenizer GGUF cannot hold fails now, not after the calibration
@@ -101,10 +105,17 @@ class GGUFSink(Sink):
         return gname
 
     def _type(self, name: str, shape: tuple[int, ...]) -> str:
-        t, note = self.plan.tensor_type(self._gguf_name(name), shape)
+        t, note = self.plan.tensor_type(self._gguf_name(name), shape, self.rule_type(name))
         if note and note not in self.notes:
             self.notes.append(note)
         return t
+
+    def rule_type(self, name: str) -> str | None:
+        """The type the first rule matching this tensor's module sets (keep: F16, or the file's float type)."""
+        rule = first_match(self.rules, name.removesuffix(".weight"))
+        if rule is None or not name.endswith(".weight"):
+            return None
+        return ("F16" if self.plan.quantized else self.plan.file_type) if rule.keep else rule.type
 
     def grid_for(self, name: str, shape: tuple[int, ...], proposed: Grid | None) -> BlockType | None:
         return BLOCK_TYPES.get(self._type(name, shape))
@@ -157,24 +168,15 @@ class GGUFSink(Sink):
         self._entries.append(_Entry(gname, (rows, *shape), dtype, raw, offset, nbytes, rank))
 
     def finish(self, recipe: dict[str, Any], facts: dict[str, Any], records: list[dict] | None = None) -> None:
-        import gguf
-
         if self._experts:
             gname, have = next(iter(self._experts.items()))
             raise LlmqError(f"{gname}: {len(have)} of the model's {self.n_expert} experts found")
         self.data.close()
-        w = gguf.GGUFWriter(str(self.tmp), GGUF_ARCHS[self.cfg["model_type"]])
-        add_metadata(w, self.cfg, self.source.display_name, self.gguf_type)
-        add_tokenizer(w, self.source.dir, self.cfg["vocab_size"])
         entries = sorted(self._entries, key=lambda e: e.rank)
-        extra = self._rope_freqs()
-        for gname, arr in extra:
-            w.add_tensor_info(gname, arr.shape, arr.dtype, arr.nbytes)
-        for e in entries:
-            w.add_tensor_info(e.gname, e.shape, e.dtype, e.nbytes, raw_dtype=e.raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        extra = rope_tensors(self.cfg)
+        w = _header(self.tmp, self.source, self.cfg, self.gguf_type,
+                    [(gname, arr.shape, arr.dtype, arr.nbytes, None) for gname, arr in extra]
+                    + [(e.gname, e.shape, e.dtype, e.nbytes, e.raw) for e in entries])
         out = w.fout[0]
         w.write_padding(out, out.tell())
         for _, arr in extra:
@@ -187,12 +189,60 @@ class GGUFSink(Sink):
                 w.write_padding(out, e.nbytes)
         w.close()
 
-    def _rope_freqs(self) -> list[tuple[str, np.ndarray]]:
-        """Llama 3.1-style rotary scaling, which llama.cpp takes as a tensor of frequency divisors."""
-        rope = rope_of(self.cfg)
-        if rope.get("rope_type") != "llama3":
-            return []
-        return [("rope_freqs.weight", llama3_rope_factors(rope, head_dim(self.cfg), float(rope["rope_theta"])).numpy())]
+
+def _header(path: Path, source: ModelSource, cfg: dict[str, Any], gguf_type: str, infos: list[tuple]):
+    """A GGUFWriter at ``path`` that has written the header, metadata and tensor infos ((name, shape, dtype,
+    nbytes, raw type) each); the tensor data follow, each aligned."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), GGUF_ARCHS[cfg["model_type"]])
+    add_metadata(w, cfg, source.display_name, gguf_type)
+    add_tokenizer(w, source.dir, cfg["vocab_size"])
+    for gname, shape, dtype, nbytes, raw in infos:
+        w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    return w
+
+
+def rope_tensors(cfg: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+    """Llama 3.1-style rotary scaling, which llama.cpp takes as a tensor of frequency divisors."""
+    rope = rope_of(cfg)
+    if rope.get("rope_type") != "llama3":
+        return []
+    return [("rope_freqs.weight", llama3_rope_factors(rope, head_dim(cfg), float(rope["rope_theta"])).numpy())]
+
+
+def file_bytes(source: ModelSource, model: nn.Module, gguf_type: str, type_of: Callable[[str, tuple[int, ...]], str]) -> int:
+    """The exact size of the GGUF file of ``model`` whose tensors get the types ``type_of(gguf name, shape)``
+    gives (experts stacked, as the sink writes them): the header is built as the sink builds it, and
+    only the tensor bytes depend on the types."""
+    cfg = gguf_config(source.config)
+    namer, (n_expert, _) = tensor_namer(cfg), expert_counts(cfg)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, p in model.named_parameters():
+        if name in source.tied:
+            continue
+        key = source.checkpoint_key(name) or name
+        shapes[namer(key) or key] = (n_expert, *p.shape) if expert_index(key) else tuple(p.shape)
+    extra = rope_tensors(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        w = _header(Path(d) / "h.gguf", source, cfg, gguf_type,
+                    [(g, a.shape, a.dtype, a.nbytes, None) for g, a in extra]
+                    + [(g, s, np.float32, 4 * math.prod(s), None) for g, s in shapes.items()])
+        w.fout[0].flush()
+        header = w.fout[0].tell()
+        w.close()
+    total = _aligned(header) + sum(_aligned(a.nbytes) for _, a in extra)
+    for g, s in shapes.items():
+        t = "F32" if len(s) == 1 else type_of(g, s)
+        total += _aligned(BLOCK_TYPES[t].nbytes(s) if t in BLOCK_TYPES else math.prod(s) * FLOAT_TYPES[t].itemsize)
+    return total
+
+
+def _aligned(n: int, alignment: int = 32) -> int:  # (GGUF's default alignment, which llmq's files keep)
+    return n + (-n) % alignment
 
 
 def _copy(src, dst, n: int, chunk: int = 16 << 20) -> None:

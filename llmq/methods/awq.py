@@ -410,3 +410,6 @@ class AWQGPTQ(AWQ):
 
     def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:
         return gptq_judge(xs, self.options)
+
+    def quantize_alone(self, W: torch.Tensor, H: torch.Tensor, grid: Grid) -> QuantizedTensor:
+        return GPTQ.quantize_alone(self, W, H, grid)  # (probes leave the scales out: they move all candidates alike)

@@ -6,12 +6,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+import torch
 from torch import nn
 
 from llmq.activations import LayerInputs
 from llmq.arch import Arch
 from llmq.grid import Grid
 from llmq.qtensor import QuantizedTensor
+from llmq.rounding import rtn_quantize
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,8 @@ class Method(ABC):
         On return every target's weight in ``layer`` holds its dequantized value, so the
         pipeline can compute the next layer's inputs from the quantized layer.
         """
+
+    def quantize_alone(self, W: torch.Tensor, H: torch.Tensor, grid: Grid) -> QuantizedTensor:
+        """One linear quantized by itself, given the Hessian 2/N·XXᵀ of its inputs: what bit allocation
+        probes each candidate grid with.  Rounding to nearest, unless the method has a per-linear solver."""
+        return rtn_quantize(W.cpu().float(), grid)

@@ -22,7 +22,7 @@ from torch import nn
 from llmq.errors import LlmqError
 from llmq.grid import Grid, group_index
 from llmq.methods.base import Method
-from llmq.methods.rtn import rtn_quantize
+from llmq.rounding import rtn_quantize
 from llmq.qtensor import QuantizedTensor
 
 log = logging.getLogger("llmq.gptq")
@@ -271,6 +271,11 @@ class GPTQ(Method):
                             seconds=round(seconds * out / W.shape[0], 4), tokens=hessians[name].count,
                             **({"solved_with": [n for n in joint if n != name]} if len(joint) > 1 else {}))
         return result
+
+
+    def quantize_alone(self, W: torch.Tensor, H: torch.Tensor, grid: Grid) -> QuantizedTensor:
+        o = self.options
+        return gptq_quantize(W, H, grid, o.damp, o.block_size, o.act_order, o.static_groups)[0]
 
 
 def _joint_solves(names: list[str], hessians: InputHessians, targets: dict[str, Grid]) -> list[list[str]]:
