@@ -43,7 +43,10 @@ from llmq.rounding import rtn_quantize
 from llmq.rules import Rule, first_match
 from llmq.source import ModelSource, move_resident, release
 
-HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, bounded above: name + dtype, shape, offsets
+# A safetensors header entry, "NAME":{"dtype":"BF16","shape":[A,B],"data_offsets":[S,E]}, is at most this
+# plus the name, the shape's digits and the offsets' digits; a shard adds its length prefix, metadata and padding.
+HEADER_ENTRY_BYTES = 52
+SHARD_FRAME_BYTES = 64
 PROBE_SAMPLES = 32  # calibration windows whose Hessians the probes quantize with
 LENS_TOKENS = 2048  # tokens (whole windows, at least one) each probe's error is measured on
 FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
@@ -93,6 +96,19 @@ class Allocation:
         return [{"layer": u.layer, "modules": _short(u.modules), "choice": u.options[c].label, "bytes": u.bytes[c],
                  key: u.error[c]} for u, c in zip(self.units, self.choice)]
 
+    def render(self) -> str:
+        """The plan for the terminal: one row per decoder layer, a column per unit (then embedding and head)."""
+        rows: dict[Any, dict[str, str]] = {}
+        for u, c in zip(self.units, self.choice):
+            rows.setdefault(u.layer, {})[_short(u.modules).rsplit(".", 1)[-1]] = u.options[c].label
+        cols = list(dict.fromkeys(k for r in rows.values() for k in r))
+        lines = ["| layer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for layer, r in rows.items():
+            lines.append(f"| {'-' if layer is None else layer} | " + " | ".join(r.get(c, "") for c in cols) + " |")
+        kl = f", predicted KL {self.predicted_kl:.3g} nats/token" if self.in_nats else ""
+        lines.append(f"allocation: {self.total_bytes:,} of {self.budget:,} bytes planned{kl}")
+        return "\n".join(lines)
+
     def record(self) -> dict[str, Any]:
         return {"budget_bytes": self.budget, "planned_bytes": self.total_bytes, "predicted_kl": self.predicted_kl,
                 "units": self.table()}
@@ -122,12 +138,15 @@ def allocate(source: ModelSource, plan: RunPlan, model: nn.Module, method: Metho
 # ---- sizes and candidates ------------------------------------------------------------------------
 
 class CheckpointSizing:
-    """Bytes of a safetensors checkpoint: packed linears at their format's size, the rest in the dtype."""
+    """Bytes of a safetensors checkpoint: packed linears at their format's size, the rest in the dtype, and
+    each tensor's header entry bounded above (its name, dtype, shape and offsets as JSON)."""
 
     def __init__(self, source: ModelSource, plan: RunPlan, model: nn.Module):
         self.source, self.plan, self.model = source, plan, model
         self.fmt = FORMATS[plan.format]
         self.float_bytes = dtype_nbytes(plan.dtype)
+        limit = min(plan.max_shard_bytes, sum(p.numel() for p in model.parameters()) * 4)
+        self.entry_bytes = HEADER_ENTRY_BYTES + 2 * len(str(limit))  # (+ name and shape)
 
     def candidates(self, width: int) -> list[Candidate]:
         base = self.plan.grid
@@ -137,10 +156,14 @@ class CheckpointSizing:
                for b in self.plan.allocate_bits for g in groups]
         return out + [Candidate("float", None, {"keep": True})]
 
-    def module_bytes(self, lin: nn.Linear, grid: Grid | None) -> int:
+    def module_bytes(self, module: str, lin: nn.Linear, grid: Grid | None) -> int:
+        """The linear's tensors and their header entries."""
+        key = self.source.module_key(module)
+        shape = 2 * len(str(max(lin.in_features, lin.out_features)))
         if grid is None:
-            return lin.weight.numel() * self.float_bytes
-        return self.fmt.nbytes(lin.out_features, lin.in_features, grid)
+            return lin.weight.numel() * self.float_bytes + self.entry_bytes + len(key) + 7 + shape
+        entries = sum(self.entry_bytes + len(key) + 1 + len(s) + shape for s in self.fmt.packed_suffixes(grid))
+        return self.fmt.nbytes(lin.out_features, lin.in_features, grid) + entries
 
     def units(self, arch: Arch) -> list[Unit]:
         """Linears runtimes fuse (q/k/v, gate/up: the arch's groups) share a grid; each other linear, and an
@@ -162,33 +185,28 @@ class CheckpointSizing:
             width = math.gcd(*(linears[n].in_features for n in names))
             cands = self.candidates(width)
             units.append(Unit(names, _layer_of(names[0], arch), cands,
-                              [sum(self.module_bytes(linears[n], c.grid) for n in names) for c in cands]))
+                              [sum(self.module_bytes(n, linears[n], c.grid) for n in names) for c in cands]))
         return units
 
     def fixed_bytes(self, units: list[Unit]) -> int:
-        """Every tensor outside the units (at its plan's size), and a bound on the safetensors headers."""
+        """Every tensor outside the units at its plan's size, with its header entry; each shard's header frame."""
         in_units = {n for u in units for n in u.modules}
         linears = decoder_linears(self.model)
         head = quantizable_head(self.plan, self.model)
         head_ruled = head_grid(self.plan, self.model)
-        total = tensors = 0
+        total = 0
         for name, p in self.model.named_parameters():
-            if name in self.source.tied:
-                continue
             module = name.removesuffix(".weight")
-            tensors += 1
-            if module in in_units:
-                tensors += len(self.fmt.suffixes)
-            elif (module in linears or module == head) and name.endswith(".weight"):
+            if name in self.source.tied or module in in_units:
+                continue
+            if (module in linears or module == head) and name.endswith(".weight"):
                 grid = self.plan.grid_of(module) if module in linears else head_ruled(name)
-                lin = linears.get(module) or self.model.get_submodule(module)
-                tensors += len(self.fmt.suffixes) if grid is not None else 0
-                total += self.module_bytes(lin, grid)
+                total += self.module_bytes(module, linears.get(module) or self.model.get_submodule(module), grid)
             else:
-                total += p.numel() * self.float_bytes
-        key_len = max(len(n) for n, _ in self.model.named_parameters()) + 24
+                key = self.source.checkpoint_key(name) or name
+                total += p.numel() * self.float_bytes + self.entry_bytes + len(key) + 2 * len(str(max(p.shape)))
         shards = 1 + total // max(1, self.plan.max_shard_bytes)
-        return total + tensors * (key_len + HEADER_BYTES_PER_TENSOR) + shards * 64
+        return total + shards * SHARD_FRAME_BYTES
 
 
 class GGUFSizing:
@@ -388,14 +406,19 @@ class _Head:
         names = {id(m): n for n, m in model.named_modules()}
         head, norm = model.get_output_embeddings(), final_norm(model)
         self.ready = head is not None and norm is not None
-        self.prefixes = [names[id(m)] for m in (norm, head)] if self.ready else []
-        for p in self.prefixes:
-            source.materialize(model, p, dtype)
-            move_resident(model.get_submodule(p), device)
-        self.model, self.norm, self.head = model, norm, head
+        self.prefixes: list[str] = []
+        if self.ready:
+            weight = f"{names[id(head)]}.weight"
+            owner = source.tied.get(weight, weight).removesuffix(".weight")  # a tied head reads the embedding
+            self.prefixes = [names[id(norm)], owner]
+            for p in self.prefixes:
+                source.materialize(model, p, dtype)
+                move_resident(model.get_submodule(p), device)
+            self.weight = model.get_submodule(owner).weight
+        self.model, self.norm = model, norm
 
     def logprobs(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.head.weight if weight is None else weight.to(self.head.weight)
+        w = self.weight if weight is None else weight.to(self.weight)
         return F.log_softmax(F.linear(self.norm(h), w).float(), dim=-1)
 
     def measure(self, ref: list[torch.Tensor]) -> Callable[..., float]:

@@ -33,7 +33,7 @@ from llmq.methods import METHODS
 from llmq.methods.gptq import GPTQOptions
 from llmq.pipeline import quantize_model
 from llmq.provenance import verify
-from llmq.recipe import build_config, load_recipe
+from llmq.recipe import build_config, load_recipe, save_recipe
 from llmq.report import load_suite, run_report
 from llmq.source import ModelSource
 
@@ -316,6 +316,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
                            resume=args.resume)
     _write_stats(args.stats_json, stats.seconds)
+    if stats.allocation is not None:
+        print(stats.allocation.render())
+    if args.save_recipe:
+        save_recipe(args.save_recipe, cfg, stats.allocation.rules() if stats.allocation else ())
+        print(f"saved the recipe to {args.save_recipe}")
     for n in stats.notes:
         print(f"note: {n}")
     out = Path(stats.output)

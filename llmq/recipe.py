@@ -6,6 +6,7 @@ is checked here, before any work: the method and its own keys, the grid, the for
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -143,13 +144,13 @@ def check_rules(cfg: QuantizeConfig) -> None:
 
 def rule_grid(rule: Rule, base: IntGrid) -> IntGrid:
     """The integer grid a rule sets: the recipe's, with the rule's keys in place."""
-    grid = IntGrid(base.bits if rule.bits is None else rule.bits, base.group_size if rule.group_size is None else rule.group_size,
-                   base.sym if rule.sym is None else rule.sym)
-    if grid.bits not in SUPPORTED_BITS:
-        raise LlmqError(f"rule {rule.match!r}: bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {grid.bits}")
-    if grid.group_size != -1 and grid.group_size <= 0:
-        raise LlmqError(f"rule {rule.match!r}: group_size must be -1 (per channel) or positive, got {grid.group_size}")
-    return grid
+    bits = base.bits if rule.bits is None else rule.bits
+    group = base.group_size if rule.group_size is None else rule.group_size
+    if bits not in SUPPORTED_BITS:
+        raise LlmqError(f"rule {rule.match!r}: bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
+    if group != -1 and group <= 0:
+        raise LlmqError(f"rule {rule.match!r}: group_size must be -1 (per channel) or positive, got {group}")
+    return IntGrid(bits, group, base.sym if rule.sym is None else rule.sym)
 
 
 def check_target(cfg: QuantizeConfig) -> None:
@@ -173,3 +174,22 @@ def check_target(cfg: QuantizeConfig) -> None:
     if cfg.format != "gguf" and not FORMATS[cfg.format_name()].mixes_grids:
         raise LlmqError(f"format {cfg.format_name()!r} stores one grid for all its linears, so it cannot mix bits to meet a "
                         "size; use gptq, gptq_v2, compressed-tensors or gguf")
+
+
+def save_recipe(path: str | Path, cfg: QuantizeConfig, rules: tuple[Rule, ...] = ()) -> None:
+    """``cfg`` as a recipe file that reproduces the run: an allocation's rules written out ahead of the
+    recipe's own, the size target dropped (the rules are its answer).  Written whole or not at all."""
+    data = cfg.to_dict()
+    data.update(target_size=None, target_bpw=None,
+                rules=[r.to_dict() for r in rules] + [r.to_dict() for r in parse_rules(cfg.rules)])
+    data = {k: v for k, v in data.items() if v is not None and v != [] and v != {}}
+    p = Path(path)
+    if p.is_dir():
+        raise LlmqError(f"--save-recipe {str(p)!r} is a directory")
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LlmqError(f"cannot write the recipe {str(p)!r}: {e.strerror}") from None

@@ -36,6 +36,10 @@ class Format(ABC):
     def pack(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         """Tensors (by suffix) replacing a linear's 'weight'.  Raises LlmqError if unrepresentable."""
 
+    def packed_suffixes(self, grid: Grid) -> tuple[str, ...]:
+        """The tensors pack() writes for a linear on ``grid`` (for sizing a file's header)."""
+        return self.suffixes
+
     @abstractmethod
     def nbytes(self, out: int, inp: int, grid: IntGrid) -> int:
         """Bytes pack() writes for an (out x in) linear: for size projections without packing."""

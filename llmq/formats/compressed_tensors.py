@@ -49,6 +49,9 @@ class CompressedTensorsFormat(Format):
             t["weight_zero_point"] = pack(qt.zeros, grid.bits, dim=0)
         return t
 
+    def packed_suffixes(self, grid: IntGrid) -> tuple[str, ...]:
+        return self.suffixes if not grid.sym else tuple(s for s in self.suffixes if s != "weight_zero_point")
+
     def nbytes(self, out: int, inp: int, grid: IntGrid) -> int:
         groups = grid.groups(inp)
         zp = 0 if grid.sym else 4 * packed_len(out, grid.bits) * groups
