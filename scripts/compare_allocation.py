@@ -113,8 +113,8 @@ def main() -> None:
             return row
 
         def quantize(name: str, **over):
-            cfg = build_config({}, {**calib, **over})
-            return quantize_model(source, cfg, tmp / name, progress=False)
+            cfg = build_config({}, {**calib, **over})  # (a fresh source: load_model's one has tied the reference's head)
+            return quantize_model(ModelSource(args.model), cfg, tmp / name, progress=False)
 
         # ---- checkpoints
         sizes = {}
