@@ -31,7 +31,7 @@ from llmq.arch import Arch, arch_for, decoder_linears, get_module
 from llmq.dtypes import nbytes as dtype_nbytes
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
-from llmq.gguf.plan import GGUFPlan, expert_index, tensor_namer
+from llmq.gguf.plan import GGUFPlan, tensor_namer
 from llmq.gguf.model import gguf_config
 from llmq.gguf.types import BLOCK_TYPES, FLOAT_TYPES, NARROW_ALLOCATION_TYPES
 from llmq.gguf.writer import file_bytes

@@ -18,6 +18,7 @@ import transformers
 
 import llmq
 from llmq.checkpoint import load_for_eval
+from llmq import distributed
 from llmq.config import CalibConfig, QuantizeConfig
 from llmq.data import eval_tokens
 from llmq.dtypes import FLOAT_DTYPES, torch_dtype
@@ -313,8 +314,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                          allow_nonfinite=args.allow_nonfinite)
-    stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
-                           resume=args.resume)
+    ranks, device = distributed.join(args.device)  # (alone unless launched by torchrun)
+    try:
+        stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=device, progress=not args.quiet,
+                               resume=args.resume, ranks=ranks)
+    finally:
+        distributed.leave()
+    if not ranks.leader:
+        return 0  # rank 0 says what was written
     _write_stats(args.stats_json, stats.seconds)
     if stats.allocation is not None:
         print(stats.allocation.render())

@@ -29,6 +29,7 @@ from llmq.allocate import Allocation, allocate, budget_bytes
 from llmq.arch import Arch, arch_for, get_module, layer_linears, trace_arch
 from llmq.config import QuantizeConfig
 from llmq.data import calibration_tokens
+from llmq.distributed import Ranks
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
 from llmq.gguf.writer import GGUFSink
@@ -38,7 +39,7 @@ from llmq.rounding import rtn_quantize
 from llmq.plan import RunPlan, check_rules_on, head_grid, resolve
 from llmq.projection import parameter_count
 from llmq.qtensor import QuantizedTensor
-from llmq.sinks import CheckpointSink, Sink, emit_rest
+from llmq.sinks import CheckpointSink, Follower, Sink, emit_rest
 from llmq.source import ModelSource, is_resident, move_resident, release
 
 log = logging.getLogger("llmq")
@@ -77,14 +78,16 @@ class _Run:
 
 def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *, overwrite: bool = False,
                    device: str = "cpu", progress: bool = True, calib_ids: torch.Tensor | None = None,
-                   resume: bool = False) -> RunStats:
+                   resume: bool = False, ranks: Ranks = Ranks()) -> RunStats:
     """Quantize ``source`` with ``cfg`` into ``out`` (a directory, or a .gguf file). See the module docstring.
-    ``resume``: continue the interrupted run of the same settings into ``out`` (llmq.journal)."""
+    ``resume``: continue the interrupted run of the same settings into ``out`` (llmq.journal).
+    ``ranks``: this process's place in a torchrun launch (llmq.distributed); every rank calls this alike."""
     _release_freed_memory_to_os()
     plan = resolve(cfg, source, device)
     model = _skeleton(source, plan)
     check_rules_on(plan, model)
-    method = plan.make_method()
+    method = plan.make_method(ranks)
+    _check_distributed(plan, method, ranks, resume)
     sink = open_sink(plan, source, model, out, overwrite, resume)  # (checks the output, and what a format can store, first)
     stats = RunStats(grid=None if plan.grid is None else plan.grid.name)
     ids = calib_ids if calib_ids is not None or plan.calibration is None else _calibration_ids(source, plan)
@@ -93,27 +96,54 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
         stats.allocation = allocate(source, plan, model, method, ids, budget, torch.device(device), progress)
         plan = dataclasses.replace(plan, rules=stats.allocation.rules() + plan.rules)
         sink = open_sink(plan, source, model, out, overwrite, resume)
+    if not ranks.leader:
+        sink = Follower(sink)
     t0 = time.perf_counter()
     with sink:  # (holds the output's lock from here on)
-        run = _start(plan, source, model, method, sink, torch.device(device), ids, progress, stats)
-        journal = Journal(sink.work, {"recipe": plan.recipe(), "source": source.identity(), "ids": _digest(ids)})
+        run = _start(plan, source, model, method, sink, torch.device(device), ids, progress and ranks.leader, stats, ranks)
+        journal = Journal(sink.work, {"recipe": plan.recipe(), "source": source.identity(), "ids": _digest(ids)}) \
+            if ranks.world == 1 else None  # (a distributed run is not resumable)
         done = _resume(run, journal) if resume else 0
         for i in range(stats.layers):
             if i < done:
                 _replay_layer(run, i, journal.layer(i))
                 continue
-            journal.record(i, _quantize_layer(run, i), sink.state())
-            sink.output.keep()  # an interrupted run leaves its finished layers for --resume
+            entry = _quantize_layer(run, i)
+            if journal is not None:
+                journal.record(i, entry, sink.state())
+                sink.output.keep()  # an interrupted run leaves its finished layers for --resume
         run.bar.close()
-        emit_rest(sink, model, source, done=lambda name: name.startswith(run.arch.layers + "."), rtn=rtn_quantize,
-                  proposed=head_grid(plan, model))
-        journal.clear()
+        if ranks.leader:
+            emit_rest(sink, model, source, done=lambda name: name.startswith(run.arch.layers + "."), rtn=rtn_quantize,
+                      proposed=head_grid(plan, model))
+        if journal is not None:
+            journal.clear()
         stats.seconds = time.perf_counter() - t0
         allocation = {} if stats.allocation is None else {"allocation": stats.allocation.record()}
-        sink.finish({**plan.recipe(), "quantized_modules": stats.quantized, **allocation}, plan.facts(), stats.records)
+        processes = {} if ranks.world == 1 else {"processes": ranks.world}
+        sink.finish({**plan.recipe(), "quantized_modules": stats.quantized, **allocation, **processes}, plan.facts(),
+                    stats.records)
     stats.output = sink.path
     stats.notes = sink.notes
     return stats
+
+
+def _check_distributed(plan: RunPlan, method: Method, ranks: Ranks, resume: bool) -> None:
+    """What a torchrun launch cannot do yet, refused on every rank before any work."""
+    if ranks.world == 1:
+        return
+    if not method.distributed:
+        raise LlmqError(f"method {plan.method} runs in one process only; launch it without torchrun")
+    if plan.target_size is not None or plan.target_bpw is not None:
+        raise LlmqError("--target-size/--target-bpw allocate in one process only; launch without torchrun "
+                        "(or save the plan with --save-recipe and run that recipe under torchrun)")
+    if resume:
+        raise LlmqError("--resume continues one-process runs only; launch it without torchrun")
+    c = plan.calibration
+    if c is not None and method.needs_calibration and -(-c.nsamples // LayerInputs.batch_size) < ranks.world:
+        raise LlmqError(f"{c.nsamples} calibration samples leave some of the {ranks.world} processes without any "
+                        f"(each takes whole batches of {LayerInputs.batch_size}); use --nsamples "
+                        f"{LayerInputs.batch_size * ranks.world} or more, or fewer processes")
 
 
 def _calibration_ids(source: ModelSource, plan: RunPlan) -> torch.Tensor:
@@ -156,14 +186,15 @@ def _skeleton(source: ModelSource, plan: RunPlan) -> nn.Module:
 
 
 def _start(plan: RunPlan, source: ModelSource, model: nn.Module, method: Method, sink: Sink, device: torch.device,
-           calib_ids: torch.Tensor | None, progress: bool, stats: RunStats) -> _Run:
-    """Capture the calibration inputs of layer 0 and set up the progress display."""
+           calib_ids: torch.Tensor | None, progress: bool, stats: RunStats, ranks: Ranks = Ranks()) -> _Run:
+    """Capture the calibration inputs of layer 0 (this rank's share of the windows) and set up the progress display."""
     arch = arch_for(model)
     layers = get_module(model, arch.layers)
     stats.layers = len(layers)
     inputs = None
     if calib_ids is not None and method.needs_calibration:
-        inputs = capture_inputs(model, source, arch, calib_ids, plan.compute_dtype, device)
+        mine = calib_ids[ranks.windows(len(calib_ids), LayerInputs.batch_size)]
+        inputs = capture_inputs(model, source, arch, mine, plan.compute_dtype, device)
     per_layer = [len(_targets(layer_linears(layer) if arch.discovered else arch.linears(), plan, f"{arch.layers}.{i}"))
                  for i, layer in enumerate(layers)]
     bar = tqdm(total=sum(max(1, n) for n in per_layer), desc="quantize", unit="module", disable=not progress,

@@ -16,6 +16,7 @@ from torch import nn
 
 from llmq.arch import arch_for, decoder_linears, get_module
 from llmq.config import QuantizeConfig, parse_size
+from llmq.distributed import Ranks
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
 from llmq.gguf.types import ALLOCATION_TYPES
@@ -87,8 +88,8 @@ class RunPlan:
             return None
         return rule_grid(rule, self.grid) if rule.sets_grid else self.grid
 
-    def make_method(self) -> Method:
-        return method_class(self.method)(self.options, self.calibration.seed if self.calibration else 0)
+    def make_method(self, ranks: Ranks = Ranks()) -> Method:
+        return method_class(self.method)(self.options, self.calibration.seed if self.calibration else 0, ranks)
 
     @property
     def quantizes(self) -> bool:

@@ -93,6 +93,43 @@ class Sink(ABC):
         return self.output.path
 
 
+class Follower(Sink):
+    """What the other ranks of a distributed run (llmq.distributed) hold instead of the output: the
+    leader's sink answers which grid each tensor goes on; nothing is written."""
+
+    def __init__(self, planned: Sink):
+        self.planned = planned
+        self.notes: list[str] = []
+
+    def grid_for(self, name: str, shape: tuple[int, ...], proposed: Grid | None) -> Grid | None:
+        return self.planned.grid_for(name, shape, proposed)
+
+    def add(self, name: str, value: torch.Tensor | QuantizedTensor) -> None:
+        pass
+
+    def finish(self, recipe: dict[str, Any], facts: dict[str, Any], records: list[dict] | None = None) -> None:
+        pass
+
+    def state(self) -> Any:
+        return None
+
+    def restore(self, state: Any) -> None:
+        pass
+
+    def open(self) -> None:
+        pass
+
+    def __enter__(self) -> "Sink":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pass
+
+    @property
+    def path(self) -> Path:
+        return self.planned.path
+
+
 def require_finite(name: str, value: torch.Tensor | QuantizedTensor) -> None:
     """Nothing non-finite is written (a NaN scale would poison its whole group in every runtime)."""
     parts = [value.scales, *([] if value.offsets is None else [value.offsets])] if isinstance(value, QuantizedTensor) \

@@ -24,10 +24,12 @@ from torch import nn
 
 from llmq.activations import LayerInputs, layer_hidden
 from llmq.arch import Arch, ScaleGroup, first_param
+from llmq.distributed import Ranks
 from llmq.grid import Grid
 from llmq.methods.base import LayerLog, Method
 from llmq.methods.gptq import GPTQ, GPTQOptions, Hessian, gptq_quantize
 from llmq.methods.rtn import RTN
+from llmq.qtensor import QuantizedTensor
 
 N_GRID = 20
 CLIP_GRID = 20
@@ -317,9 +319,10 @@ class AWQ(Method):
     default_dataset = "pile-val"  # as the AWQ reference implementation: 128 x 512 tokens of pile-val
     default_seqlen = 512
     final = RTN
+    distributed = False  # its scale and clip searches see one process's windows
 
-    def __init__(self, options=None, seed: int = 0):
-        super().__init__(options, seed)
+    def __init__(self, options=None, seed: int = 0, ranks: Ranks = Ranks()):
+        super().__init__(options, seed, ranks)
         # Whether folding through each scaling group keeps the layer's function: the layers of a model
         # share their wiring, so the first layer's answer holds for all (and a refusal is said once).
         self._commutes: dict[ScaleGroup, bool] = {}

@@ -11,6 +11,7 @@ from torch import nn
 
 from llmq.activations import LayerInputs
 from llmq.arch import Arch
+from llmq.distributed import Ranks
 from llmq.grid import Grid
 from llmq.qtensor import QuantizedTensor
 from llmq.rounding import rtn_quantize
@@ -46,10 +47,12 @@ class Method(ABC):
     needs_calibration: ClassVar[bool] = False
     default_dataset: ClassVar[str] = "wikitext2"  # calibration text when the recipe names none
     default_seqlen: ClassVar[int] = 2048  # calibration window when the recipe names none (capped by the context)
+    distributed: ClassVar[bool] = True  # False: runs in one process only (its statistics are not summed over ranks)
 
-    def __init__(self, options: Any = None, seed: int = 0):
+    def __init__(self, options: Any = None, seed: int = 0, ranks: Ranks = Ranks()):
         self.options = options if options is not None else self.Options()
         self.seed = seed  # for methods that sample (AWQ's clipping rows)
+        self.ranks = ranks  # the processes of a torchrun launch (llmq.distributed); alone by default
 
     @abstractmethod
     def quantize_layer(self, layer: nn.Module, arch: Arch, targets: dict[str, Grid],

@@ -9,8 +9,8 @@ unquantized weights so g_idx stays monotone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llmq.distributed import Ranks
 from llmq.errors import LlmqError
 from llmq.grid import Grid, group_index
 from llmq.methods.base import Method
@@ -44,31 +45,43 @@ class GPTQOptions:
 
 
 class Hessian:
-    """Running average of 2 x x^T over calibration tokens, in fp32 (or the given dtype)."""
+    """2/N Σ x xᵀ over the N calibration tokens seen, as a tensor of ``dtype`` (fp32 by default).
+
+    Each batch's x xᵀ is one product in ``dtype``; the products are summed in float64, so sums of
+    many batches (and over the ranks of a distributed run, llmq.distributed) lose nothing that
+    the ``dtype`` result would show."""
 
     def __init__(self, n: int, dtype: torch.dtype = torch.float32):
         self.n, self.dtype = n, dtype
-        self._H: torch.Tensor | None = None  # allocated on first use: an alias (up_proj reading gate_proj's input) never is
+        self._sum: torch.Tensor | None = None  # allocated on first use: an alias (up_proj reading gate_proj's input) never is
         self.count = 0
 
     @property
     def H(self) -> torch.Tensor:
-        if self._H is None:
-            self._H = torch.zeros(self.n, self.n, dtype=self.dtype)
-        return self._H
+        if self._sum is None or self.count == 0:
+            device = None if self._sum is None else self._sum.device
+            return torch.zeros(self.n, self.n, dtype=self.dtype, device=device)
+        return (self._sum * (2 / self.count)).to(self.dtype)
 
     def add(self, x: torch.Tensor) -> None:
-        if self._H is None:  # accumulate where the activations live (CPU or GPU)
-            self._H = torch.zeros(self.n, self.n, dtype=self.dtype, device=x.device)
-        elif self._H.device != x.device:
-            self._H = self._H.to(x.device)
-        x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
-        m = x.shape[0]
-        # Rescale the old mean before adding: no sum ever grows with the number of samples.
-        self._H *= self.count / (self.count + m)
-        self.count += m
-        x = x * math.sqrt(2 / self.count)
-        self._H += x.T @ x
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if self._sum is None:  # accumulate where the activations live (CPU or GPU)
+            self._sum = torch.zeros(self.n, self.n, dtype=torch.float64, device=x.device)
+        elif self._sum.device != x.device:
+            self._sum = self._sum.to(x.device)
+        self.count += x.shape[0]
+        self._sum += (x.T @ x).to(torch.float64)
+
+    def reduce(self, ranks: Ranks, device: torch.device | None = None) -> None:
+        """Sum this Hessian over the ranks of a distributed run (every rank calls it, in the same order)."""
+        if ranks.world == 1:
+            return
+        dev = self._sum.device if self._sum is not None else device or torch.device("cpu")
+        total = ranks.sum(torch.cat([(self._sum if self._sum is not None else
+                                      torch.zeros(self.n, self.n, dtype=torch.float64, device=dev)).flatten(),
+                                     torch.tensor([float(self.count)], dtype=torch.float64, device=dev)]))
+        self.count = int(total[-1].item())
+        self._sum = total[:-1].view(self.n, self.n)
 
 
 class InputHessians:
@@ -100,6 +113,18 @@ class InputHessians:
 
     def release(self) -> None:
         self._last = None
+
+    def reduce(self, ranks: Ranks, device: torch.device | None = None) -> None:
+        """Sum every Hessian over the ranks.  A rank whose windows never reached an expert saw no
+        aliasing there: the aliases are the union of what the ranks saw."""
+        if ranks.world == 1:
+            return
+        for seen in ranks.gather_objects(self._alias):
+            for name, target in seen.items():
+                self._alias.setdefault(name, target)
+        for name in sorted(self._own):
+            if name not in self._alias:
+                self._own[name].reduce(ranks, device)
 
 
 @dataclass
@@ -252,12 +277,13 @@ class GPTQ(Method):
             hessians = InputHessians(modules)
             inputs.run(layer, hessians.observers())
             hessians.release()
-            for joint in _joint_solves(names, hessians, targets):
-                t0 = time.perf_counter()
-                H = hessians[joint[0]].H
-                W = torch.cat([modules[n].weight.data for n in joint]) if len(joint) > 1 else modules[joint[0]].weight.data
-                qt, info = gptq_quantize(W, H, targets[joint[0]], cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups)
-                seconds = time.perf_counter() - t0
+            hessians.reduce(self.ranks, next(iter(modules.values())).weight.device)
+            joints = _joint_solves(names, hessians, targets)
+            solved = self.ranks.share({k: self._solve(joint, modules, hessians, targets)
+                                       for k, joint in self.ranks.deal(joints)})
+            for k, joint in enumerate(joints):
+                qt, info, seconds = solved[k]
+                rows = sum(modules[n].out_features for n in joint)
                 row = 0
                 for name in joint:
                     linear = modules[name]
@@ -268,10 +294,21 @@ class GPTQ(Method):
                     linear.weight.data = q.dequantize(linear.weight.dtype).to(linear.weight.device)
                     result[name] = q
                     log.add(name, error=error, damp=info.damp, fallback_rtn=info.fallback_rtn,
-                            seconds=round(seconds * out / W.shape[0], 4), tokens=hessians[name].count,
+                            seconds=round(seconds * out / rows, 4), tokens=hessians[name].count,
                             **({"solved_with": [n for n in joint if n != name]} if len(joint) > 1 else {}))
         return result
 
+    def _solve(self, joint: list[str], modules: dict[str, nn.Linear], hessians: InputHessians,
+               targets: dict[str, Grid]) -> tuple[QuantizedTensor, SolveInfo, float]:
+        """One solve: the linears of ``joint`` stacked (they share a Hessian and a grid)."""
+        cfg = self.options
+        t0 = time.perf_counter()
+        W = torch.cat([modules[n].weight.data for n in joint]) if len(joint) > 1 else modules[joint[0]].weight.data
+        qt, info = gptq_quantize(W, hessians[joint[0]].H, targets[joint[0]], cfg.damp, cfg.block_size, cfg.act_order,
+                                 cfg.static_groups)
+        if self.ranks.world > 1:  # (shared with the other ranks: small CPU tensors pickle fastest)
+            info = dataclasses.replace(info, row_error=info.row_error.cpu(), row_energy=info.row_energy.cpu())
+        return qt, info, time.perf_counter() - t0
 
     def quantize_alone(self, W: torch.Tensor, H: torch.Tensor, grid: Grid) -> QuantizedTensor:
         o = self.options

@@ -1,0 +1,76 @@
+"""torchrun --nproc-per-node 2 (gloo, CPU) writes the very checkpoint one process writes: same integer
+codes, same scales, on a dense model and on a mixture-of-experts one (whose expert solves are dealt out
+to the ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import save_tiny
+from distributed_worker import calibration_ids
+from llmq.distributed import Ranks
+from llmq.pipeline import quantize_model
+from llmq.recipe import build_config
+from llmq.source import ModelSource
+
+HERE = Path(__file__).resolve().parent
+VOCAB, SEQ = 128, 32
+
+
+def _torchrun(model: Path, out: Path, recipe: dict, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(HERE / "distributed_worker.py"), str(model), str(out), json.dumps(recipe), str(VOCAB)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _moe(path: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("mixtral", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                               num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind,nsamples", [("dense", 16), ("moe", 24)])
+def test_two_processes_write_the_one_process_checkpoint(tmp_path, kind, nsamples):
+    src = save_tiny("llama", tmp_path / "src") if kind == "dense" else _moe(tmp_path / "src")
+    recipe = {"method": "gptq", "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": nsamples, "dtype": "float32"}
+    done = _torchrun(src, tmp_path / "two", recipe)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = calibration_ids(nsamples, SEQ, VOCAB)
+    quantize_model(ModelSource(str(src)), build_config({}, recipe), tmp_path / "one", progress=False, calib_ids=ids)
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys()
+    assert sum(k.endswith(".qweight") for k in one) >= (7 if kind == "dense" else 4 + 2 * 8 * 3)
+    for k in one:
+        assert torch.equal(one[k], two[k]), k
+    prov = json.loads((tmp_path / "two" / "llmq_provenance.json").read_text())
+    assert "processes" in json.dumps(prov)
+
+
+def test_windows_are_whole_batches_shared_out_in_order():
+    for n, world in [(16, 2), (24, 2), (100, 3), (8, 1)]:
+        shares = [Ranks(r, world).windows(n, 8) for r in range(world)]
+        assert shares[0].start == 0 and shares[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(shares, shares[1:]))
+        assert all(s.start % 8 == 0 and s.stop > s.start for s in shares)
+
+
+def test_methods_that_cannot_split_are_refused(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    recipe = {"method": "awq", "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": 16, "dtype": "float32"}
+    done = _torchrun(src, tmp_path / "out", recipe)
+    assert done.returncode != 0 and "runs in one process only" in done.stderr
+    assert not (tmp_path / "out").exists()
