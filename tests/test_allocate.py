@@ -64,7 +64,9 @@ def _run(tmp, name, model, **over):
     return quantize_model(ModelSource(str(need(model))), cfg, tmp / name, progress=False)
 
 
-@pytest.mark.parametrize("fmt", [None, "compressed-tensors", "gguf"])
+# (the default suite keeps one format; the other two take a minute and more)
+@pytest.mark.parametrize("fmt", [pytest.param(None, marks=pytest.mark.slow), "compressed-tensors",
+                                 pytest.param("gguf", marks=pytest.mark.slow)])
 def test_allocation_fills_the_budget_and_never_exceeds_it(tmp_path, fmt):
     """At the size of a uniform file, the allocated file is within 1% of it and not over; GGUF sizes are
     planned to the byte."""

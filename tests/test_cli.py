@@ -56,6 +56,7 @@ def test_not_a_causal_lm(tmp_path, bert_dir):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # (tens of seconds; runs with -m slow)
 def test_unknown_dataset(tmp_path):
     need(STORIES)
     p = run("quantize", "--method", "gptq", "--model", str(STORIES), "--dataset", "no-such-set", "--out", str(tmp_path / "o"))
@@ -65,6 +66,7 @@ def test_unknown_dataset(tmp_path):
     assert_user_error(p, "does not exist")
 
 
+@pytest.mark.slow  # (tens of seconds; runs with -m slow)
 def test_seqlen_beyond_context(tmp_path):
     need(STORIES)
     p = run("quantize", "--method", "gptq", "--model", str(STORIES), "--dataset", str(need(TINYSTORIES)),
@@ -75,6 +77,7 @@ def test_seqlen_beyond_context(tmp_path):
     assert_user_error(p, "context length 512")
 
 
+@pytest.mark.slow  # (tens of seconds; runs with -m slow)
 def test_output_not_writable(tmp_path):
     need(STORIES)
     blocker = tmp_path / "file"
@@ -148,6 +151,7 @@ def test_help_lists_working_subcommands():
     assert p.returncode == 0 and "quantize" in p.stdout and "eval" in p.stdout
 
 
+@pytest.mark.slow  # (tens of seconds; runs with -m slow)
 def test_gguf_cli_errors(tmp_path):
     from conftest import save_tiny
 

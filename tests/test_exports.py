@@ -176,6 +176,7 @@ def test_every_integer_format_takes_some_of_the_matrix():
                for f in FORMATS if f != "bitsandbytes")
 
 
+@pytest.mark.slow  # (tens of seconds; runs with -m slow)
 def test_verify_detects_a_flipped_byte(tmp_path):
     need(REF6M)
     out = tmp_path / "q"

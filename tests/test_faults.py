@@ -341,6 +341,7 @@ def _run_until_journaled(argv: list[str], work: Path, layers: int) -> subprocess
     return p
 
 
+@pytest.mark.slow  # (tens of seconds; runs with -m slow)
 def test_kill_9_then_rerun_cleans_or_resumes(model, tmp_path):
     """A run killed outright leaves its work directory; the next run without --resume removes it (no one
     holds its lock), and a run with --resume finishes it into the same bytes as a clean run."""

@@ -500,7 +500,7 @@ def _tiny_gemma(family: str, path, *, hidden: int = 256, layers: int = 2, **conf
     return path
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", [pytest.param("gemma2", marks=pytest.mark.slow), "gemma3_text"])
 def test_gemma_round_trips_through_transformers(tmp_path, monkeypatch, family):
     """Gemma 2/3 (norms stored as 1 + w, tied head): an F32 file reads back through transformers' GGUF
     loader as exactly the source model, and an AWQ Q4_0 file (AWQ rescales the norms too) as llmq's

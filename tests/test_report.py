@@ -44,6 +44,7 @@ def _report_cmd(out, suite):
             "--nsamples", "8", "--max-windows", "20"]
 
 
+@pytest.mark.slow  # (tens of seconds; runs with -m slow)
 def test_report_outputs_traceable_and_resumable(tmp_path):
     need(STORIES), need(TINYSTORIES), need(C4)
     suite = tmp_path / "suite.yaml"
