@@ -3,7 +3,8 @@ on a random mixture-of-experts model whose expert solves dominate the run.
 
     python scripts/bench_distributed.py [--nproc 2] [--experts 32] [--hidden 512] [--layers 2]
 
-Prints both times and their ratio, and checks that the two checkpoints are identical.  On a 2-core
+Prints the times and their ratios, and checks that the N-process checkpoint is identical to the one-process
+one at the same threads per process (torchrun's default: one).  On a 2-core
 machine expect the solves to scale and the forwards not to (each rank gets one core either way).
 """
 
@@ -55,14 +56,12 @@ def worker(a: argparse.Namespace) -> None:
         leave()
 
 
-def _run(a: argparse.Namespace, model: Path, out: Path, nproc: int) -> float:
+def _run(a: argparse.Namespace, model: Path, out: Path, nproc: int, threads: int = 1) -> float:
     args = [__file__, "--worker", "--model", str(model), "--out", str(out), "--device", a.device,
             *(f"--{k}={getattr(a, k)}" for k in ("nsamples", "seqlen"))]
     cmd = [sys.executable, *args] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
-    env = dict(os.environ)
-    if nproc == 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1)))  # the one process gets every core
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # (torchrun gives each rank one thread)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
     return time.perf_counter() - t0
@@ -88,14 +87,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _model(tmp / "src", a)
+        every = _run(a, tmp / "src", tmp / "every", 1, threads=os.cpu_count() or 1)
         one = _run(a, tmp / "src", tmp / "one", 1)
         many = _run(a, tmp / "src", tmp / "many", a.nproc)
         x, y = load_file(tmp / "one" / "model.safetensors"), load_file(tmp / "many" / "model.safetensors")
         same = x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     print(json.dumps({"model": f"mixtral-shaped, hidden {a.hidden}, {a.experts} experts, {a.layers} layers",
                       "calibration": f"{a.nsamples} x {a.seqlen}", "cpus": os.cpu_count(), "torch": torch.__version__}))
-    print(f"1 process: {one:.1f} s   {a.nproc} processes: {many:.1f} s   ratio {many / one:.2f}   "
+    print(f"1 process, 1 thread: {one:.1f} s   {a.nproc} processes, 1 thread each: {many:.1f} s   ratio {many / one:.2f}   "
           f"identical checkpoints: {same}")
+    print(f"1 process, {os.cpu_count()} threads: {every:.1f} s   ratio of {a.nproc} processes to it: {many / every:.2f}   "
+          "(BLAS sums in another order with more threads: its codes may differ in the last rounding)")
 
 
 if __name__ == "__main__":
