@@ -74,11 +74,7 @@ class Ranks:
 
     def share(self, mine: dict[int, Any]) -> dict[int, Any]:
         """Every rank's results, by job index, on every rank."""
-        if self.world == 1:
-            return mine
-        parts: list[dict[int, Any] | None] = [None] * self.world
-        dist.all_gather_object(parts, mine)
-        return {k: v for part in parts for k, v in (part or {}).items()}
+        return {k: v for part in self.gather_objects(mine) for k, v in part.items()}
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order, on every rank."""
@@ -87,10 +83,6 @@ class Ranks:
         parts: list[Any] = [None] * self.world
         dist.all_gather_object(parts, obj)
         return parts
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
 
 
 def join(device: str) -> tuple[Ranks, str]:

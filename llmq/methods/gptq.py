@@ -76,10 +76,10 @@ class Hessian:
         """Sum this Hessian over the ranks of a distributed run (every rank calls it, in the same order)."""
         if ranks.world == 1:
             return
-        dev = self._sum.device if self._sum is not None else device or torch.device("cpu")
-        total = ranks.sum(torch.cat([(self._sum if self._sum is not None else
-                                      torch.zeros(self.n, self.n, dtype=torch.float64, device=dev)).flatten(),
-                                     torch.tensor([float(self.count)], dtype=torch.float64, device=dev)]))
+        if self._sum is None:  # (this rank's windows never reached the linear)
+            self._sum = torch.zeros(self.n, self.n, dtype=torch.float64, device=device)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self._sum.device)
+        total = ranks.sum(torch.cat([self._sum.flatten(), count]))  # (one message carries the count too)
         self.count = int(total[-1].item())
         self._sum = total[:-1].view(self.n, self.n)
 
