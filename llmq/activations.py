@@ -36,13 +36,17 @@ class LayerInputs:
     kwargs: dict[str, Any] = field(default_factory=dict)
     # Samples per forward call.  Captured kwargs (masks, rotary tables) have batch 1 and broadcast.
     batch_size: int = 8
+    # Index of hidden[0] among all the run's windows (a share of a distributed run starts later); a
+    # multiple of batch_size, so batches are numbered alike however the windows are shared out.
+    offset: int = 0
     # Which observed module sets (by layer class and module names) were seen to run once per forward.
     _single_call: dict[tuple[str, ...], bool] = field(default_factory=dict, repr=False)
 
     @torch.no_grad()
     def run(self, layer: nn.Module, observers: Mapping[nn.Module, Observer] | None = None,
-            keep_outputs: bool = False) -> list[torch.Tensor] | None:
-        """Forward every sample through ``layer``; ``observers`` see the input of their module.
+            keep_outputs: bool = False, on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor] | None:
+        """Forward every sample through ``layer``; ``observers`` see the input of their module, and
+        ``on_batch`` the run-wide number of each batch before its forward.
 
         Without ``keep_outputs`` nothing downstream of the last observed module matters, so
         once every observer has seen its input the rest of the forward is skipped (true-sequential
@@ -67,6 +71,8 @@ class LayerInputs:
         try:
             for i in range(0, len(self.hidden), self.batch_size):
                 x = torch.cat(self.hidden[i : i + self.batch_size])
+                if on_batch is not None:
+                    on_batch((self.offset + i) // self.batch_size)
                 calls.clear()
                 try:
                     y = layer_hidden(layer(x, **self.kwargs))

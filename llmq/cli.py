@@ -69,6 +69,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--static-groups", action="store_const", const=True, help="GPTQ: fix group grids from the unquantized weights")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False,
                    help="GPTQ: calibrate all linears of a layer on the unquantized layer's inputs")
+    p.add_argument("--fp-targets", type=float, metavar="WEIGHT",
+                   help="GPTQ/signround: weight in [0, 1] of the unquantized model's outputs in the layer-wise loss "
+                        "(0: GPTQ's own, 1: GPTAQ's asymmetric calibration; default 0)")
+    p.add_argument("--iters", type=int, help="signround: signed-gradient steps per decoder layer (default 200)")
+    p.add_argument("--lr", type=float, help="signround: first step of the rounding offsets (default 1/iters)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--awq-clip", dest="awq_clip", action="store_const", const=True,
                    help="AWQ: search a clipping range per group after scaling" + _per_method("awq_clip"))
@@ -307,7 +312,8 @@ def _write_stats(path: str | None, seconds: float) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "damp", "block_size", "act_order",
-                                               "static_groups", "true_sequential", "awq_clip", "dataset", "split", "nsamples",
+                                               "static_groups", "true_sequential", "awq_clip", "fp_targets", "iters", "lr",
+                                               "dataset", "split", "nsamples",
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                                                "dtype", "max_shard_size", "skip", "rules", "target_size", "target_bpw")}

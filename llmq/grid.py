@@ -69,6 +69,12 @@ class Grid(ABC):
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    @property
+    def uniform(self) -> bool:
+        """Whether neighbouring codes are one step (``value(zero + 1) - value(zero)``) apart everywhere:
+        what learned rounding needs to move a weight by a fraction of a step."""
+        return True
+
     def effective_group_size(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 

@@ -88,6 +88,9 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     check_rules_on(plan, model)
     method = plan.make_method(ranks)
     _check_distributed(plan, method, ranks, resume)
+    if resume and method.follows_unquantized():
+        raise LlmqError(f"--resume cannot continue {plan.method} with fp_targets or learned rounding: they carry the "
+                        "unquantized model's activations from layer to layer, which an interrupted run does not keep")
     sink = open_sink(plan, source, model, out, overwrite, resume)  # (checks the output, and what a format can store, first)
     stats = RunStats(grid=None if plan.grid is None else plan.grid.name)
     ids = calib_ids if calib_ids is not None or plan.calibration is None else _calibration_ids(source, plan)
@@ -193,8 +196,9 @@ def _start(plan: RunPlan, source: ModelSource, model: nn.Module, method: Method,
     stats.layers = len(layers)
     inputs = None
     if calib_ids is not None and method.needs_calibration:
-        mine = calib_ids[ranks.windows(len(calib_ids), LayerInputs.batch_size)]
-        inputs = capture_inputs(model, source, arch, mine, plan.compute_dtype, device)
+        share = ranks.windows(len(calib_ids), LayerInputs.batch_size)
+        inputs = capture_inputs(model, source, arch, calib_ids[share], plan.compute_dtype, device)
+        inputs.offset = share.start
     per_layer = [len(_targets(layer_linears(layer) if arch.discovered else arch.linears(), plan, f"{arch.layers}.{i}"))
                  for i, layer in enumerate(layers)]
     bar = tqdm(total=sum(max(1, n) for n in per_layer), desc="quantize", unit="module", disable=not progress,

@@ -7,7 +7,7 @@ Writes a markdown table and a JSON record (with the command line) to --out.
     python scripts/compare_methods.py --model DIR --eval-dataset FILE --calib-dataset FILE \
         --seqlen 256 --group-size 128 --variants rtn-w4 gptq-w4 gptq-w4-act --out eval/results/NAME
 
-Variant names: METHOD-wBITS[-gSIZE|-pc][-asym][-act|-noact][-static][-noclip] or METHOD-GGUFTYPE[-act|-noact]
+Variant names: METHOD-wBITS[-gSIZE|-pc][-asym][-act|-noact][-static][-noclip][-itN][-fptPERCENT] or METHOD-GGUFTYPE[-act|-noact]
 (a GGUF file of that type or mix), e.g. gptq-w3-act, rtn-w8-pc, awq+gptq-w4-noclip, gptq-q4_0, gptq-q4_k_m-noact.
 """
 
@@ -46,6 +46,10 @@ def parse_variant(name: str, default_gs: int) -> dict:
             opts["awq_clip"] = False
         elif p == "noact":
             opts["act_order"] = False
+        elif p.startswith("it") and p[2:].isdigit():
+            opts["iters"] = int(p[2:])  # learned rounding steps
+        elif p.startswith("fpt") and p[3:].isdigit():
+            opts["fp_targets"] = int(p[3:]) / 100  # weight of the unquantized model's outputs, in percent
         elif p.upper() in GGUF_TYPES:
             opts.update(format="gguf", gguf_type=p.upper())  # a GGUF file on that block grid (or mix)
         else:
@@ -62,6 +66,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-windows", type=int, help="evaluate only the first N windows of the eval text (quick checks)")
     ap.add_argument("--variants", nargs="+", required=True)
     ap.add_argument("--out", required=True, help="path prefix: writes OUT.md and OUT.json")
     args = ap.parse_args()
@@ -76,6 +81,8 @@ def main() -> None:
 
     reference, source = load_model(args.model)
     tokens = eval_tokens(source.tokenizer(), args.eval_dataset)
+    if args.max_windows:
+        tokens = tokens[..., : args.max_windows * args.seqlen + 1]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for v in args.variants:

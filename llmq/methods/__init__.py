@@ -15,8 +15,9 @@ from llmq.methods.base import LayerLog, Method
 from llmq.methods.cast import BF16, FP16, FP32
 from llmq.methods.gptq import GPTQ
 from llmq.methods.rtn import RTN
+from llmq.methods.signround import SignRound
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ, AWQGPTQ, FP16, BF16, FP32)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, SignRound, AWQ, AWQGPTQ, FP16, BF16, FP32)}
 
 
 def method_class(name: str) -> type[Method]:

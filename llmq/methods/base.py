@@ -54,6 +54,11 @@ class Method(ABC):
         self.seed = seed  # for methods that sample (AWQ's clipping rows)
         self.ranks = ranks  # the processes of a torchrun launch (llmq.distributed); alone by default
 
+    def follows_unquantized(self) -> bool:
+        """Whether the method carries the unquantized model's activations from layer to layer (state an
+        interrupted run does not keep, so it cannot be resumed)."""
+        return False
+
     @abstractmethod
     def quantize_layer(self, layer: nn.Module, arch: Arch, targets: dict[str, Grid],
                        inputs: LayerInputs | None, log: LayerLog) -> dict[str, QuantizedTensor]:

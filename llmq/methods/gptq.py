@@ -9,6 +9,7 @@ unquantized weights so g_idx stays monotone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -19,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llmq.activations import LayerInputs
 from llmq.distributed import Ranks
 from llmq.errors import LlmqError
 from llmq.grid import Grid, group_index
@@ -36,12 +38,18 @@ class GPTQOptions:
     act_order: bool = True  # columns by decreasing diag(H), with static groups: lowered KL in every setting measured
     static_groups: bool = False  # group grids fixed from the unquantized weights (implied by act_order)
     true_sequential: bool = True  # each linear group calibrated on the outputs of the quantized groups before it
+    # Weight of the unquantized model's outputs in the loss (Hessian.target): 0 is GPTQ's own layer-wise loss
+    # |Q x - W x|², 1 the asymmetric |Q x - W x0| of GPTAQ (x0: the unquantized model's input), which also
+    # makes up for the error earlier layers left in x; 0.5 averages the two.
+    fp_targets: float = 0.0
 
     def validate(self) -> None:
         if not 0 < self.damp < 1:
             raise LlmqError(f"--damp must be in (0, 1), got {self.damp}")
         if self.block_size <= 0:
             raise LlmqError(f"--block-size must be positive, got {self.block_size}")
+        if not 0 <= self.fp_targets <= 1:
+            raise LlmqError(f"fp_targets must be in [0, 1], got {self.fp_targets}")
 
 
 class Hessian:
@@ -55,6 +63,10 @@ class Hessian:
         self.n, self.dtype = n, dtype
         self._sum: torch.Tensor | None = None  # allocated on first use: an alias (up_proj reading gate_proj's input) never is
         self.count = 0
+        # With unquantized-model inputs x0 paired to the inputs x: Σ x0 xᵀ (float64), and whether
+        # every call had its pair (a MoE expert does not: the two models route tokens apart).
+        self._cross: torch.Tensor | None = None
+        self.paired = True
 
     @property
     def H(self) -> torch.Tensor:
@@ -63,7 +75,7 @@ class Hessian:
             return torch.zeros(self.n, self.n, dtype=self.dtype, device=device)
         return (self._sum * (2 / self.count)).to(self.dtype)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x0: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
         if self._sum is None:  # accumulate where the activations live (CPU or GPU)
             self._sum = torch.zeros(self.n, self.n, dtype=torch.float64, device=x.device)
@@ -71,6 +83,26 @@ class Hessian:
             self._sum = self._sum.to(x.device)
         self.count += x.shape[0]
         self._sum += (x.T @ x).to(torch.float64)
+        if x0 is None or x0.numel() != x.numel():
+            self.paired = False
+        elif self.paired:
+            if self._cross is None:
+                self._cross = torch.zeros_like(self._sum)
+            self._cross += (x0.reshape(x.shape).to(self.dtype).T @ x).to(torch.float64)
+
+    def target(self, W: torch.Tensor, weight: float, damp: float) -> torch.Tensor:
+        """The weights W' whose GPTQ loss Σ|(Q - W') x|² is, up to a constant, the loss
+        (1 - weight) Σ|Q x - W x|² + weight Σ|Q x - W x0|²  (x0: the unquantized model's inputs):
+        by the normal equations  W' = W + weight W (Σ x0 xᵀ - Σ x xᵀ)(Σ x xᵀ)⁻¹,  Σ x xᵀ damped as GPTQ
+        damps H (written as a correction, so W' = W exactly where x0 = x).  W where inputs were not paired."""
+        if weight == 0 or self._cross is None or not self.paired or self.count == 0:
+            return W
+        eye = torch.eye(self.n, dtype=torch.float64, device=self._sum.device)
+        L, info = torch.linalg.cholesky_ex(self._sum + damp * self._sum.diagonal().mean() * eye)
+        if info != 0:
+            return W
+        delta = torch.cholesky_solve((self._cross - self._sum).T @ W.T.to(torch.float64), L).T
+        return (W.double() + weight * delta).to(W.dtype)
 
     def reduce(self, ranks: Ranks, device: torch.device | None = None) -> None:
         """Sum this Hessian over the ranks of a distributed run (every rank calls it, in the same order)."""
@@ -82,6 +114,9 @@ class Hessian:
         total = ranks.sum(torch.cat([self._sum.flatten(), count]))  # (one message carries the count too)
         self.count = int(total[-1].item())
         self._sum = total[:-1].view(self.n, self.n)
+        self.paired = all(ranks.gather_objects(self.paired and self._cross is not None))
+        if self.paired:
+            self._cross = ranks.sum(self._cross).view(self.n, self.n)
 
 
 class InputHessians:
@@ -94,8 +129,12 @@ class InputHessians:
         self._alias: dict[str, str] = {}
         # The last input seen and whose Hessian took it; holding the tensor keeps `is` meaningful.
         self._last: tuple[torch.Tensor, str] | None = None
+        self._unquantized: dict[str, torch.Tensor] | None = None
 
-    def observers(self) -> dict[nn.Module, Callable[[torch.Tensor], None]]:
+    def observers(self, unquantized: dict[str, torch.Tensor] | None = None) -> dict[nn.Module, Callable[[torch.Tensor], None]]:
+        """``unquantized``: if given, each module's input in the unquantized model for the batch being run
+        (filled by the caller before each batch), accumulated against the actual input (Hessian.target)."""
+        self._unquantized = unquantized
         return {m: partial(self._observe, n) for n, m in self.modules.items()}
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
@@ -105,7 +144,7 @@ class InputHessians:
             return
         if name in self._alias:
             raise RuntimeError(f"{name} read its group's shared input in one forward but not in another")
-        self._own[name].add(x)
+        self._own[name].add(x, None if self._unquantized is None else self._unquantized.get(name))
         self._last = (x, name)
 
     def __getitem__(self, name: str) -> Hessian:
@@ -133,6 +172,9 @@ class SolveInfo:
     fallback_rtn: bool
     row_error: torch.Tensor  # per output row: (w - q) H (w - q)^T
     row_energy: torch.Tensor  # per output row: w H w^T
+    # With keep_updated: the error-compensated weights each code was rounded from (out x in; their
+    # nearest grid values are the codes).  Learned rounding starts from them.
+    updated: torch.Tensor | None = None
 
     @property
     def error(self) -> float:
@@ -174,7 +216,8 @@ def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False, static_groups: bool = False) -> tuple[QuantizedTensor, SolveInfo]:
+                  act_order: bool = False, static_groups: bool = False,
+                  keep_updated: bool = False) -> tuple[QuantizedTensor, SolveInfo]:
     """Quantize W (out x in) against Hessian H (in x in). Works in H's dtype."""
     dtype, device = H.dtype, H.device
     W0 = W.to(device=device, dtype=dtype)
@@ -187,7 +230,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         # No calibration token reached this linear (an expert the router never picked): there is no
         # error to weigh, and zeroing "dead" columns would erase the whole matrix.  Round to nearest.
         log.info("no calibration input reached this module; rounding it to nearest instead")
-        return _rtn_fallback(W0, H, grid, 0.0)
+        return _rtn_fallback(W0, H, grid, 0.0, keep_updated)
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -212,7 +255,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     U, used_damp = _inverse_cholesky(H[perm][:, perm], damp)
     if U is None:
         log.warning("Hessian not positive definite even with damp=1.0; falling back to RTN for this module")
-        return _rtn_fallback(W0, H, grid, used_damp)
+        return _rtn_fallback(W0, H, grid, used_damp, keep_updated)
 
     # Dynamic groups take their grid from the error-updated weights when their first column
     # comes up; aligning blocks to groups keeps those columns fully updated (as in the naive loop).
@@ -223,6 +266,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     colg = col_group.tolist()
     Wt = W.T.contiguous()
     Qt = torch.zeros_like(Wt)
+    Pt = torch.zeros_like(Wt) if keep_updated else None  # what each column was rounded from
     S, Z = scale.T[col_group].contiguous(), zero.T[col_group].contiguous()
     O = None if offset is None else offset.T[col_group].contiguous()
     for i1 in range(0, n, bs):
@@ -240,6 +284,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
             w, off = W1[i], None if O is None else O[col]
             q = grid.nearest(w, S[col], Z[col], off)
             Qt[col] = q
+            if Pt is not None:
+                Pt[col] = w
             err = (w - grid.value(q, S[col], Z[col], off)) / diag[i]
             W1[i:] -= torch.outer(U1[i, i:], err)
             Err1[i] = err
@@ -250,12 +296,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     Q = Q[:, inv]
     qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, grid), grid,
                                           None if offset is None else offset.cpu(), stored)
-    return qt, SolveInfo(used_damp, False, *error_terms(W0, qt.dequantize(dtype).to(device), H))
+    updated = None if Pt is None else Pt.T[:, inv].cpu()
+    return qt, SolveInfo(used_damp, False, *error_terms(W0, qt.dequantize(dtype).to(device), H), updated)
 
 
-def _rtn_fallback(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float) -> tuple[QuantizedTensor, SolveInfo]:
+def _rtn_fallback(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float,
+                  keep_updated: bool = False) -> tuple[QuantizedTensor, SolveInfo]:
     qt = rtn_quantize(W.cpu(), grid)
-    return qt, SolveInfo(damp, True, *error_terms(W, qt.dequantize(H.dtype).to(H.device), H))
+    return qt, SolveInfo(damp, True, *error_terms(W, qt.dequantize(H.dtype).to(H.device), H),
+                         W.float().cpu() if keep_updated else None)
 
 
 class GPTQ(Method):
@@ -263,11 +312,22 @@ class GPTQ(Method):
     Options = GPTQOptions
     needs_calibration = True
     default_dataset = "c4"  # the GPTQ paper calibrates on C4
+    # Set to a dict to collect, per linear, the error-compensated weights its codes were rounded from.
+    updated: dict[str, torch.Tensor] | None = None
+
+    def __init__(self, options=None, seed: int = 0, ranks: Ranks = Ranks()):
+        super().__init__(options, seed, ranks)
+        self._fp_hidden: list[torch.Tensor] | None = None  # the unquantized model's inputs of the current layer
+
+    def follows_unquantized(self) -> bool:
+        """Whether the unquantized model's activations are carried along, layer after layer."""
+        return self.options.fp_targets > 0
 
     def quantize_layer(self, layer, arch, targets, inputs, log):
         cfg = self.options
         wanted = set(targets)
         steps = arch.sequential if cfg.true_sequential else (tuple(arch.linears()),)
+        unquantized = Unquantized.of(layer, inputs, self._fp_hidden) if self.follows_unquantized() else None
         result = {}
         for step in steps:
             names = [n for n in step if n in wanted]
@@ -275,7 +335,11 @@ class GPTQ(Method):
                 continue
             modules = {n: layer.get_submodule(n) for n in names}
             hessians = InputHessians(modules)
-            inputs.run(layer, hessians.observers())
+            if unquantized is not None and cfg.fp_targets > 0:
+                seen: dict[str, torch.Tensor] = {}
+                inputs.run(layer, hessians.observers(seen), on_batch=unquantized.feeder(names, seen))
+            else:
+                inputs.run(layer, hessians.observers())
             hessians.release()
             hessians.reduce(self.ranks, next(iter(modules.values())).weight.device)
             joints = _joint_solves(names, hessians, targets)
@@ -293,9 +357,13 @@ class GPTQ(Method):
                     row += out
                     linear.weight.data = q.dequantize(linear.weight.dtype).to(linear.weight.device)
                     result[name] = q
+                    if self.updated is not None and info.updated is not None:
+                        self.updated[name] = info.updated[row - out : row]
                     log.add(name, error=error, damp=info.damp, fallback_rtn=info.fallback_rtn,
                             seconds=round(seconds * out / rows, 4), tokens=hessians[name].count,
                             **({"solved_with": [n for n in joint if n != name]} if len(joint) > 1 else {}))
+        if unquantized is not None:
+            self._fp_hidden = unquantized.outputs()
         return result
 
     def _solve(self, joint: list[str], modules: dict[str, nn.Linear], hessians: InputHessians,
@@ -304,8 +372,9 @@ class GPTQ(Method):
         cfg = self.options
         t0 = time.perf_counter()
         W = torch.cat([modules[n].weight.data for n in joint]) if len(joint) > 1 else modules[joint[0]].weight.data
+        W = hessians[joint[0]].target(W, cfg.fp_targets, cfg.damp)
         qt, info = gptq_quantize(W, hessians[joint[0]].H, targets[joint[0]], cfg.damp, cfg.block_size, cfg.act_order,
-                                 cfg.static_groups)
+                                 cfg.static_groups, keep_updated=self.updated is not None)
         if self.ranks.world > 1:  # (shared with the other ranks: small CPU tensors pickle fastest)
             info = dataclasses.replace(info, row_error=info.row_error.cpu(), row_energy=info.row_energy.cpu())
         return qt, info, time.perf_counter() - t0
@@ -313,6 +382,44 @@ class GPTQ(Method):
     def quantize_alone(self, W: torch.Tensor, H: torch.Tensor, grid: Grid) -> QuantizedTensor:
         o = self.options
         return gptq_quantize(W, H, grid, o.damp, o.block_size, o.act_order, o.static_groups)[0]
+
+
+@dataclass
+class Unquantized:
+    """A decoder layer as it was before quantization, and the unquantized model's inputs to it."""
+
+    layer: nn.Module
+    inputs: LayerInputs
+    _tokens: int = 0  # of the batch being fed
+
+    @staticmethod
+    def of(layer: nn.Module, inputs: LayerInputs, hidden: list[torch.Tensor] | None) -> "Unquantized":
+        """``hidden``: the previous layer's unquantized outputs (None at the first layer: the model's own inputs)."""
+        fp = LayerInputs(hidden if hidden is not None else inputs.hidden, inputs.kwargs, inputs.batch_size, inputs.offset)
+        return Unquantized(copy.deepcopy(layer), fp)
+
+    def feeder(self, names: list[str], seen: dict[str, torch.Tensor]) -> Callable[[int], None]:
+        """A LayerInputs.run ``on_batch`` that puts into ``seen`` the named modules' unquantized inputs of each
+        batch.  Only inputs of every token are kept: a MoE expert's routed rows cannot be paired."""
+        modules = {self.layer.get_submodule(n): n for n in names}
+        bs = self.inputs.batch_size
+
+        def store(name: str, x: torch.Tensor) -> None:
+            if x.reshape(-1, x.shape[-1]).shape[0] == self._tokens:
+                seen[name] = x
+
+        def on_batch(b: int) -> None:
+            seen.clear()
+            i = b * bs - self.inputs.offset
+            one = LayerInputs(self.inputs.hidden[i : i + bs], self.inputs.kwargs, bs, _single_call=self.inputs._single_call)
+            self._tokens = sum(h.shape[0] * h.shape[1] for h in one.hidden)
+            one.run(self.layer, {m: partial(store, n) for m, n in modules.items()})
+
+        return on_batch
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The unquantized layer's outputs: the next layer's unquantized inputs."""
+        return self.inputs.run(self.layer, keep_outputs=True)  # type: ignore[return-value]
 
 
 def _joint_solves(names: list[str], hessians: InputHessians, targets: dict[str, Grid]) -> list[list[str]]:

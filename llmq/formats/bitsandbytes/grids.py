@@ -136,6 +136,10 @@ class FourBitGrid(Grid):
         a = self.per_group(blocks, W.shape)
         return GridParams(a, torch.zeros_like(a), stored=stored)
 
+    @property
+    def uniform(self) -> bool:  # type: ignore[override]
+        return False  # a table of NF4/FP4 values
+
     def nearest(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         # bitsandbytes' rule: the value times the absmax's reciprocal, clamped, bucketed between sorted code midpoints
         table = self.table.to(w.device)

@@ -1,0 +1,84 @@
+"""Learned rounding (signround) on top of GPTQ: where it starts, that its codes stay on the grid a format
+stores, and that it lowers the error of a layer as a plain forward of the written checkpoint measures it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import save_tiny
+from llmq.checkpoint import load_model
+from llmq.gguf.types import BLOCK_TYPES
+from llmq.grid import IntGrid
+from llmq.methods.gptq import gptq_quantize
+from llmq.methods.signround import Rounding
+from llmq.pipeline import quantize_model
+from llmq.recipe import build_config
+from llmq.source import ModelSource
+
+
+def _problem(out=16, n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2048, n, generator=g) * torch.linspace(0.2, 3, n)
+    W = torch.randn(out, n, generator=g)
+    return W, 2 / X.shape[0] * X.T @ X
+
+
+@pytest.mark.parametrize("grid", [IntGrid(3, 128, True), IntGrid(4, 64, False), BLOCK_TYPES["Q4_K"], BLOCK_TYPES["Q3_K"]],
+                         ids=lambda g: g.name)
+def test_start_is_gptqs_codes_and_moves_stay_on_the_grid(grid):
+    """v = 0 gives GPTQ's codes exactly; any v in [-1/2, 1/2] gives codes within one step of them, in the
+    grid's range, with GPTQ's scales, which the format packs and unpacks unchanged."""
+    W, H = _problem()
+    qt, info = gptq_quantize(W, H, grid, act_order=True, keep_updated=True)
+    r = Rounding.start(qt, info.updated, torch.device("cpu"))
+    assert torch.equal(r.result().codes, qt.codes)
+    r.v.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(1))
+    moved = r.result()
+    step = (moved.codes.int() - qt.codes.int()).abs()
+    assert step.max() <= 1 and (step > 0).float().mean() > 0.05
+    assert int(moved.codes.max()) <= grid.maxq
+    assert torch.equal(moved.scales, qt.scales) and torch.equal(moved.zeros, qt.zeros)
+    if hasattr(grid, "pack"):
+        back = grid.unpack(grid.pack(moved), moved.shape)
+        torch.testing.assert_close(back.dequantize(), moved.dequantize(), rtol=0, atol=0)
+
+
+def _layer0_error(model_dir, reference, ids) -> float:
+    """Mean squared difference of decoder layer 0's output, checkpoint vs the unquantized model (plain forwards)."""
+    outs = []
+    for m in (load_model(str(model_dir))[0], reference):
+        got = []
+        hook = m.model.layers[0].register_forward_hook(lambda _m, _a, o: got.append(o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            m(input_ids=ids)
+        hook.remove()
+        outs.append(got[0])
+    return float((outs[0] - outs[1]).pow(2).mean())
+
+
+def test_learned_rounding_lowers_the_layer_error_of_the_written_checkpoint(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    recipe = {"bits": 3, "group_size": 32, "seqlen": 32, "nsamples": 16, "dtype": "float32"}
+    quantize_model(ModelSource(str(src)), build_config({}, {**recipe, "method": "gptq"}), tmp_path / "gptq",
+                   progress=False, calib_ids=ids)
+    quantize_model(ModelSource(str(src)), build_config({}, {**recipe, "method": "signround", "iters": 40, "batch": 4}),
+                   tmp_path / "sr", progress=False, calib_ids=ids)
+    a, b = load_file(tmp_path / "gptq" / "model.safetensors"), load_file(tmp_path / "sr" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".qweight") and ".layers.0." in k)
+    reference = load_model(str(src))[0]
+    assert _layer0_error(tmp_path / "sr", reference, ids) < 0.98 * _layer0_error(tmp_path / "gptq", reference, ids)
+
+
+def test_nf4_keeps_gptqs_codes(tmp_path):
+    """NF4's values are not evenly spaced: learned rounding leaves them to GPTQ (same file)."""
+    src = save_tiny("llama", tmp_path / "src")
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    recipe = {"bits": 4, "seqlen": 32, "nsamples": 8, "dtype": "float32", "format": "bitsandbytes"}
+    for m, extra in [("gptq", {}), ("signround", {"iters": 5})]:
+        quantize_model(ModelSource(str(src)), build_config({}, {**recipe, "method": m, **extra}), tmp_path / m,
+                       progress=False, calib_ids=ids)
+    a, b = (load_file(tmp_path / m / "model.safetensors") for m in ("gptq", "signround"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
