@@ -1,6 +1,7 @@
 """torchrun --nproc-per-node 2 (gloo, CPU) writes the very checkpoint one process writes (with the same
-threads per process): same integer codes, same scales, on a dense model and on a mixture-of-experts one (whose expert solves are dealt out
-to the ranks)."""
+threads per process): same integer codes, same scales, on a dense model and on a mixture-of-experts one (whose
+expert solves are dealt out to the ranks), for GPTQ, AWQ (scale errors and clip samples gathered over the ranks),
+AWQ+GPTQ and learned rounding (gradients summed over the ranks)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,15 @@ def _moe(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind,nsamples", [("dense", 16), ("moe", 24)])
-def test_two_processes_write_the_one_process_checkpoint(tmp_path, kind, nsamples):
+CASES = [("dense", "gptq", 16, {}), ("moe", "gptq", 24, {}), ("dense", "awq", 16, {}), ("moe", "awq", 24, {}),
+         ("dense", "awq+gptq", 16, {}), ("dense", "signround", 16, {"iters": 10, "batch": 6})]
+
+
+@pytest.mark.parametrize("kind,method,nsamples,extra", CASES, ids=[f"{c[1]}-{c[0]}" for c in CASES])
+def test_two_processes_write_the_one_process_checkpoint(tmp_path, kind, method, nsamples, extra):
     src = save_tiny("llama", tmp_path / "src") if kind == "dense" else _moe(tmp_path / "src")
-    recipe = {"method": "gptq", "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": nsamples, "dtype": "float32"}
+    recipe = {"method": method, "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": nsamples, "dtype": "float32",
+              "format": "gptq", **extra}
     done = _torchrun(src, tmp_path / "two", recipe)
     assert done.returncode == 0, done.stderr[-3000:]
     ids = calibration_ids(nsamples, SEQ, VOCAB)
@@ -58,6 +64,12 @@ def test_two_processes_write_the_one_process_checkpoint(tmp_path, kind, nsamples
         torch.set_num_threads(threads)
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys()
+    if method == "signround":  # (the learning really moved codes, so the summed gradients mattered)
+        log = [json.loads(line) for line in (tmp_path / "two" / "llmq_quantize_log.jsonl").read_text().splitlines()]
+        assert any(r.get("codes_changed", 0) > 0 for r in log)
+    if method == "awq":  # (the scales really were searched: some norm weights moved)
+        ref = load_file(src / "model.safetensors")
+        assert any(not torch.equal(one[k], ref[k]) for k in one if k.endswith("layernorm.weight"))
     assert sum(k.endswith(".qweight") for k in one) >= (7 if kind == "dense" else 4 + 2 * 8 * 3)
     for k in one:
         assert torch.equal(one[k], two[k]), k
@@ -73,9 +85,10 @@ def test_windows_are_whole_batches_shared_out_in_order():
         assert all(s.start % 8 == 0 and s.stop > s.start for s in shares)
 
 
-def test_methods_that_cannot_split_are_refused(tmp_path):
+def test_allocation_is_refused(tmp_path):
     src = save_tiny("llama", tmp_path / "src")
-    recipe = {"method": "awq", "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": 16, "dtype": "float32"}
+    recipe = {"method": "gptq", "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": 16, "dtype": "float32",
+              "target_bpw": 4.5}
     done = _torchrun(src, tmp_path / "out", recipe)
-    assert done.returncode != 0 and "runs in one process only" in done.stderr
+    assert done.returncode != 0 and "allocate in one process only" in done.stderr
     assert not (tmp_path / "out").exists()

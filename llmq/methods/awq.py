@@ -159,24 +159,42 @@ def _capture(layer: nn.Module, groups: list[ScaleGroup], inputs: LayerInputs) ->
 
 
 @torch.no_grad()
-def sample_inputs(layer: nn.Module, names: list[str], inputs: LayerInputs, generator: torch.Generator,
+def sample_inputs(layer: nn.Module, names: list[str], inputs: LayerInputs, seed: int, ranks: Ranks = Ranks(),
                   tokens: int = CLIP_TOKENS) -> dict[str, torch.Tensor]:
     """A uniform sample of at most ``tokens`` rows of each named linear's input over all calibration
     batches (each row drawn a random key, the smallest keys kept: memory stays a few batches' worth).
-    A MoE expert's input is the rows routed to it; an expert no row reached is left out."""
+    A MoE expert's input is the rows routed to it; an expert no row reached is left out.
+
+    A row's key depends only on the seed, its batch's run-wide number and its module, so the ranks of a
+    distributed run, each keeping its own smallest keys, together keep what one process would."""
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    gens: dict[str, torch.Generator] = {}
+
+    def new_batch(b: int) -> None:
+        for k, name in enumerate(names):
+            gens[name] = torch.Generator().manual_seed((seed * 1_000_003 + b) * 65_537 + k)
 
     def observer(name: str):
         def see(x: torch.Tensor) -> None:
             x = x.reshape(-1, x.shape[-1])
-            keys = torch.rand(x.shape[0], generator=generator).to(x.device)
-            if name in kept:
-                x, keys = torch.cat([kept[name][0], x]), torch.cat([kept[name][1], keys])
-            top = keys.argsort()[:tokens]
-            kept[name] = (x[top], keys[top])
+            keep(name, x, torch.rand(x.shape[0], generator=gens[name]).to(x.device))
         return see
 
-    inputs.run(layer, {layer.get_submodule(n): observer(n) for n in names})
+    def keep(name: str, x: torch.Tensor, keys: torch.Tensor) -> None:
+        if name in kept:
+            x, keys = torch.cat([kept[name][0], x]), torch.cat([kept[name][1], keys])
+        top = keys.argsort()[:tokens]
+        kept[name] = (x[top], keys[top])
+
+    inputs.run(layer, {layer.get_submodule(n): observer(n) for n in names}, on_batch=new_batch)
+    if ranks.world > 1:
+        parts = ranks.gather_objects({n: (x.cpu(), k.cpu()) for n, (x, k) in kept.items()})
+        device = next(layer.parameters()).device
+        kept.clear()
+        for part in parts:
+            for name in names:
+                if name in part:
+                    keep(name, part[name][0].to(device), part[name][1].to(device))
     return {n: kept[n][0] for n in names if n in kept}
 
 
@@ -189,9 +207,9 @@ def _block_out(block: nn.Module, xs: list[torch.Tensor], kwargs: dict[str, Any])
     return outs
 
 
-def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    num = sum(float((x.float() - y.float()).pow(2).sum()) for x, y in zip(a, b))
-    return num / sum(x.numel() for x in a)
+def _squared_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    """Per batch, the summed squared difference."""
+    return [float((x.float() - y.float()).pow(2).sum()) for x, y in zip(a, b)]
 
 
 # ---- searches ----------------------------------------------------------------------
@@ -204,11 +222,12 @@ def rtn_judge() -> ScaledQuantizer:
     return lambda w, s, grid: fake_quantize(w.float() * s, grid) / s
 
 
-def gptq_judge(xs: list[torch.Tensor], cfg: GPTQOptions) -> ScaledQuantizer:
+def gptq_judge(xs: list[torch.Tensor], cfg: GPTQOptions, ranks: Ranks = Ranks()) -> ScaledQuantizer:
     """GPTQ on W * s against the scaled inputs' Hessian, which is H / (s s^T): computed once."""
     h = Hessian(xs[0].shape[-1])
     for x in xs:
         h.add(x)
+    h.reduce(ranks, xs[0].device)
 
     def judge(w: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
         q, _ = gptq_quantize(w.float() * s, h.H / (s[:, None] * s[None, :]), grid, cfg.damp, cfg.block_size,
@@ -220,19 +239,21 @@ def gptq_judge(xs: list[torch.Tensor], cfg: GPTQOptions) -> ScaledQuantizer:
 
 @torch.no_grad()
 def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kwargs: dict[str, Any],
-                 grids: list[Grid], judge: ScaledQuantizer | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The best scale for the group's shared input; ``grids``: the grid of each of its linears."""
+                 grids: list[Grid], judge: ScaledQuantizer | None = None,
+                 ranks: Ranks = Ranks()) -> tuple[torch.Tensor, dict[str, float]]:
+    """The best scale for the group's shared input; ``grids``: the grid of each of its linears.
+    ``xs``: this rank's batches; statistics and errors are summed over all ranks' batches."""
     linears = [layer.get_submodule(n) for n in group.linears]
     block = layer.get_submodule(group.block)
     n = linears[0].in_features
     device = linears[0].weight.device
-    x_mean = torch.zeros(n, dtype=torch.float64, device=device)
-    count = 0
+    x_sum = torch.zeros(n + 1, dtype=torch.float64, device=device)  # sum |x| per channel, then the count
     for x in xs:
         x2 = x.reshape(-1, n)
-        x_mean += x2.abs().double().sum(0)
-        count += x2.shape[0]
-    x_mean = (x_mean / count).float()
+        x_sum[:n] += x2.abs().double().sum(0)
+        x_sum[n] += x2.shape[0]
+    x_sum = ranks.sum(x_sum)
+    x_mean = (x_sum[:n] / x_sum[n]).float()
     # mean over output rows of |w| normalised by its group's max |w|
     normalised = []
     for l, grid in zip(linears, grids):
@@ -250,19 +271,19 @@ def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kw
         alpha = i / N_GRID
         s = (x_mean.pow(alpha) / w_mean.clamp(min=1e-4).pow(1 - alpha)).clamp(min=1e-4)
         candidates.append((alpha, s / (s.max() * s.min()).sqrt()))  # centred around 1
-    best: tuple[float, float | None, torch.Tensor] = (float("inf"), None, torch.ones(n, device=device))
-    unscaled_err = float("nan")
+    errors = []  # per candidate, this rank's per-batch squared errors
     for alpha, s in candidates:
         for l, w0, grid in zip(linears, originals, grids):
             l.weight.data = judge(w0, s, grid).to(w0.dtype)
-        err = _mse(_block_out(block, xs, kwargs), reference)
-        if alpha is None:
-            unscaled_err = err
-        if err < best[0]:
-            best = (err, alpha, s)
+        errors.append(_squared_errors(_block_out(block, xs, kwargs), reference))
     for l, w0 in zip(linears, originals):
         l.weight.data = w0
-    return best[2], {"alpha": best[1], "mse_unscaled": unscaled_err, "mse_best": best[0]}
+    # Every rank's batches in run order, added one by one: the same sums as in one process.
+    parts = ranks.gather_objects((errors, sum(x.numel() for x in reference)))
+    numel = sum(p[1] for p in parts)
+    mse = [sum(e for p in parts for e in p[0][c]) / numel for c in range(len(candidates))]
+    best = min(range(len(candidates)), key=lambda c: (mse[c], c))
+    return candidates[best][1], {"alpha": candidates[best][0], "mse_unscaled": mse[0], "mse_best": mse[best]}
 
 
 @torch.no_grad()
@@ -319,7 +340,6 @@ class AWQ(Method):
     default_dataset = "pile-val"  # as the AWQ reference implementation: 128 x 512 tokens of pile-val
     default_seqlen = 512
     final = RTN
-    distributed = False  # its scale and clip searches see one process's windows
 
     def __init__(self, options=None, seed: int = 0, ranks: Ranks = Ranks()):
         super().__init__(options, seed, ranks)
@@ -335,8 +355,9 @@ class AWQ(Method):
             with torch.no_grad():
                 ref = layer_hidden(layer(x, **kwargs))
             tol = 1e-3 if x.dtype == torch.float32 else 3e-2
+            seen = {g: commutes(layer, g, x, kwargs, ref, tol) for g in unchecked}
+            self._commutes.update(self.ranks.gather_objects(seen)[0])  # (the first rank's batch decides for all)
             for g in unchecked:
-                self._commutes[g] = commutes(layer, g, x, kwargs, ref, tol)
                 if not self._commutes[g]:
                     log.warning("AWQ: a scale cannot pass from %s to %s in this model (the layer's output changes); "
                                 "that group is left unscaled", g.prev, ", ".join(g.linears))
@@ -358,7 +379,7 @@ class AWQ(Method):
         search_seconds = round(time.perf_counter() - t0, 3)
         # Final rounding by the wrapped method, whose per-module records get AWQ's choices added.
         inner = LayerLog(layer=log.layer)
-        result = self.final(self.options, self.seed).quantize_layer(layer, arch, targets, inputs, inner)
+        result = self.final(self.options, self.seed, self.ranks).quantize_layer(layer, arch, targets, inputs, inner)
         for rec in inner.records:
             module = rec.pop("module")
             rec.pop("layer", None)
@@ -375,7 +396,7 @@ class AWQ(Method):
         for g in groups:
             xs = cap.x[g.linears[0]]
             s, info = search_scale(layer, g, xs, cap.block_kwargs.get(g.block, {}), [targets[n] for n in g.linears],
-                                   self.judge(xs))
+                                   self.judge(xs), self.ranks)
             fold_scales(layer.get_submodule(g.prev), [layer.get_submodule(n) for n in g.linears], s)
             cap.x[g.linears[0]] = [x / s.to(x.dtype) for x in xs]  # the group now sees x / s
             for name in g.linears:
@@ -387,7 +408,7 @@ class AWQ(Method):
             # q/k errors are amplified by the softmax: the reference leaves them unclipped.
             gen = torch.Generator().manual_seed(self.seed)
             names = [n for n in targets if n.rsplit(".", 1)[-1] not in NO_CLIP]
-            xs = sample_inputs(layer, names, inputs, gen)
+            xs = sample_inputs(layer, names, inputs, self.seed, self.ranks)
             for name in names:
                 if name not in xs:
                     continue
@@ -412,7 +433,7 @@ class AWQGPTQ(AWQ):
     final = GPTQ
 
     def judge(self, xs: list[torch.Tensor]) -> ScaledQuantizer:
-        return gptq_judge(xs, self.options)
+        return gptq_judge(xs, self.options, self.ranks)
 
     def quantize_alone(self, W: torch.Tensor, H: torch.Tensor, grid: Grid) -> QuantizedTensor:
         return GPTQ.quantize_alone(self, W, H, grid)  # (probes leave the scales out: they move all candidates alike)
