@@ -49,24 +49,33 @@ class Ranks:
         lo, hi = (batches * r // self.world for r in (self.rank, self.rank + 1))
         return slice(min(lo * batch, n), min(hi * batch, n))
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks of ``t``, added in rank order ((t0 + t1) + t2 ...), on every rank.
+    def sum(self, t: torch.Tensor, to: int | None = None) -> torch.Tensor | None:
+        """The sum over ranks of ``t``, added in rank order ((t0 + t1) + t2 ...), on every rank, or only
+        on rank ``to`` (None elsewhere).
 
         A chain instead of an all-reduce: the order of the additions then never depends on the
         collective's algorithm."""
         if self.world == 1:
             return t
         t = t.contiguous()
+        last = self.world - 1
         if self.rank > 0:
             before = torch.empty_like(t)
             dist.recv(before, self.rank - 1)
             t = before + t
-        if self.rank < self.world - 1:
+        if self.rank < last:
             dist.send(t, self.rank + 1)
         else:
             t = t.clone()
-        dist.broadcast(t, src=self.world - 1)
-        return t
+        if to is None:
+            dist.broadcast(t, src=last)
+            return t
+        if to != last and self.rank in (to, last):
+            if self.rank == last:
+                dist.send(t, to)
+            else:
+                dist.recv(t, last)
+        return t if self.rank == to else None
 
     def deal(self, jobs: Sequence[T]) -> list[tuple[int, T]]:
         """This rank's share of ``jobs`` (round-robin), with each job's index."""

@@ -1,7 +1,7 @@
 """torchrun --nproc-per-node 2 (gloo, CPU) writes the very checkpoint one process writes (with the same
 threads per process): same integer codes, same scales, on a dense model and on a mixture-of-experts one (whose
 expert solves are dealt out to the ranks), for GPTQ, AWQ (scale errors and clip samples gathered over the ranks),
-AWQ+GPTQ and learned rounding (gradients summed over the ranks)."""
+AWQ+GPTQ, learned rounding (gradients summed over the ranks) and GPTQ with fp_targets (cross moments summed)."""
 
 from __future__ import annotations
 
@@ -45,13 +45,14 @@ def _moe(path: Path) -> Path:
 
 
 CASES = [("dense", "gptq", 16, {}), ("moe", "gptq", 24, {}), ("dense", "awq", 16, {}), ("moe", "awq", 24, {}),
-         ("dense", "awq+gptq", 16, {}), ("dense", "signround", 16, {"iters": 10, "batch": 6})]
+         ("dense", "awq+gptq", 16, {}), ("dense", "signround", 16, {"iters": 10, "batch": 6}),
+         ("moe", "gptq-fp_targets", 24, {"fp_targets": 0.5})]
 
 
 @pytest.mark.parametrize("kind,method,nsamples,extra", CASES, ids=[f"{c[1]}-{c[0]}" for c in CASES])
 def test_two_processes_write_the_one_process_checkpoint(tmp_path, kind, method, nsamples, extra):
     src = save_tiny("llama", tmp_path / "src") if kind == "dense" else _moe(tmp_path / "src")
-    recipe = {"method": method, "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": nsamples, "dtype": "float32",
+    recipe = {"method": method.split("-")[0], "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": nsamples, "dtype": "float32",
               "format": "gptq", **extra}
     done = _torchrun(src, tmp_path / "two", recipe)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -104,20 +104,25 @@ class Hessian:
         delta = torch.cholesky_solve((self._cross - self._sum).T @ W.T.to(torch.float64), L).T
         return (W.double() + weight * delta).to(W.dtype)
 
-    def reduce(self, ranks: Ranks, device: torch.device | None = None) -> None:
-        """Sum this Hessian over the ranks of a distributed run (every rank calls it, in the same order)."""
+    def reduce(self, ranks: Ranks, device: torch.device | None = None, to: int | None = None,
+               counted: tuple[int, bool] | None = None) -> None:
+        """Sum this Hessian over the ranks of a distributed run (every rank calls it, in the same order),
+        onto every rank or only onto rank ``to`` (the one that solves it; the others drop theirs).
+        ``counted``: the run-wide token count and pairing, if the caller gathered them already."""
         if ranks.world == 1:
             return
+        if counted is None:
+            parts = ranks.gather_objects((self.count, self.paired and self._cross is not None))
+            counted = sum(c for c, _ in parts), all(p for _, p in parts)
+        count, paired = counted
         if self._sum is None:  # (this rank's windows never reached the linear)
             self._sum = torch.zeros(self.n, self.n, dtype=torch.float64, device=device)
-        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self._sum.device)
-        total = ranks.sum(torch.cat([self._sum.flatten(), count]))  # (one message carries the count too)
-        self.count = int(total[-1].item())
-        self._sum = total[:-1].view(self.n, self.n)
-        self.paired = all(ranks.gather_objects(self.paired and self._cross is not None))
-        if self.paired:
-            self._cross = ranks.sum(self._cross).view(self.n, self.n)
-
+        self.count, self.paired = count, paired
+        self._sum = ranks.sum(self._sum, to)
+        if paired:
+            self._cross = ranks.sum(self._cross, to)
+        if self._sum is None:
+            self._cross = None
 
 class InputHessians:
     """The Hessians of a group of linears, one per distinct input tensor: q/k/v (and gate/up)
@@ -153,17 +158,27 @@ class InputHessians:
     def release(self) -> None:
         self._last = None
 
-    def reduce(self, ranks: Ranks, device: torch.device | None = None) -> None:
-        """Sum every Hessian over the ranks.  A rank whose windows never reached an expert saw no
-        aliasing there: the aliases are the union of what the ranks saw."""
-        if ranks.world == 1:
-            return
+    def merge_aliases(self, ranks: Ranks) -> None:
+        """A rank whose windows never reached an expert saw no aliasing there: the aliases are the union
+        of what the ranks saw (every rank calls this before the joint solves are formed)."""
         for seen in ranks.gather_objects(self._alias):
             for name, target in seen.items():
                 self._alias.setdefault(name, target)
-        for name in sorted(self._own):
-            if name not in self._alias:
-                self._own[name].reduce(ranks, device)
+
+    def reduce(self, ranks: Ranks, device: torch.device | None = None,
+               owner: Callable[[str], int | None] | None = None) -> None:
+        """Sum every Hessian over the ranks (after merge_aliases): onto every rank, or onto ``owner(name)``
+        alone, the rank that solves it (a MoE layer's many expert Hessians then travel once; None: all)."""
+        names = sorted(n for n in self._own if n not in self._alias)
+        mine = {n: (self._own[n].count, self._own[n].paired and self._own[n]._cross is not None) for n in names}
+        parts = ranks.gather_objects(mine)
+        for n in names:
+            counted = sum(p[n][0] for p in parts), all(p[n][1] for p in parts)
+            self._own[n].reduce(ranks, device, None if owner is None else owner(n), counted)
+
+    def owner(self, name: str) -> str:
+        """The name whose Hessian ``name`` uses."""
+        return self._alias.get(name, name)
 
 
 @dataclass
@@ -341,8 +356,7 @@ class GPTQ(Method):
             else:
                 inputs.run(layer, hessians.observers())
             hessians.release()
-            hessians.reduce(self.ranks, next(iter(modules.values())).weight.device)
-            joints = _joint_solves(names, hessians, targets)
+            joints = self._reduce(hessians, names, targets, next(iter(modules.values())).weight.device)
             solved = self.ranks.share({k: self._solve(joint, modules, hessians, targets)
                                        for k, joint in self.ranks.deal(joints)})
             for k, joint in enumerate(joints):
@@ -365,6 +379,19 @@ class GPTQ(Method):
         if unquantized is not None:
             self._fp_hidden = unquantized.outputs()
         return result
+
+    def _reduce(self, hessians: InputHessians, names: list[str], targets: dict[str, Grid],
+                device: torch.device) -> list[list[str]]:
+        """The step's joint solves, with each one's Hessian summed over the ranks onto the rank it is dealt to."""
+        if self.ranks.world == 1:
+            return _joint_solves(names, hessians, targets)
+        hessians.merge_aliases(self.ranks)
+        joints = _joint_solves(names, hessians, targets)
+        solvers: dict[str, set[int]] = {}
+        for k, joint in enumerate(joints):  # dealt as Ranks.deal deals; a Hessian two ranks solve with goes to all
+            solvers.setdefault(hessians.owner(joint[0]), set()).add(k % self.ranks.world)
+        hessians.reduce(self.ranks, device, lambda n: next(iter(solvers[n])) if len(solvers.get(n, ())) == 1 else None)
+        return joints
 
     def _solve(self, joint: list[str], modules: dict[str, nn.Linear], hessians: InputHessians,
                targets: dict[str, Grid]) -> tuple[QuantizedTensor, SolveInfo, float]:
