@@ -13,11 +13,13 @@ Every rank streams the same decoder layer; the calibration windows are split bet
 
 Windows are cut at multiples of the forward batch, so every batch holds the same windows as in a
 one-process run, and statistics are summed in float64: the integer codes do not depend on N.
-A rank that dies ends the run: torchrun stops the others (SIGTERM, which llmq handles as Ctrl-C).
+A rank that dies ends the run: torchrun stops the others (SIGTERM, which llmq handles as Ctrl-C), or a
+rank waiting for it in a collective stops with a one-line error (PeerLost); either way no output is left.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,6 +31,23 @@ import torch.distributed as dist
 from llmq.errors import LlmqError
 
 T = TypeVar("T")
+
+
+class PeerLost(LlmqError):
+    """Another process of the launch stopped answering (it died, or was stopped) in a collective."""
+
+
+def _collective(fn):
+    """Turns a collective's failure (gloo and NCCL raise RuntimeError when a peer's connection drops) into
+    one line; torchrun reports which rank died and why."""
+    @functools.wraps(fn)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PeerLost(f"rank {self.rank}: another process of this torchrun launch stopped ({first[:160]})") from e
+    return wrapped
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,7 @@ class Ranks:
         lo, hi = (batches * r // self.world for r in (self.rank, self.rank + 1))
         return slice(min(lo * batch, n), min(hi * batch, n))
 
+    @_collective
     def sum(self, t: torch.Tensor, to: int | None = None) -> torch.Tensor | None:
         """The sum over ranks of ``t``, added in rank order ((t0 + t1) + t2 ...), on every rank, or only
         on rank ``to`` (None elsewhere).
@@ -85,6 +105,7 @@ class Ranks:
         """Every rank's results, by job index, on every rank."""
         return {k: v for part in self.gather_objects(mine) for k, v in part.items()}
 
+    @_collective
     def gather_objects(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order, on every rank."""
         if self.world == 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import save_tiny
+from conftest import ROOT, STORIES, TINYSTORIES, need, save_tiny
 from distributed_worker import calibration_ids
 from llmq.distributed import Ranks
 from llmq.pipeline import quantize_model
@@ -93,3 +94,45 @@ def test_allocation_is_refused(tmp_path):
     done = _torchrun(src, tmp_path / "out", recipe)
     assert done.returncode != 0 and "allocate in one process only" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' processes in /proc")
+def test_a_rank_that_dies_ends_the_run_on_every_rank(tmp_path):
+    """rank 1 killed outright in the middle of the run: rank 0 stops, as on Ctrl-C (torchrun's SIGTERM) or
+    with a one-line error (its collective lost the peer), never with a traceback; every process exits,
+    the command fails, and neither an output nor rank 0's work directory is left."""
+    import signal
+    import time
+
+    src = save_tiny("llama", tmp_path / "src", layers=12, hidden=128, inter=256, vocab=512)
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(need(STORIES) / f, src / f)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "llmq",
+           "quantize", "--quiet", "--method", "gptq", "--model", str(src), "--out", str(out),
+           "--dataset", str(need(TINYSTORIES)), "--nsamples", "64", "--seqlen", "64"]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    work = tmp_path / ".out.llmq-tmp"
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.2)
+        if work.is_dir():
+            kids = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+            victim = next((int(p) for p in kids if _rank_of(int(p)) == 1), None)
+    assert victim is not None, "the run never got going"
+    os.kill(victim, signal.SIGKILL)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert "llmq: interrupted" in err or "llmq: error: rank 0: another process of this torchrun launch stopped" in err, err
+    assert "[rank0]: Traceback" not in err, err
+    assert not out.exists() and not work.exists()
+    assert not subprocess.run(["pgrep", "-f", str(out)], capture_output=True).stdout
