@@ -88,9 +88,6 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     check_rules_on(plan, model)
     method = plan.make_method(ranks)
     _check_distributed(plan, method, ranks, resume)
-    if resume and method.follows_unquantized():
-        raise LlmqError(f"--resume cannot continue {plan.method} with fp_targets or learned rounding: they carry the "
-                        "unquantized model's activations from layer to layer, which an interrupted run does not keep")
     sink = open_sink(plan, source, model, out, overwrite, resume)  # (checks the output, and what a format can store, first)
     stats = RunStats(grid=None if plan.grid is None else plan.grid.name)
     ids = calib_ids if calib_ids is not None or plan.calibration is None else _calibration_ids(source, plan)
@@ -256,6 +253,8 @@ def _replay_layer(run: _Run, i: int, entry: LayerEntry) -> None:
     layer = run.source.materialize(run.model, f"{run.arch.layers}.{i}", run.plan.compute_dtype)
     move_resident(layer, run.device)
     run.arch = _layer_arch(run, layer)
+    if run.inputs is not None:
+        run.method.replay(layer, run.inputs)  # (still the unquantized layer)
     params = dict(layer.named_parameters())
     for name, qt in entry.qts.items():
         w = params[f"{name}.weight"]

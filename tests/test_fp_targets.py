@@ -96,14 +96,3 @@ def test_first_inputs_give_gptqs_codes_later_ones_move(tmp_path):
     assert first and later
     assert all(torch.equal(plain[k], fpt[k]) for k in first)
     assert any(not torch.equal(plain[k], fpt[k]) for k in later)
-
-
-def test_resume_is_refused_before_touching_the_output(tmp_path):
-    from llmq.errors import LlmqError
-
-    src = save_tiny("llama", tmp_path / "src")
-    cfg = build_config({}, {"method": "gptq", "bits": 4, "group_size": 32, "seqlen": 32, "nsamples": 8,
-                            "fp_targets": 0.5, "dtype": "float32"})
-    with pytest.raises(LlmqError, match="--resume cannot continue"):
-        quantize_model(ModelSource(str(src)), cfg, tmp_path / "out", progress=False, resume=True)
-    assert not (tmp_path / "out").exists()

@@ -54,10 +54,10 @@ class Method(ABC):
         self.seed = seed  # for methods that sample (AWQ's clipping rows)
         self.ranks = ranks  # the processes of a torchrun launch (llmq.distributed); alone by default
 
-    def follows_unquantized(self) -> bool:
-        """Whether the method carries the unquantized model's activations from layer to layer (state an
-        interrupted run does not keep, so it cannot be resumed)."""
-        return False
+    def replay(self, layer: nn.Module, inputs: LayerInputs) -> None:
+        """A resumed run passes a layer the interrupted run finished: ``layer`` is the unquantized layer and
+        ``inputs`` the quantized model's inputs to it.  Methods that carry state from layer to layer (the
+        unquantized model's activations) advance it here, exactly as quantize_layer would have."""
 
     @abstractmethod
     def quantize_layer(self, layer: nn.Module, arch: Arch, targets: dict[str, Grid],

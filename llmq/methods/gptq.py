@@ -338,6 +338,10 @@ class GPTQ(Method):
         """Whether the unquantized model's activations are carried along, layer after layer."""
         return self.options.fp_targets > 0
 
+    def replay(self, layer: nn.Module, inputs: LayerInputs) -> None:
+        if self.follows_unquantized():
+            self._fp_hidden = Unquantized(layer, Unquantized.of_inputs(inputs, self._fp_hidden)).outputs()
+
     def quantize_layer(self, layer, arch, targets, inputs, log):
         cfg = self.options
         wanted = set(targets)
@@ -421,9 +425,13 @@ class Unquantized:
 
     @staticmethod
     def of(layer: nn.Module, inputs: LayerInputs, hidden: list[torch.Tensor] | None) -> "Unquantized":
+        """A copy of ``layer`` (about to be quantized in place) with its unquantized inputs."""
+        return Unquantized(copy.deepcopy(layer), Unquantized.of_inputs(inputs, hidden))
+
+    @staticmethod
+    def of_inputs(inputs: LayerInputs, hidden: list[torch.Tensor] | None) -> LayerInputs:
         """``hidden``: the previous layer's unquantized outputs (None at the first layer: the model's own inputs)."""
-        fp = LayerInputs(hidden if hidden is not None else inputs.hidden, inputs.kwargs, inputs.batch_size, inputs.offset)
-        return Unquantized(copy.deepcopy(layer), fp)
+        return LayerInputs(hidden if hidden is not None else inputs.hidden, inputs.kwargs, inputs.batch_size, inputs.offset)
 
     def feeder(self, names: list[str], seen: dict[str, torch.Tensor]) -> Callable[[int], None]:
         """A LayerInputs.run ``on_batch`` that puts into ``seen`` the named modules' unquantized inputs of each

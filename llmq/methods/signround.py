@@ -35,6 +35,7 @@ from llmq.qtensor import QuantizedTensor
 
 @dataclass(frozen=True)
 class SignRoundOptions(GPTQOptions):
+    fp_targets: float = 1.0  # GPTQ's start fitted to the unquantized model's outputs (lowered KL at every width measured)
     iters: int = 200  # signed-gradient steps per decoder layer (0: plain GPTQ)
     lr: float = 0.0  # step of v per iteration at the start, decaying linearly to 0 (0: 1 / iters)
     batch: int = 8  # calibration windows per step
