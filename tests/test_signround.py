@@ -73,11 +73,12 @@ def test_learned_rounding_lowers_the_layer_error_of_the_written_checkpoint(tmp_p
 
 
 def test_nf4_keeps_gptqs_codes(tmp_path):
-    """NF4's values are not evenly spaced: learned rounding leaves them to GPTQ (same file)."""
+    """NF4's values are not evenly spaced: learned rounding leaves them to GPTQ (same file as GPTQ with the
+    same fp_targets)."""
     src = save_tiny("llama", tmp_path / "src")
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
     recipe = {"bits": 4, "seqlen": 32, "nsamples": 8, "dtype": "float32", "format": "bitsandbytes"}
-    for m, extra in [("gptq", {}), ("signround", {"iters": 5})]:
+    for m, extra in [("gptq", {"fp_targets": 1.0}), ("signround", {"iters": 5})]:
         quantize_model(ModelSource(str(src)), build_config({}, {**recipe, "method": m, **extra}), tmp_path / m,
                        progress=False, calib_ids=ids)
     a, b = (load_file(tmp_path / m / "model.safetensors") for m in ("gptq", "signround"))
