@@ -45,12 +45,15 @@ def _moe(path: Path) -> Path:
     return path
 
 
-CASES = [("dense", "gptq", 16, {}), ("moe", "gptq", 24, {}), ("dense", "awq", 16, {}), ("moe", "awq", 24, {}),
-         ("dense", "awq+gptq", 16, {}), ("dense", "signround", 16, {"iters": 10, "batch": 6}),
-         ("moe", "gptq-fp_targets", 24, {"fp_targets": 0.5})]
+SLOW = pytest.mark.slow  # (each torchrun launch costs ~25 s: the default suite keeps one per method)
+CASES = [pytest.param("dense", "gptq", 16, {}, id="gptq-dense"), pytest.param("moe", "gptq", 24, {}, id="gptq-moe"),
+         pytest.param("dense", "awq", 16, {}, id="awq-dense"), pytest.param("moe", "awq", 24, {}, id="awq-moe", marks=SLOW),
+         pytest.param("dense", "awq+gptq", 16, {}, id="awq+gptq-dense", marks=SLOW),
+         pytest.param("dense", "signround", 16, {"iters": 10, "batch": 6}, id="signround-dense"),
+         pytest.param("moe", "gptq-fp_targets", 24, {"fp_targets": 0.5}, id="gptq-fp_targets-moe", marks=SLOW)]
 
 
-@pytest.mark.parametrize("kind,method,nsamples,extra", CASES, ids=[f"{c[1]}-{c[0]}" for c in CASES])
+@pytest.mark.parametrize("kind,method,nsamples,extra", CASES)
 def test_two_processes_write_the_one_process_checkpoint(tmp_path, kind, method, nsamples, extra):
     src = save_tiny("llama", tmp_path / "src") if kind == "dense" else _moe(tmp_path / "src")
     recipe = {"method": method.split("-")[0], "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": nsamples, "dtype": "float32",
