@@ -76,8 +76,8 @@ def main() -> None:
     trees = {"this": ROOT, **({"old": Path(args.old_tree)} if args.old_tree else {})}
     with tempfile.TemporaryDirectory() as tmp:
         models = [Path(m).resolve() for m in args.model] + ([big_vocab_model(Path(tmp) / "gemma3-262k")] if args.big_vocab else [])
-        print(f"| model | llmq | format | wall s | peak RSS MiB | RSS / this llmq's gptq run | time / this llmq's gptq run |\n"
-              f"|---|---|---|---|---|---|---|")
+        print("| model | llmq | format | wall s | peak RSS MiB | RSS / this llmq's gptq run | time / this llmq's gptq run |\n"
+              "|---|---|---|---|---|---|---|")
         for model in models:
             base = None
             for tree_name, tree in trees.items():

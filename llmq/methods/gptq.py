@@ -124,6 +124,7 @@ class Hessian:
         if self._sum is None:
             self._cross = None
 
+
 class InputHessians:
     """The Hessians of a group of linears, one per distinct input tensor: q/k/v (and gate/up)
     read the very same activations in the forward, so one x x^T serves all of them."""

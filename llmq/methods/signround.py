@@ -8,10 +8,15 @@ rounding then looks at the whole decoder layer: each weight may move to a neighb
 where u is the value GPTQ rounded (its error-compensated weight: v = 0 gives GPTQ's codes) and
 ``step`` the grid's spacing there.  The v of all the layer's linears are trained together by signed
 gradient descent (a straight-through estimate through the rounding) on the mean squared error
-between the quantized layer's output and the unquantized layer's output on the same calibration
-inputs, with a learning rate that decays linearly to zero, and the v of the step with the lowest
-loss are kept.  Scales and zeros stay GPTQ's, so the codes stay exactly on the grid a format stores:
-integer grids and GGUF block types alike (not NF4/FP4, whose values are not evenly spaced).
+between the quantized layer's output and the unquantized model's output (its activations carried
+along, GPTQ's fp_targets), with a learning rate that decays linearly to zero; the learned codes are
+kept only if they lower that error over all calibration windows.  Scales and zeros stay GPTQ's, so
+the codes stay exactly on the grid a format stores: integer grids and GGUF block types alike (not
+NF4/FP4, whose values are not evenly spaced).
+
+Measured (eval/results/fp-targets.md): on random layers it lowers the error, but from GPTQ with
+fp_targets on the trained test models no step set lowered it, so the codes stayed GPTQ's.  Learned
+scales and clip ranges, as AutoRound has, are the next thing to try here.
 
 Each step's gradient is a sum of per-window gradients added in float64 in window order, so the
 result does not depend on how windows are split between the processes of a distributed run.
@@ -28,7 +33,6 @@ from torch.func import functional_call
 
 from llmq.activations import LayerInputs, layer_hidden
 from llmq.errors import LlmqError
-from llmq.grid import Grid
 from llmq.methods.gptq import GPTQ, GPTQOptions
 from llmq.qtensor import QuantizedTensor
 
@@ -104,14 +108,14 @@ class SignRound(GPTQ):
         self.updated = None
         if self.options.iters == 0 or not learn:
             return result
-        start, best = self._train(layer, learn, inputs, wanted)
+        start, end = self._train(layer, learn, inputs, wanted)
         seconds = time.perf_counter() - t0
         for name, r in learn.items():
             qt = r.result()
             linear = layer.get_submodule(name)
             linear.weight.data = qt.dequantize(linear.weight.dtype).to(linear.weight.device)
             changed = float((qt.codes != r.qt.codes).float().mean())
-            _annotate(log, name, codes_changed=round(changed, 6), layer_mse_start=start, layer_mse=best,
+            _annotate(log, name, codes_changed=round(changed, 6), layer_mse_start=start, layer_mse=end,
                       rounding_seconds=round(seconds, 3))
             result[name] = qt
         return result
@@ -134,9 +138,8 @@ class SignRound(GPTQ):
         start = self._loss(layer, learn, inputs, wanted, n * per_window)
         for it in range(o.iters):
             windows = torch.randperm(n, generator=gen)[: o.batch].sort().values.tolist()
-            grads, _ = self._gradient(layer, learn, inputs, wanted, [i - mine.start for i in windows if i in mine],
-                                      len(windows) * per_window)
-            grads, _ = self._sum(grads, 0.0)
+            grads = self._sum(self._gradient(layer, learn, inputs, wanted, [i - mine.start for i in windows if i in mine],
+                                             len(windows) * per_window))
             lr = lr0 * (1 - it / o.iters)
             for r, g in zip(rounds, grads):
                 r.v.sub_(lr * torch.sign(g * r.step)).clamp_(-0.5, 0.5)
@@ -159,24 +162,20 @@ class SignRound(GPTQ):
         # Every rank's batches in run order, added one by one: the same sum as in one process.
         return sum(e for part in self.ranks.gather_objects(sse) for e in part) / numel
 
-    def _sum(self, grads: list[torch.Tensor], loss: float) -> tuple[list[torch.Tensor], float]:
-        """Gradients and loss summed over the ranks (one message)."""
+    def _sum(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gradients summed over the ranks (one message)."""
         if self.ranks.world == 1:
-            return grads, loss
-        flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([loss], dtype=torch.float64)])
-        flat = self.ranks.sum(flat)
-        sizes = [g.numel() for g in grads]
-        parts = flat[:-1].split(sizes)
-        return [p.view_as(g) for p, g in zip(parts, grads)], float(flat[-1])
+            return grads
+        flat = self.ranks.sum(torch.cat([g.flatten() for g in grads]))
+        return [p.view_as(g) for p, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
     def _gradient(self, layer: nn.Module, learn: dict[str, Rounding], inputs: LayerInputs,
-                  wanted: list[torch.Tensor], windows: list[int], numel: int) -> tuple[list[torch.Tensor], float]:
+                  wanted: list[torch.Tensor], windows: list[int], numel: int) -> list[torch.Tensor]:
         """d(mean squared output error)/d(weight) of every learned linear over ``windows``, each
-        window's gradient added in float64 in order; and the loss."""
+        window's gradient added in float64 in order."""
         dtype = next(layer.parameters()).dtype
         weights = {f"{name}.weight": r.weight().to(dtype).requires_grad_() for name, r in learn.items()}
         total = [torch.zeros_like(r.v, dtype=torch.float64) for r in learn.values()]
-        loss = 0.0
         for i in windows:
             with torch.enable_grad():  # (callers switch gradients off)
                 out = layer_hidden(functional_call(layer, weights, (inputs.hidden[i],), inputs.kwargs))
@@ -185,8 +184,7 @@ class SignRound(GPTQ):
             for t, g in zip(total, grads):
                 if g is not None:
                     t += g.to(torch.float64)
-            loss += float(err)
-        return total, loss
+        return total
 
 
 def _annotate(log, module: str, **info) -> None:
