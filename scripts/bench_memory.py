@@ -41,8 +41,10 @@ print(json.dumps({"peak_rss_mib": [int(l.split()[1]) / 1024 for l in open("/proc
 """
 
 
-def make_model(path: Path, layers: int, hidden: int, vocab: int, tokenizer: bool = False) -> int:
-    """Write a random fp32 Llama checkpoint one layer at a time (never all in memory). Returns bytes.
+def make_model(path: Path, layers: int, hidden: int, vocab: int, tokenizer: bool = False, inter: int | None = None,
+               dtype: str = "float32") -> int:
+    """Write a random Llama checkpoint (fp32 unless ``dtype``; MLP width ``inter``, default 4 x hidden) one
+    layer at a time (never all in memory). Returns bytes.
 
     ``tokenizer``: also save a word-level tokenizer of ``vocab`` made-up tokens (tools that
     insist on one get it; the benchmarks feed token ids directly).
@@ -51,8 +53,9 @@ def make_model(path: Path, layers: int, hidden: int, vocab: int, tokenizer: bool
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    heads = hidden // 64
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+    heads = max(1, hidden // 64)
+    inter = inter or 4 * hidden
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False,
                       architectures=["LlamaForCausalLM"])
     path.mkdir(parents=True)
@@ -64,12 +67,11 @@ def make_model(path: Path, layers: int, hidden: int, vocab: int, tokenizer: bool
         nonlocal total
         save_file(tensors, path / name)
         weight_map.update(dict.fromkeys(tensors, name))
-        total += sum(t.numel() * 4 for t in tensors.values())
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
 
-    rnd = lambda *s: torch.randn(*s, generator=g) * 0.02  # noqa: E731
-    shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden),
+    rnd = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(getattr(torch, dtype))  # noqa: E731
+    shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=getattr(torch, dtype)),
                                 "lm_head.weight": rnd(vocab, hidden)})
-    inter = 4 * hidden
     for i in range(layers):
         p = f"model.layers.{i}."
         shard(f"layer{i}.safetensors", {
@@ -77,7 +79,8 @@ def make_model(path: Path, layers: int, hidden: int, vocab: int, tokenizer: bool
             p + "self_attn.v_proj.weight": rnd(hidden, hidden), p + "self_attn.o_proj.weight": rnd(hidden, hidden),
             p + "mlp.gate_proj.weight": rnd(inter, hidden), p + "mlp.up_proj.weight": rnd(inter, hidden),
             p + "mlp.down_proj.weight": rnd(hidden, inter),
-            p + "input_layernorm.weight": torch.ones(hidden), p + "post_attention_layernorm.weight": torch.ones(hidden)})
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=getattr(torch, dtype)),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=getattr(torch, dtype))})
     if tokenizer:
         from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
