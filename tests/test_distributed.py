@@ -91,6 +91,7 @@ def test_windows_are_whole_batches_shared_out_in_order():
         assert all(s.start % 8 == 0 and s.stop > s.start for s in shares)
 
 
+@SLOW
 def test_allocation_is_refused(tmp_path):
     src = save_tiny("llama", tmp_path / "src")
     recipe = {"method": "gptq", "bits": 4, "group_size": 32, "seqlen": SEQ, "nsamples": 16, "dtype": "float32",
