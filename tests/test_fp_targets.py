@@ -96,3 +96,13 @@ def test_first_inputs_give_gptqs_codes_later_ones_move(tmp_path):
     assert first and later
     assert all(torch.equal(plain[k], fpt[k]) for k in first)
     assert any(not torch.equal(plain[k], fpt[k]) for k in later)
+
+
+def test_awq_gptq_refuses_fp_targets():
+    """Its GPTQ stage is made afresh per layer, so nothing would carry the activations: refused, not ignored."""
+    from llmq.errors import LlmqError
+    from llmq.methods import options_for
+
+    with pytest.raises(LlmqError, match="awq\\+gptq does not take fp_targets"):
+        options_for("awq+gptq", {"fp_targets": 1.0})
+    assert options_for("gptq", {"fp_targets": 1.0}).fp_targets == 1.0

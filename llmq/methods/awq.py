@@ -25,6 +25,7 @@ from torch import nn
 from llmq.activations import LayerInputs, layer_hidden
 from llmq.arch import Arch, ScaleGroup, first_param
 from llmq.distributed import Ranks
+from llmq.errors import LlmqError
 from llmq.grid import Grid
 from llmq.methods.base import LayerLog, Method
 from llmq.methods.gptq import GPTQ, GPTQOptions, Hessian, gptq_quantize
@@ -52,6 +53,11 @@ class AWQOptions:
 class AWQGPTQOptions(GPTQOptions):
     act_order: bool = False
     awq_clip: bool = False  # AWQ's clipping is tuned for RTN and hurt GPTQ in every measurement (eval/)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.fp_targets:  # (its GPTQ stage is made afresh per layer: nothing carries the activations along)
+            raise LlmqError("awq+gptq does not take fp_targets yet; use gptq with fp_targets")
 
 
 def fake_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
