@@ -231,6 +231,7 @@ def _quantize_layer(run: _Run, i: int) -> LayerEntry:
         run.bar.set_postfix_str(f"layer {i + 1}/{len(layers)} {module}")
 
     layer_log.listener = on_record
+    layer_log.status = lambda text: run.bar.set_postfix_str(f"layer {i + 1}/{len(layers)} {text}")
     qts = run.method.quantize_layer(layer, run.arch, targets, run.inputs, layer_log)
     run.bar.update(max(0, max(1, run.per_layer[i]) - done))
     run.stats.records.extend(layer_log.records)

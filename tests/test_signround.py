@@ -83,3 +83,13 @@ def test_nf4_keeps_gptqs_codes(tmp_path):
                        progress=False, calib_ids=ids)
     a, b = (load_file(tmp_path / m / "model.safetensors") for m in ("gptq", "signround"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progress_shows_the_learning_steps(tmp_path, capsys):
+    src = save_tiny("llama", tmp_path / "src")
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    cfg = build_config({}, {"method": "signround", "iters": 12, "bits": 4, "group_size": 32, "seqlen": 32, "nsamples": 8,
+                            "dtype": "float32"})
+    quantize_model(ModelSource(str(src)), cfg, tmp_path / "q", progress=True, calib_ids=ids)
+    err = capsys.readouterr().err
+    assert "layer 1/2 learned rounding step 10/12" in err and "layer 2/2 learned rounding step 0/12" in err

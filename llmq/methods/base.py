@@ -32,6 +32,11 @@ class LayerLog:
     layer: int
     records: list[dict[str, Any]] = field(default_factory=list)
     listener: Callable[[str], None] | None = None  # progress display, told of each finished module
+    status: Callable[[str], None] | None = None  # progress display, told what a long step is doing
+
+    def say(self, text: str) -> None:
+        if self.status is not None:
+            self.status(text)
 
     def add(self, module: str, **info: Any) -> None:
         self.records.append({"layer": self.layer, "module": module, **info})

@@ -33,6 +33,7 @@ from torch.func import functional_call
 
 from llmq.activations import LayerInputs, layer_hidden
 from llmq.errors import LlmqError
+from llmq.methods.base import LayerLog
 from llmq.methods.gptq import GPTQ, GPTQOptions
 from llmq.qtensor import QuantizedTensor
 
@@ -108,7 +109,7 @@ class SignRound(GPTQ):
         self.updated = None
         if self.options.iters == 0 or not learn:
             return result
-        start, end = self._train(layer, learn, inputs, wanted)
+        start, end = self._train(layer, learn, inputs, wanted, log)
         seconds = time.perf_counter() - t0
         for name, r in learn.items():
             qt = r.result()
@@ -122,7 +123,7 @@ class SignRound(GPTQ):
 
     @torch.no_grad()
     def _train(self, layer: nn.Module, learn: dict[str, Rounding], inputs: LayerInputs,
-               wanted: list[torch.Tensor]) -> tuple[float, float]:
+               wanted: list[torch.Tensor], log: LayerLog) -> tuple[float, float]:
         """Signed gradient descent on every v; leaves v in place if it lowered the layer's output MSE
         over all windows (else v = 0).  Returns that MSE at the start (GPTQ's codes) and at the end.
 
@@ -137,6 +138,8 @@ class SignRound(GPTQ):
         per_window = wanted[0].numel()
         start = self._loss(layer, learn, inputs, wanted, n * per_window)
         for it in range(o.iters):
+            if it % 10 == 0:
+                log.say(f"learned rounding step {it}/{o.iters}")
             windows = torch.randperm(n, generator=gen)[: o.batch].sort().values.tolist()
             grads = self._sum(self._gradient(layer, learn, inputs, wanted, [i - mine.start for i in windows if i in mine],
                                              len(windows) * per_window))
