@@ -132,8 +132,6 @@ def _check_distributed(plan: RunPlan, method: Method, ranks: Ranks, resume: bool
     """What a torchrun launch cannot do yet, refused on every rank before any work."""
     if ranks.world == 1:
         return
-    if not method.distributed:
-        raise LlmqError(f"method {plan.method} runs in one process only; launch it without torchrun")
     if plan.target_size is not None or plan.target_bpw is not None:
         raise LlmqError("--target-size/--target-bpw allocate in one process only; launch without torchrun "
                         "(or save the plan with --save-recipe and run that recipe under torchrun)")

@@ -69,8 +69,9 @@ def make_model(path: Path, layers: int, hidden: int, vocab: int, tokenizer: bool
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
 
-    rnd = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(getattr(torch, dtype))  # noqa: E731
-    shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=getattr(torch, dtype)),
+    dt = getattr(torch, dtype)
+    rnd = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(dt)  # noqa: E731
+    shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=dt),
                                 "lm_head.weight": rnd(vocab, hidden)})
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -79,8 +80,8 @@ def make_model(path: Path, layers: int, hidden: int, vocab: int, tokenizer: bool
             p + "self_attn.v_proj.weight": rnd(hidden, hidden), p + "self_attn.o_proj.weight": rnd(hidden, hidden),
             p + "mlp.gate_proj.weight": rnd(inter, hidden), p + "mlp.up_proj.weight": rnd(inter, hidden),
             p + "mlp.down_proj.weight": rnd(hidden, inter),
-            p + "input_layernorm.weight": torch.ones(hidden, dtype=getattr(torch, dtype)),
-            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=getattr(torch, dtype))})
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=dt),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dt)})
     if tokenizer:
         from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast

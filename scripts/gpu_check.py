@@ -24,6 +24,7 @@ def measure(method: str, src: Path, out: Path, ids_path: Path, device: str, extr
     """One quantization run through the pipeline: wall time and peak memory (of this process)."""
     import torch
 
+    from llmq.cli import peak_rss_mib
     from llmq.pipeline import quantize_model
     from llmq.recipe import build_config
     from llmq.source import ModelSource
@@ -35,8 +36,7 @@ def measure(method: str, src: Path, out: Path, ids_path: Path, device: str, extr
     quantize_model(ModelSource(str(src)), cfg, out, device=device, progress=False, calib_ids=ids)
     seconds = time.perf_counter() - t0
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    rss = [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
-    return {"seconds": seconds, "peak_gpu_mib": gpu, "peak_rss_mib": rss}
+    return {"seconds": seconds, "peak_gpu_mib": gpu, "peak_rss_mib": peak_rss_mib()}
 
 
 def run(method: str, src: Path, out: Path, ids: Path, device: str, extra: dict, fresh: bool) -> dict:

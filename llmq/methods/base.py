@@ -52,7 +52,6 @@ class Method(ABC):
     needs_calibration: ClassVar[bool] = False
     default_dataset: ClassVar[str] = "wikitext2"  # calibration text when the recipe names none
     default_seqlen: ClassVar[int] = 2048  # calibration window when the recipe names none (capped by the context)
-    distributed: ClassVar[bool] = True  # False: runs in one process only (its statistics are not summed over ranks)
 
     def __init__(self, options: Any = None, seed: int = 0, ranks: Ranks = Ranks()):
         self.options = options if options is not None else self.Options()

@@ -97,8 +97,7 @@ class Hessian:
         damps H (written as a correction, so W' = W exactly where x0 = x).  W where inputs were not paired."""
         if weight == 0 or self._cross is None or not self.paired or self.count == 0:
             return W
-        eye = torch.eye(self.n, dtype=torch.float64, device=self._sum.device)
-        L, info = torch.linalg.cholesky_ex(self._sum + damp * self._sum.diagonal().mean() * eye)
+        L, info = torch.linalg.cholesky_ex(damped(self._sum, damp))
         if info != 0:
             return W
         delta = torch.cholesky_solve((self._cross - self._sum).T @ W.T.to(torch.float64), L).T
@@ -203,13 +202,16 @@ class SolveInfo:
         return float(num / den) if den > 0 else float(num)
 
 
+def damped(H: torch.Tensor, frac: float) -> torch.Tensor:
+    """H + frac·mean(diag H)·I: GPTQ's damping (of its solve, and of fp_targets' normal equations)."""
+    return H + frac * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
-    """Upper Cholesky factor of (H + damp*mean(diag) I)^-1, escalating damp x10 until it works."""
-    mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    """Upper Cholesky factor of damped(H, damp)^-1, escalating damp x10 until it works."""
     frac = damp
     while frac <= 1.0 + 1e-9:
-        L, info = torch.linalg.cholesky_ex(H + frac * mean_diag * eye)
+        L, info = torch.linalg.cholesky_ex(damped(H, frac))
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
