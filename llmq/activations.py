@@ -16,6 +16,7 @@ from torch import nn
 
 from llmq.arch import Arch, get_module
 from llmq.errors import LlmqError
+from llmq.reuse import Reuse
 from llmq.source import ModelSource, move_resident, release
 
 Observer = Callable[[torch.Tensor], None]
@@ -39,8 +40,11 @@ class LayerInputs:
     # Index of hidden[0] among all the run's windows (a share of a distributed run starts later); a
     # multiple of batch_size, so batches are numbered alike however the windows are shared out.
     offset: int = 0
-    # Which observed module sets (by layer class and module names) were seen to run once per forward.
-    _single_call: dict[tuple[str, ...], bool] = field(default_factory=dict, repr=False)
+    # What passes over ``reuse.layer`` may take from earlier passes (llmq.reuse); None: nothing.
+    reuse: Reuse | None = None
+    # Per observed module set (by layer class and module names), if each module was seen to run once per
+    # forward: which of them read the very tensor an earlier one read (k/v_proj: q_proj's); None if not.
+    _single_call: dict[tuple[str, ...], dict[str, str] | None] = field(default_factory=dict, repr=False)
 
     @torch.no_grad()
     def run(self, layer: nn.Module, observers: Mapping[nn.Module, Observer] | None = None,
@@ -50,30 +54,52 @@ class LayerInputs:
 
         Without ``keep_outputs`` nothing downstream of the last observed module matters, so
         once every observer has seen its input the rest of the forward is skipped (true-sequential
-        GPTQ's q/k/v pass, for instance, then costs two matmuls instead of a whole layer).  This
-        relies on each observed module running once per forward, which a first full batch checks
-        (once per layer class and module names, not once per layer); if it does not,
-        every batch runs in full.
+        GPTQ's q/k/v pass, for instance, then costs a norm instead of a whole layer: k/v_proj read
+        q_proj's very input, so the forward stops as q_proj's comes, and they are shown it then).
+        This relies on each observed module running once per forward, which a first full batch
+        checks (once per layer class and module names, not once per layer); if it does not, every
+        batch runs in full.
         """
         observers = dict(observers or {})
+        names = {m: n for n, m in layer.named_modules() if m in observers}
+        modules = {n: m for m, n in names.items()}
         calls: dict[nn.Module, int] = {}
+        got: dict[str, torch.Tensor] = {}  # this forward's observed inputs
+        shares: dict[str, str] = {}  # module -> the earlier observed module whose very input tensor it read
         may_stop = bool(observers) and not keep_outputs
-        key = (type(layer).__name__, *(n for n, m in layer.named_modules() if m in observers)) if may_stop else ()
+        key = (type(layer).__name__, *names.values()) if may_stop else ()
 
         def pre_hook(mod: nn.Module, args: tuple) -> None:
             observers[mod](args[0])
             calls[mod] = calls.get(mod, 0) + 1
-            if may_stop and len(calls) == len(observers) and self._single_call.get(key, False):
+            name = names[mod]
+            same = next((n for n, t in got.items() if t is args[0]), None)
+            if same is not None:
+                shares.setdefault(name, same)
+            got.setdefault(name, args[0])
+            known = self._single_call.get(key)
+            if may_stop and known is not None and all(n in got for n in modules if n not in known):
+                for n, source in known.items():  # (they would read the same tensor: show it to them now)
+                    if n not in got:
+                        observers[modules[n]](got[source])
                 raise _Observed
 
-        handles = [mod.register_forward_pre_hook(pre_hook) for mod in observers]
+        batch = 0
+        reuse = self.reuse if self.reuse is not None and self.reuse.layer is layer else None
+        remove = reuse.hooks(lambda: batch, self.hidden[0].shape[-1]) if reuse is not None and self.hidden else None
+        handles = [mod.register_forward_pre_hook(pre_hook) for mod in observers]  # (after reuse's: it keeps first)
         outputs: list[torch.Tensor] = []
         try:
             for i in range(0, len(self.hidden), self.batch_size):
                 x = torch.cat(self.hidden[i : i + self.batch_size])
+                batch = (self.offset + i) // self.batch_size
                 if on_batch is not None:
-                    on_batch((self.offset + i) // self.batch_size)
+                    on_batch(batch)
                 calls.clear()
+                got.clear()
+                shares.clear()
+                if reuse is not None:
+                    reuse.start_forward()
                 try:
                     y = layer_hidden(layer(x, **self.kwargs))
                 except _Observed:
@@ -81,10 +107,14 @@ class LayerInputs:
                 if keep_outputs:
                     outputs.extend(y.split(1))
                 if may_stop and key not in self._single_call:
-                    self._single_call[key] = len(calls) == len(observers) and all(n == 1 for n in calls.values())
+                    once = len(calls) == len(observers) and all(n == 1 for n in calls.values())
+                    self._single_call[key] = dict(shares) if once else None
         finally:
             for h in handles:
                 h.remove()
+            if remove is not None:
+                remove()
+            got.clear()
         return outputs if keep_outputs else None
 
     def first_batch(self) -> torch.Tensor:
@@ -94,6 +124,7 @@ class LayerInputs:
     def advance(self, layer: nn.Module) -> None:
         """Replace the inputs by this layer's outputs: they are the next layer's inputs."""
         self.hidden = self.run(layer, keep_outputs=True)  # type: ignore[assignment]
+        self.reuse = None  # (kept for this layer's windows)
 
 
 # ---- capture at layer 0 -------------------------------------------------------------

@@ -42,15 +42,34 @@ def test_early_stop_observes_the_same_inputs_and_skips_the_rest():
                   ["mlp.down_proj"]):
         expected = _plain_observation(layer, inputs, names)
         got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        ran_down = []
+        ran_down, ran_last = [], []
         h = layer.get_submodule("mlp.down_proj").register_forward_hook(lambda *_: ran_down.append(1))
+        h2 = layer.get_submodule(names[-1]).register_forward_hook(lambda *_: ran_last.append(1))
         inputs.run(layer, {layer.get_submodule(n): (lambda x, n=n: got[n].append(x.clone())) for n in names})
         h.remove()
+        h2.remove()
         for n in names:
             assert len(got[n]) == len(expected[n]) == 3
             assert all(torch.equal(a, b) for a, b in zip(got[n], expected[n]))
-        # down_proj never completes once the observed modules are done (after a first checked batch per module set)
-        assert len(ran_down) <= 1
+        # Neither down_proj nor the group's last module (k/v_proj, up_proj read the very tensor of the first
+        # one, and are shown it) runs once the observers are done (after a first checked batch per module set)
+        assert len(ran_down) <= 1 and len(ran_last) <= 1
+
+
+def test_a_group_reading_one_tensor_gets_the_hessians_of_every_batch():
+    layer, inputs = _tiny_llama_inputs()
+    inputs.run(layer, {layer.get_submodule(n): lambda x: None for n in ["self_attn.q_proj", "self_attn.k_proj",
+               "self_attn.v_proj"]})  # (a layer before this one taught the run where to stop)
+    for names in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]):
+        expected = _plain_observation(layer, inputs, names)
+        hessians = InputHessians({n: layer.get_submodule(n) for n in names})
+        inputs.run(layer, hessians.observers())
+        for n in names:
+            ref = Hessian(expected[n][0].shape[-1])
+            for x in expected[n]:
+                ref.add(x)
+            assert hessians[n].count == ref.count
+            assert torch.equal(hessians[n].H, ref.H)
 
 
 def test_outputs_are_complete_and_unchanged():
