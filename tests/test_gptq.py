@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmq.grid import IntGrid
-from llmq.methods.gptq import Hessian, gptq_quantize
+from llmq.methods.gptq import Hessian, add_gram, gptq_quantize, symmetric
 from llmq.methods.rtn import rtn_quantize
 
 
@@ -121,6 +121,32 @@ def test_rank_deficient_and_dead_inputs_do_not_crash():
     q, info = gptq_quantize(w, _hessian(x), IntGrid(4, 32, True))
     assert torch.isfinite(q.dequantize()).all()
     assert q.dequantize()[:, 5].abs().max() <= q.scales.max()  # dead column quantized from zero
+
+
+@pytest.mark.parametrize("n", [100, 600, 2100])
+def test_gram_by_panels_is_the_whole_product(n):
+    x = torch.randn(300, n, generator=torch.Generator().manual_seed(n))
+    acc = torch.zeros(n, n, dtype=torch.float64)
+    add_gram(acc, x)
+    add_gram(acc, 2 * x)
+    full = 5 * x.double().T @ x.double()
+    assert torch.allclose(symmetric(acc), full, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("act_order,sym,damp", [(False, True, 0.01), (True, False, 0.01), (True, True, 0.3)])
+def test_reported_error_is_the_layer_wise_loss(act_order, sym, damp):
+    """The solver's per-row error (taken from its own loss increments) against (w - q) H (w - q)ᵀ computed
+    directly, with a dead input and a rank-deficient Hessian in play."""
+    g = torch.Generator().manual_seed(11)
+    x = _inputs("correlated", 96, 1024, seed=12)
+    x[:, 7] = 0
+    w = torch.randn(40, 96, generator=g)
+    H = _hessian(x)
+    q, info = gptq_quantize(w, H, IntGrid(3, 32, sym), damp=damp, act_order=act_order)
+    d = (w - q.dequantize()).double()
+    direct = ((d @ H.double()) * d).sum(1)
+    assert torch.allclose(info.row_error.double(), direct, rtol=2e-3, atol=1e-6 * float(direct.max()))
+    assert torch.allclose(info.row_energy.double(), ((w.double() @ H.double()) * w.double()).sum(1), rtol=1e-4)
 
 
 def test_non_finite_hessian_falls_back_to_rtn():

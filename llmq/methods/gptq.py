@@ -27,6 +27,7 @@ from llmq.grid import Grid, group_index
 from llmq.methods.base import Method
 from llmq.rounding import rtn_quantize
 from llmq.qtensor import QuantizedTensor
+from llmq.reuse import Reuse
 
 log = logging.getLogger("llmq.gptq")
 
@@ -52,12 +53,29 @@ class GPTQOptions:
             raise LlmqError(f"fp_targets must be in [0, 1], got {self.fp_targets}")
 
 
+def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += the upper triangle (diagonal included) of xᵀx, for x of shape (tokens, n).
+
+    Computed by row panels, x[:, i:i+b]ᵀ x[:, i:], each one matrix product: about 0.56 of the work
+    of the whole xᵀx, whose lower half only repeats the upper.  (Entries below the diagonal of ``acc``
+    take some products too; they mean nothing: read the upper triangle, as ``symmetric`` does.)"""
+    n = x.shape[1]
+    b = max(256, -(-n // 8))
+    for i in range(0, n, b):
+        acc[i : i + b, i:] += (x[:, i : i + b].T @ x[:, i:]).to(acc.dtype)
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s."""
+    return upper.triu() + upper.triu(1).T
+
+
 class Hessian:
     """2/N Σ x xᵀ over the N calibration tokens seen, as a tensor of ``dtype`` (fp32 by default).
 
     Each batch's x xᵀ is one product in ``dtype``; the products are summed in float64, so sums of
     many batches (and over the ranks of a distributed run, llmq.distributed) lose nothing that
-    the ``dtype`` result would show."""
+    the ``dtype`` result would show.  Only the upper triangle is accumulated (add_gram)."""
 
     def __init__(self, n: int, dtype: torch.dtype = torch.float32):
         self.n, self.dtype = n, dtype
@@ -73,7 +91,7 @@ class Hessian:
         if self._sum is None or self.count == 0:
             device = None if self._sum is None else self._sum.device
             return torch.zeros(self.n, self.n, dtype=self.dtype, device=device)
-        return (self._sum * (2 / self.count)).to(self.dtype)
+        return (symmetric(self._sum) * (2 / self.count)).to(self.dtype)
 
     def add(self, x: torch.Tensor, x0: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
@@ -82,7 +100,7 @@ class Hessian:
         elif self._sum.device != x.device:
             self._sum = self._sum.to(x.device)
         self.count += x.shape[0]
-        self._sum += (x.T @ x).to(torch.float64)
+        add_gram(self._sum, x)
         if x0 is None or x0.numel() != x.numel():
             self.paired = False
         elif self.paired:
@@ -97,10 +115,11 @@ class Hessian:
         damps H (written as a correction, so W' = W exactly where x0 = x).  W where inputs were not paired."""
         if weight == 0 or self._cross is None or not self.paired or self.count == 0:
             return W
-        L, info = torch.linalg.cholesky_ex(damped(self._sum, damp))
+        S = symmetric(self._sum)
+        L, info = torch.linalg.cholesky_ex(damped(S, damp))
         if info != 0:
             return W
-        delta = torch.cholesky_solve((self._cross - self._sum).T @ W.T.to(torch.float64), L).T
+        delta = torch.cholesky_solve((self._cross - S).T @ W.T.to(torch.float64), L).T
         return (W.double() + weight * delta).to(W.dtype)
 
     def reduce(self, ranks: Ranks, device: torch.device | None = None, to: int | None = None,
@@ -208,14 +227,18 @@ def damped(H: torch.Tensor, frac: float) -> torch.Tensor:
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
-    """Upper Cholesky factor of damped(H, damp)^-1, escalating damp x10 until it works."""
+    """Upper Cholesky factor U of damped(H, damp)^-1 (H^-1 = UᵀU), escalating damp x10 until it works.
+
+    Without forming H^-1: with J the order reversal and J H J = L Lᵀ, H^-1 = (J L^-1 J)ᵀ (J L^-1 J), and
+    J L^-1 J is upper triangular with a positive diagonal, so it is that factor (which is unique): one
+    Cholesky and one triangular inverse instead of a Cholesky, an inverse and a second Cholesky."""
     frac = damp
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     while frac <= 1.0 + 1e-9:
-        L, info = torch.linalg.cholesky_ex(damped(H, frac))
+        L, info = torch.linalg.cholesky_ex(damped(H, frac).flip(0, 1))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0 and torch.isfinite(U).all():
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if torch.isfinite(U).all():
                 return U, frac
         frac *= 10
     return None, frac
@@ -240,7 +263,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     dtype, device = H.dtype, H.device
     W0 = W.to(device=device, dtype=dtype)
     W = W0.clone()
-    H = H.clone()
+    H0, H = H, H.clone()
     out, n = W.shape
     gs, groups = grid.effective_group_size(n), grid.groups(n)
 
@@ -285,29 +308,42 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     Wt = W.T.contiguous()
     Qt = torch.zeros_like(Wt)
     Pt = torch.zeros_like(Wt) if keep_updated else None  # what each column was rounded from
+    loss = torch.zeros(out, dtype=dtype, device=device)  # per row: the sum of OBS's loss increments
     S, Z = scale.T[col_group].contiguous(), zero.T[col_group].contiguous()
     O = None if offset is None else offset.T[col_group].contiguous()
+
+    def fit(col: int, rows: torch.Tensor) -> None:  # a dynamic group's grid, from its updated weights
+        gscale, gzero = (t.to(dtype) for t in grid.fit_groups(rows.T))
+        scale[:, colg[col]], zero[:, colg[col]] = gscale, gzero
+        S[col : col + gs], Z[col : col + gs] = gscale, gzero
+
+    # Inside a block, each column's update reaches only the next few columns at once (a sub-block of
+    # 16, which then passes its errors on to the rest of the block as one product): the same sums,
+    # with less memory traffic than a rank-1 update of the whole block per column.
+    sub = 16 if static or gs % 16 == 0 else bs  # (a dynamic group must start a sub-block: fit sees all updates)
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
         W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         diag = U1.diagonal().tolist()
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % gs == 0:
-                gscale, gzero = (t.to(dtype) for t in grid.fit_groups(W1[i : i + gs].T))
-                scale[:, colg[col]], zero[:, colg[col]] = gscale, gzero
-                S[col : col + gs], Z[col : col + gs] = gscale, gzero
-            w, off = W1[i], None if O is None else O[col]
-            q = grid.nearest(w, S[col], Z[col], off)
-            Qt[col] = q
-            if Pt is not None:
-                Pt[col] = w
-            err = (w - grid.value(q, S[col], Z[col], off)) / diag[i]
-            W1[i:] -= torch.outer(U1[i, i:], err)
-            Err1[i] = err
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                if not static and col % gs == 0:
+                    fit(col, W1[i : i + gs])
+                w, off = W1[i], None if O is None else O[col]
+                q = grid.nearest(w, S[col], Z[col], off)
+                Qt[col] = q
+                if Pt is not None:
+                    Pt[col] = w
+                err = (w - grid.value(q, S[col], Z[col], off)) / diag[i]
+                W1[i:j2].addr_(U1[i, i:j2], err, alpha=-1)
+                Err1[i] = err
+            W1[j2:] -= U1[j1:j2, j2:].T @ Err1[j1:j2]
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1
+        loss += (Err1 * Err1).sum(0)
 
     Q = Qt.T
     inv = torch.argsort(perm)
@@ -315,7 +351,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, grid), grid,
                                           None if offset is None else offset.cpu(), stored)
     updated = None if Pt is None else Pt.T[:, inv].cpu()
-    return qt, SolveInfo(used_damp, False, *error_terms(W0, qt.dequantize(dtype).to(device), H), updated)
+    Qd = qt.dequantize(dtype).to(device)
+    # Each column's OBS increment (w - q)² / [H⁻¹]_ii is what its rounding added to the loss (the later
+    # columns' updates being optimal), so their sum is (W - Q) H' (W - Q)ᵀ exactly, H' being the matrix
+    # solved with: H with damping λ·I and 1 on the dead diagonal.  Taking those two away gives the
+    # layer-wise loss for H itself without another out x n x n product.
+    lam = used_damp * float(H.diagonal().mean())
+    W0z = W0.masked_fill(dead, 0)
+    row_error = loss - lam * ((W0z - Qd) ** 2).sum(1) - (Qd[:, dead] ** 2).sum(1)
+    return qt, SolveInfo(used_damp, False, row_error.clamp_min(0), ((W0 @ H0) * W0).sum(1), updated)
 
 
 def _rtn_fallback(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float,
@@ -350,6 +394,9 @@ class GPTQ(Method):
         wanted = set(targets)
         steps = arch.sequential if cfg.true_sequential else (tuple(arch.linears()),)
         unquantized = Unquantized.of(layer, inputs, self._fp_hidden) if self.follows_unquantized() else None
+        if inputs is not None and len(steps) > 1:  # (each step's pass may take from the ones before)
+            inputs.reuse = Reuse(layer, pending={layer.get_submodule(n) for n in wanted})
+            inputs.reuse.learn(inputs.hidden[0], inputs.kwargs)
         result = {}
         for step in steps:
             names = [n for n in step if n in wanted]
@@ -377,6 +424,8 @@ class GPTQ(Method):
                     error = info.rows_error(row, row + out)
                     row += out
                     linear.weight.data = q.dequantize(linear.weight.dtype).to(linear.weight.device)
+                    if inputs is not None and inputs.reuse is not None:
+                        inputs.reuse.pending.discard(linear)  # (final from here on)
                     result[name] = q
                     if self.updated is not None and info.updated is not None:
                         self.updated[name] = info.updated[row - out : row]
@@ -429,7 +478,11 @@ class Unquantized:
     @staticmethod
     def of(layer: nn.Module, inputs: LayerInputs, hidden: list[torch.Tensor] | None) -> "Unquantized":
         """A copy of ``layer`` (about to be quantized in place) with its unquantized inputs."""
-        return Unquantized(copy.deepcopy(layer), Unquantized.of_inputs(inputs, hidden))
+        unquantized = Unquantized(copy.deepcopy(layer), Unquantized.of_inputs(inputs, hidden))
+        reuse = Reuse(unquantized.layer)  # (nothing pending: the copy never changes)
+        reuse.learn(unquantized.inputs.hidden[0], inputs.kwargs)
+        unquantized.inputs.reuse = reuse
+        return unquantized
 
     @staticmethod
     def of_inputs(inputs: LayerInputs, hidden: list[torch.Tensor] | None) -> LayerInputs:
@@ -449,7 +502,8 @@ class Unquantized:
         def on_batch(b: int) -> None:
             seen.clear()
             i = b * bs - self.inputs.offset
-            one = LayerInputs(self.inputs.hidden[i : i + bs], self.inputs.kwargs, bs, _single_call=self.inputs._single_call)
+            one = LayerInputs(self.inputs.hidden[i : i + bs], self.inputs.kwargs, bs, b * bs, self.inputs.reuse,
+                              self.inputs._single_call)
             self._tokens = sum(h.shape[0] * h.shape[1] for h in one.hidden)
             one.run(self.layer, {m: partial(store, n) for m, n in modules.items()})
 

@@ -101,6 +101,7 @@ class SignRound(GPTQ):
             raise LlmqError("signround needs calibration data")
         self.updated = {}
         result = super().quantize_layer(layer, arch, targets, inputs, log)
+        inputs.reuse = None  # (what GPTQ's passes kept is stale once the codes move)
         wanted = self._fp_hidden  # (GPTQ leaves the unquantized layer's outputs there)
         t0 = time.perf_counter()
         device = next(layer.parameters()).device
