@@ -93,6 +93,13 @@ class Hessian:
             return torch.zeros(self.n, self.n, dtype=self.dtype, device=device)
         return (symmetric(self._sum) * (2 / self.count)).to(self.dtype)
 
+    @property
+    def sum(self) -> torch.Tensor:
+        """Σ x xᵀ (float64)."""
+        if self._sum is None:
+            return torch.zeros(self.n, self.n, dtype=torch.float64)
+        return symmetric(self._sum)
+
     def add(self, x: torch.Tensor, x0: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
         if self._sum is None:  # accumulate where the activations live (CPU or GPU)
