@@ -3,14 +3,16 @@
 
 Each run happens in a fresh process on the same calibration token ids; llmq's RTN is the
 baseline of the time and memory ratios.  When `llmcompressor` or `gptqmodel` are installed,
-the same recipe (W4, group 128, symmetric, damp 0.01, static act-order) is also run through
-them (not part of CI; those packages are optional).  With --eval-dataset every output is
+the same recipe (W4, group 128, symmetric, damp 0.01, static act-order; AWQ with zero points) is
+also run through them (not part of CI; those packages are optional, and may live in their own
+virtualenvs: --peer llmcompressor=/path/to/venv/bin/python).  With --eval-dataset every output is
 read back by `llmq eval` and compared with the source model (mean KL, top-1, perplexity),
 so all tools' files are measured by the same code.
 
     python scripts/bench_quantize.py --model ../shared/assets/models/llmq-ref-6m --seqlen 256 \
         --calib-dataset c4 --eval-dataset wikitext2
-    python scripts/bench_quantize.py --random-hidden 1024 --random-layers 4     # a bigger random Llama
+    python scripts/bench_quantize.py --random-hidden 2048 --random-inter 5632 --random-layers 4 \
+        --nsamples 32 --seqlen 2048 --methods gptq-act,awq --peer gptqmodel=../peers/gptqmodel/bin/python
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+from importlib.metadata import version
 tool, method, src, out, ids_path, bits, gs = sys.argv[1:8]
 bits, gs = int(bits), int(gs)
 ids = torch.load(ids_path)
 nsamples, seqlen = ids.shape
 act_order = method == "gptq-act"
+sym = method != "awq"  # AWQ as its authors and every tool ship it: with zero points
 # Tensors left unquantized keep the source's dtype, as the other tools keep them: only the method differs.
 from transformers import AutoConfig
 dtype = str(getattr(AutoConfig.from_pretrained(src), "dtype", None) or "float32").removeprefix("torch.")
@@ -40,44 +44,69 @@ if tool == "llmq":
     from llmq.pipeline import quantize_model
     from llmq.source import ModelSource
     cfg = build_config({}, {"method": method.split("-")[0], "bits": bits, "group_size": gs, "nsamples": nsamples,
-                            "seqlen": seqlen, "dtype": dtype, **({"act_order": act_order} if method.startswith("gptq") else {})})
+                            "seqlen": seqlen, "dtype": dtype, "sym": sym,
+                            **({"act_order": act_order} if method.startswith("gptq") else {})})
     quantize_model(ModelSource(src), cfg, out, progress=False, calib_ids=ids)
 elif tool == "llmcompressor":
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
-    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group" if gs > 0 else "channel",
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group" if gs > 0 else "channel",
                                group_size=gs if gs > 0 else None)
-    recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                          ignore=["lm_head"], dampening_frac=0.01, actorder="static" if act_order else None)
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    if method == "awq":
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+        if not torch.cuda.is_available():  # (0.14 pins its cache for GPU copies, which fails without a GPU)
+            IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+        recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    else:
+        recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01,
+                              actorder="static" if act_order else None)
     oneshot(model=src, dataset=ds, recipe=recipe, max_seq_length=seqlen, num_calibration_samples=nsamples,
             output_dir=out)
 elif tool == "gptqmodel":
     from gptqmodel import GPTQModel, QuantizeConfig
-    # act_group_aware (its default reordering) off: plain GPTQ, or act-order with static groups, as above
-    model = GPTQModel.load(src, QuantizeConfig(bits=bits, group_size=gs, sym=True, desc_act=act_order,
-                                               static_groups=act_order, act_group_aware=False, damp_percent=0.01))
+    if method == "awq":  # (7.6 refuses it without CUDA: "AWQ: CUDA is not available")
+        qcfg = QuantizeConfig(bits=bits, group_size=gs, sym=False, method="awq", format="gemm")
+    else:  # act_group_aware (its default reordering) off: plain GPTQ, or act-order with static groups, as above
+        qcfg = QuantizeConfig(bits=bits, group_size=gs, sym=True, desc_act=act_order, static_groups=act_order,
+                              act_group_aware=False, damp_percent=0.01)
+    model = GPTQModel.load(src, qcfg)
     model.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * seqlen} for r in ids])
     model.save(out)
-print(json.dumps({"seconds": time.perf_counter() - t0,
+seconds = time.perf_counter() - t0
+versions = {p: version(p) for p in ("torch", "transformers", {"llmq": "llmq"}.get(tool, tool))}
+print(json.dumps({"seconds": seconds, "versions": versions,
                   "peak_rss_mib": [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]}))
 """
 
 OTHER_TOOLS = ("llmcompressor", "gptqmodel")
 
 
-def run(tool: str, method: str, src: str, out: Path, ids_path: Path, args) -> dict | None:
+def run(tool: str, method: str, python: str, src: str, out: Path, ids_path: Path, args) -> dict | None:
     env = dict(os.environ)
     if tool == "gptqmodel":  # its default thread pools ask for more CPU workers than a 2-core machine gives
         env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
-    p = subprocess.run([sys.executable, "-c", CHILD, tool, method, src, str(out), str(ids_path), str(args.bits),
+    p = subprocess.run([python, "-c", CHILD, tool, method, src, str(out), str(ids_path), str(args.bits),
                         str(args.group_size)], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         print(f"{tool} {method}: failed\n{p.stderr[-1500:]}", file=sys.stderr)
         return None
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def peers(args) -> dict[str, str]:
+    """Each other tool and the Python that runs it: ``--peer tool=python`` (its own virtualenv), else this
+    Python if the tool is installed next to llmq."""
+    given = dict(p.split("=", 1) for p in args.peer)
+    unknown = set(given) - set(OTHER_TOOLS)
+    if unknown:
+        sys.exit(f"bench_quantize: unknown peer {sorted(unknown)[0]!r} (known: {', '.join(OTHER_TOOLS)})")
+    found = {t: sys.executable for t in OTHER_TOOLS if t not in given and importlib.util.find_spec(t) is not None}
+    return {**given, **found}
 
 
 def evaluate(out: Path, src: str, args) -> dict | None:
@@ -112,7 +141,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="local model directory (default: a random Llama built here)")
     ap.add_argument("--random-hidden", type=int, default=1024)
+    ap.add_argument("--random-inter", type=int, help="MLP width of the random Llama (default 4 x hidden)")
     ap.add_argument("--random-layers", type=int, default=4)
+    ap.add_argument("--methods", default="gptq,gptq-act", help="comma-separated, of gptq, gptq-act, awq (rtn runs always)")
+    ap.add_argument("--peer", action="append", default=[], metavar="TOOL=PYTHON",
+                    help="run TOOL (llmcompressor, gptqmodel) with this Python (e.g. its own virtualenv's)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, default=4)
@@ -130,15 +163,17 @@ def main() -> None:
             from bench_memory import make_model
 
             src = str(Path(tmp) / "random-llama")
-            make_model(Path(src), args.random_layers, args.random_hidden, 32000, tokenizer=True)
+            make_model(Path(src), args.random_layers, args.random_hidden, 32000, tokenizer=True, inter=args.random_inter)
         ids_path = Path(tmp) / "ids.pt"
         torch.save(calibration_ids(src, args), ids_path)
-        runs = [("llmq", "rtn"), ("llmq", "gptq"), ("llmq", "gptq-act")]
-        runs += [(t, m) for t in OTHER_TOOLS if importlib.util.find_spec(t) is not None for m in ("gptq", "gptq-act")]
+        methods = args.methods.split(",")
+        others = peers(args)
+        pythons = {"llmq": sys.executable, **others}
+        runs = [("llmq", "rtn")] + [(t, m) for m in methods for t in ("llmq", *others)]
         results = {}
         for tool, method in runs:
             out = Path(tmp) / f"{tool}-{method}"
-            r = run(tool, method, src, out, ids_path, args)
+            r = run(tool, method, pythons[tool], src, out, ids_path, args)
             if r is not None and args.eval_dataset:
                 r["eval"] = evaluate(out, src, args)
             if r is not None:
@@ -159,7 +194,15 @@ def main() -> None:
                 line += (f" {e['kld']:9.5f} {100 * e['top1']:6.2f}% {e['ppl']:11.4f}" if e
                          else "   (eval failed)")
             print(line)
-        missing = [t for t in OTHER_TOOLS if importlib.util.find_spec(t) is None]
+        print("versions: " + "; ".join(f"{t}: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+                                       for t, r in {t: r for (t, _), r in results.items()}.items()))
+        for method in methods:
+            mine, theirs = results.get(("llmq", method)), [r for (t, m), r in results.items() if t != "llmq" and m == method]
+            if mine and theirs:
+                fastest = min(r["seconds"] for r in theirs)
+                print(f"{method}: llmq time / fastest peer's = {mine['seconds'] / fastest:.2f}; peak RSS / lowest "
+                      f"peer's = {mine['peak_rss_mib'] / min(r['peak_rss_mib'] for r in theirs):.2f}")
+        missing = [t for t in OTHER_TOOLS if t not in others]
         if missing:
             print(f"(not installed, skipped: {', '.join(missing)})")
 
