@@ -21,6 +21,17 @@ from llmq.source import ModelSource, move_resident, release
 
 Observer = Callable[[torch.Tensor], None]
 
+# Tokens per forward over a layer's calibration windows.  A batch's intermediates (an MLP's are several
+# times the hidden width) are the largest transient of a pass: at 8 windows of 2048 tokens a 7B-shaped
+# MLP's would take ~3 GB.  4096 tokens keep each product large enough to run at full speed.
+BATCH_TOKENS = 4096
+MAX_BATCH_WINDOWS = 8
+
+
+def batch_windows(seqlen: int) -> int:
+    """Windows of ``seqlen`` tokens per forward: 8, or fewer when that would exceed BATCH_TOKENS."""
+    return max(1, min(MAX_BATCH_WINDOWS, BATCH_TOKENS // max(1, seqlen)))
+
 
 class _Observed(Exception):
     """Raised inside a forward once every observer has had its input (the rest is not needed)."""
@@ -35,8 +46,8 @@ def layer_hidden(out: Any) -> torch.Tensor:
 class LayerInputs:
     hidden: list[torch.Tensor]  # one (1, seqlen, hidden) tensor per calibration sample
     kwargs: dict[str, Any] = field(default_factory=dict)
-    # Samples per forward call.  Captured kwargs (masks, rotary tables) have batch 1 and broadcast.
-    batch_size: int = 8
+    # Samples per forward call (batch_windows).  Captured kwargs (masks, rotary tables) have batch 1 and broadcast.
+    batch_size: int = MAX_BATCH_WINDOWS
     # Index of hidden[0] among all the run's windows (a share of a distributed run starts later); a
     # multiple of batch_size, so batches are numbered alike however the windows are shared out.
     offset: int = 0
@@ -48,9 +59,11 @@ class LayerInputs:
 
     @torch.no_grad()
     def run(self, layer: nn.Module, observers: Mapping[nn.Module, Observer] | None = None,
-            keep_outputs: bool = False, on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor] | None:
+            keep_outputs: bool = False, on_batch: Callable[[int], None] | None = None,
+            consume: bool = False) -> list[torch.Tensor] | None:
         """Forward every sample through ``layer``; ``observers`` see the input of their module, and
-        ``on_batch`` the run-wide number of each batch before its forward.
+        ``on_batch`` the run-wide number of each batch before its forward.  ``consume``: empty ``hidden``
+        as the batches are taken (advance).
 
         Without ``keep_outputs`` nothing downstream of the last observed module matters, so
         once every observer has seen its input the rest of the forward is skipped (true-sequential
@@ -92,6 +105,8 @@ class LayerInputs:
         try:
             for i in range(0, len(self.hidden), self.batch_size):
                 x = torch.cat(self.hidden[i : i + self.batch_size])
+                if consume:
+                    self.hidden[i : i + self.batch_size] = [None] * len(self.hidden[i : i + self.batch_size])
                 batch = (self.offset + i) // self.batch_size
                 if on_batch is not None:
                     on_batch(batch)
@@ -122,9 +137,15 @@ class LayerInputs:
         return torch.cat(self.hidden[: self.batch_size])
 
     def advance(self, layer: nn.Module) -> None:
-        """Replace the inputs by this layer's outputs: they are the next layer's inputs."""
-        self.hidden = self.run(layer, keep_outputs=True)  # type: ignore[assignment]
-        self.reuse = None  # (kept for this layer's windows)
+        """Replace the inputs by this layer's outputs: they are the next layer's inputs.
+
+        The last pass over the layer: each batch's inputs (and what ``reuse`` kept of them) are let go as
+        its outputs come, so the two sets are never both whole in memory."""
+        if self.reuse is not None and self.reuse.layer is layer:
+            self.reuse.last_pass = True
+        self.hidden = list(self.hidden)  # (our own list to empty: another holder of the old one keeps its tensors)
+        self.hidden = self.run(layer, keep_outputs=True, consume=True)  # type: ignore[assignment]
+        self.reuse = None
 
 
 # ---- capture at layer 0 -------------------------------------------------------------
@@ -206,4 +227,4 @@ def capture_inputs(model: nn.Module, source: ModelSource, arch: Arch, ids: torch
         for prefix in outside:
             release(model.get_submodule(prefix))
     kwargs = {k: v for k, v in (catcher.kwargs or {}).items() if k not in ("past_key_values", "past_key_value", "cache")}
-    return LayerInputs(hidden=catcher.hidden, kwargs=kwargs)
+    return LayerInputs(hidden=catcher.hidden, kwargs=kwargs, batch_size=batch_windows(ids.shape[-1]))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.activations import LayerInputs, capture_inputs
+from llmq.activations import LayerInputs, batch_windows, capture_inputs
 from llmq.allocate import Allocation, allocate, budget_bytes
 from llmq.arch import Arch, arch_for, get_module, layer_linears, trace_arch
 from llmq.config import QuantizeConfig
@@ -113,6 +113,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
                 journal.record(i, entry, sink.state())
                 sink.output.keep()  # an interrupted run leaves its finished layers for --resume
         run.bar.close()
+        run.inputs = None  # (the last layer's activations: not needed for what is left)
         if ranks.leader:
             emit_rest(sink, model, source, done=lambda name: name.startswith(run.arch.layers + "."), rtn=rtn_quantize,
                       proposed=head_grid(plan, model))
@@ -138,10 +139,11 @@ def _check_distributed(plan: RunPlan, method: Method, ranks: Ranks, resume: bool
     if resume:
         raise LlmqError("--resume continues one-process runs only; launch it without torchrun")
     c = plan.calibration
-    if c is not None and method.needs_calibration and -(-c.nsamples // LayerInputs.batch_size) < ranks.world:
+    batch = batch_windows(c.seqlen) if c is not None else 1
+    if c is not None and method.needs_calibration and -(-c.nsamples // batch) < ranks.world:
         raise LlmqError(f"{c.nsamples} calibration samples leave some of the {ranks.world} processes without any "
-                        f"(each takes whole batches of {LayerInputs.batch_size}); use --nsamples "
-                        f"{LayerInputs.batch_size * ranks.world} or more, or fewer processes")
+                        f"(each takes whole batches of {batch}); use --nsamples "
+                        f"{batch * ranks.world} or more, or fewer processes")
 
 
 def _calibration_ids(source: ModelSource, plan: RunPlan) -> torch.Tensor:
@@ -191,7 +193,7 @@ def _start(plan: RunPlan, source: ModelSource, model: nn.Module, method: Method,
     stats.layers = len(layers)
     inputs = None
     if calib_ids is not None and method.needs_calibration:
-        share = ranks.windows(len(calib_ids), LayerInputs.batch_size)
+        share = ranks.windows(len(calib_ids), batch_windows(calib_ids.shape[-1]))
         inputs = capture_inputs(model, source, arch, calib_ids[share], plan.compute_dtype, device)
         inputs.offset = share.start
     per_layer = [len(_targets(layer_linears(layer) if arch.discovered else arch.linears(), plan, f"{arch.layers}.{i}"))

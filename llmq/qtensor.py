@@ -41,9 +41,16 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """w = scale * (q - zero) [+ offset] in fp32, then cast: the one definition every format must reproduce."""
         g = self.g_idx.long()
-        w = self.grid.value(self.codes.float(), self.scales[:, g], self.zeros[:, g].float(),
-                            None if self.offsets is None else self.offsets[:, g])
-        return w.to(dtype)
+        out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
+        # A few rows at a time: the per-column parameters and fp32 temporaries of a whole matrix would
+        # take several times its size (elementwise, so chunking changes no value).
+        step = max(1, (1 << 22) // max(1, self.shape[1]))
+        for r in range(0, self.shape[0], step):
+            rows = slice(r, r + step)
+            w = self.grid.value(self.codes[rows].float(), self.scales[rows][:, g], self.zeros[rows][:, g].float(),
+                                None if self.offsets is None else self.offsets[rows][:, g])
+            out[rows] = w.to(dtype)
+        return out
 
     def rows(self, order: torch.Tensor) -> "QuantizedTensor":
         """The same tensor with its output rows reordered (or a slice of them)."""

@@ -34,6 +34,7 @@ class Reuse:
     # tuple the child returns; -1: it returns the tensor alone)
     _ends: dict[str, tuple[str, int]] | None = None
     _kept: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (batch, child) -> ending input
+    last_pass: bool = False  # no pass follows this one: a kept input is let go once served
 
     def learn(self, x: torch.Tensor, kwargs: dict[str, Any]) -> None:
         """Find each child's ending linear with one forward of ``x`` (one window is enough)."""
@@ -93,7 +94,7 @@ class Reuse:
 
     def _keeper(self, batch: Callable[[], int], name: str) -> Callable[[nn.Module, tuple], None]:
         def keep(module: nn.Module, args: tuple) -> None:
-            if not self._dirty:
+            if not self._dirty and not self.last_pass:
                 self._kept.setdefault((batch(), name), args[0])
         return keep
 
@@ -101,7 +102,7 @@ class Reuse:
         compute = type(child).forward.__get__(child)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            kept = self._kept.get((batch(), name))
+            kept = (self._kept.pop if self.last_pass else self._kept.get)((batch(), name), None)
             if kept is None or self._dirty:  # (dirty: its input may differ from the kept pass's)
                 return compute(*args, **kwargs)
             y = ending(kept)

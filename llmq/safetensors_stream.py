@@ -43,7 +43,8 @@ class ShardedWriter:
             raise ValueError(f"tensor {name!r} written twice")
         self._names.add(name)
         t = tensor.detach().cpu().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        # (the tensor's own bytes, written without a copy: a head or embedding is hundreds of MB)
+        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
         if self._fh is not None and self._offset and self._offset + len(raw) > self.max:
             self._close_shard()
         if self._fh is None:

@@ -141,3 +141,12 @@ def test_a_linear_with_its_own_data_never_becomes_an_alias():
     ref.add(y)
     assert hs["b"] is not hs["a"]
     torch.testing.assert_close(hs["b"].H, ref.H)
+
+
+def test_batches_hold_a_bounded_number_of_tokens():
+    from llmq.activations import BATCH_TOKENS, MAX_BATCH_WINDOWS, batch_windows
+
+    assert batch_windows(128) == MAX_BATCH_WINDOWS
+    for seqlen in (512, 2048, 4096, 8192):
+        b = batch_windows(seqlen)
+        assert b >= 1 and (b * seqlen <= BATCH_TOKENS or b == 1) and (b + 1) * seqlen > min(BATCH_TOKENS, 8 * seqlen)

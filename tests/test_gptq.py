@@ -193,3 +193,20 @@ def test_joint_solves_group_by_hessian_and_grid():
     a, b = IntGrid(4, 8, True), IntGrid(8, 8, True)
     assert _joint_solves(list(lin), hs, dict.fromkeys(lin, a)) == [["q", "k", "v"], ["o"]]
     assert _joint_solves(list(lin), hs, {"q": a, "k": a, "v": b, "o": a}) == [["q", "k"], ["v"], ["o"]]
+
+
+def test_symmetric_scaled_and_cast_is_the_naive_mirror():
+    u = torch.randn(1500, 1500, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    naive = ((u.triu() + u.triu(1).T) * 0.125).to(torch.float32)
+    assert torch.equal(symmetric(u, 0.125, torch.float32), naive)
+    assert torch.equal(symmetric(u), u.triu() + u.triu(1).T)
+
+
+def test_a_dropped_hessian_refuses_to_be_read():
+    h = Hessian(8)
+    h.add(torch.randn(16, 8))
+    H = h.H
+    h.drop()
+    assert h.count == 16 and torch.isfinite(H).all()
+    with pytest.raises(RuntimeError):
+        h.H

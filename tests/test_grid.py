@@ -54,3 +54,13 @@ def test_codes_in_range_and_scales_fp16_exact():
     qt = rtn_quantize(torch.randn(8, 96) * 100, spec)
     assert int(qt.codes.max()) <= 7 and int(qt.zeros.max()) <= 7
     assert torch.equal(qt.scales, qt.scales.half().float())
+
+
+def test_dequantize_of_a_large_matrix_is_the_formula_elementwise():
+    """QuantizedTensor.dequantize works a few rows at a time; every value is still scale * (q - zero)."""
+    w = torch.randn(1100, 8192, generator=torch.Generator().manual_seed(5))
+    qt = rtn_quantize(w, IntGrid(4, 128, False))
+    g = qt.g_idx.long()
+    naive = qt.scales[:, g] * (qt.codes.float() - qt.zeros[:, g].float())
+    assert torch.equal(qt.dequantize(), naive)
+    assert torch.equal(qt.dequantize(torch.float16), naive.to(torch.float16))

@@ -98,3 +98,23 @@ def test_a_block_that_does_more_after_its_last_linear_is_computed_in_full():
     expected = _plain(layer, inputs)
     inputs.reuse = reuse
     assert all(torch.equal(a, b) for a, b in zip(torch.cat(inputs.run(layer, keep_outputs=True)).split(2), expected))
+
+
+def test_advance_lets_go_of_inputs_and_kept_tensors_as_it_goes():
+    """advance (the last pass) gives the plain outputs, leaves nothing kept, and does not empty a list of
+    inputs another holder shares (an unquantized copy of the layer reads the same list)."""
+    layer, inputs = _llama()
+    reuse = Reuse(layer, pending={layer.get_submodule(n) for s in STEPS for n in s})
+    reuse.learn(inputs.hidden[0], inputs.kwargs)
+    inputs.reuse = reuse
+    for step in STEPS:
+        inputs.run(layer, {layer.get_submodule(n): lambda x: None for n in step})
+        reuse.pending.difference_update(layer.get_submodule(n) for n in step)
+    assert reuse._kept
+    shared = inputs.hidden
+    before = [h.clone() for h in shared]
+    expected = _plain(layer, inputs)
+    inputs.advance(layer)
+    assert not reuse._kept
+    assert all(h is not None for h in shared) and all(torch.equal(a, b) for a, b in zip(shared, before))
+    assert all(torch.equal(a, b) for a, b in zip((torch.cat(inputs.hidden[i : i + 2]) for i in range(0, 6, 2)), expected))

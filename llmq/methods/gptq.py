@@ -65,9 +65,16 @@ def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
         acc[i : i + b, i:] += (x[:, i : i + b].T @ x[:, i:]).to(acc.dtype)
 
 
-def symmetric(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s."""
-    return upper.triu() + upper.triu(1).T
+def symmetric(upper: torch.Tensor, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s, times ``scale``, in
+    ``dtype`` (default upper's).  Built a row panel at a time in the result's dtype: a float64 Hessian of
+    an MLP's down_proj would otherwise pass through several full float64 temporaries."""
+    out = torch.empty_like(upper, dtype=dtype or upper.dtype)
+    for i in range(0, upper.shape[0], 1024):
+        out[i : i + 1024] = (upper[i : i + 1024] * scale if scale != 1.0 else upper[i : i + 1024]).to(out.dtype)
+    out.triu_()
+    out += out.triu(1).T
+    return out
 
 
 class Hessian:
@@ -88,10 +95,12 @@ class Hessian:
 
     @property
     def H(self) -> torch.Tensor:
+        if self._sum is None and self.count > 0:
+            raise RuntimeError("this Hessian's sums were dropped")
         if self._sum is None or self.count == 0:
             device = None if self._sum is None else self._sum.device
             return torch.zeros(self.n, self.n, dtype=self.dtype, device=device)
-        return (symmetric(self._sum) * (2 / self.count)).to(self.dtype)
+        return symmetric(self._sum, 2 / self.count, self.dtype)
 
     @property
     def sum(self) -> torch.Tensor:
@@ -99,6 +108,11 @@ class Hessian:
         if self._sum is None:
             return torch.zeros(self.n, self.n, dtype=torch.float64)
         return symmetric(self._sum)
+
+    def drop(self) -> None:
+        """Free the float64 sums (count stays): after the last solve has taken H, they only hold memory
+        through the solve (a 7B down_proj's take 1 GB)."""
+        self._sum = self._cross = None
 
     def add(self, x: torch.Tensor, x0: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
@@ -233,18 +247,27 @@ def damped(H: torch.Tensor, frac: float) -> torch.Tensor:
     return H + frac * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
-    """Upper Cholesky factor U of damped(H, damp)^-1 (H^-1 = UᵀU), escalating damp x10 until it works.
+def _inverse_cholesky(H: torch.Tensor, perm: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor U of damped(Hp, damp)^-1 (Hp^-1 = UᵀU) for Hp = H[perm][:, perm], escalating
+    damp x10 until it works.
 
-    Without forming H^-1: with J the order reversal and J H J = L Lᵀ, H^-1 = (J L^-1 J)ᵀ (J L^-1 J), and
+    Without forming Hp^-1: with J the order reversal and J Hp J = L Lᵀ, Hp^-1 = (J L^-1 J)ᵀ (J L^-1 J), and
     J L^-1 J is upper triangular with a positive diagonal, so it is that factor (which is unique): one
-    Cholesky and one triangular inverse instead of a Cholesky, an inverse and a second Cholesky."""
-    frac = damp
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    Cholesky and one triangular inverse instead of a Cholesky, an inverse and a second Cholesky.  J Hp J is
+    indexed out of H in one go (reversed perm): n x n buffers are the solve's largest, so few live at once."""
+    frac, mean = damp, H.diagonal()[perm].mean()
+    rev = perm.flip(0)
     while frac <= 1.0 + 1e-9:
-        L, info = torch.linalg.cholesky_ex(damped(H, frac).flip(0, 1))
+        A = H[rev][:, rev]
+        A.diagonal().add_(frac * mean)
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
         if info == 0:
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            # (into a column-major identity: the layout LAPACK solves in, so the solve needs no copy of it)
+            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device).T
+            U = torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
+            del L
+            U = U.flip(0, 1)
             if torch.isfinite(U).all():
                 return U, frac
         frac *= 10
@@ -269,8 +292,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     """Quantize W (out x in) against Hessian H (in x in). Works in H's dtype."""
     dtype, device = H.dtype, H.device
     W0 = W.to(device=device, dtype=dtype)
-    W = W0.clone()
-    H0, H = H, H.clone()
+    H0 = H
     out, n = W.shape
     gs, groups = grid.effective_group_size(n), grid.groups(n)
 
@@ -280,8 +302,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         log.info("no calibration input reached this module; rounding it to nearest instead")
         return _rtn_fallback(W0, H, grid, 0.0, keep_updated)
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W = W0
+    if dead.any():
+        H, W = H.clone(), W0.clone()
+        H[dead, dead] = 1
+        W[:, dead] = 0
 
     # Grids with shared super-scales (GGUF's) are fixed from the unquantized weights first; error
     # feedback then picks the codes.
@@ -298,9 +323,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         zero = torch.zeros(out, groups, dtype=dtype, device=device)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=device)
-    W = W[:, perm]
     col_group = perm // gs  # group of each (permuted) column
-    U, used_damp = _inverse_cholesky(H[perm][:, perm], damp)
+    U, used_damp = _inverse_cholesky(H, perm, damp)
     if U is None:
         log.warning("Hessian not positive definite even with damp=1.0; falling back to RTN for this module")
         return _rtn_fallback(W0, H, grid, used_damp, keep_updated)
@@ -312,17 +336,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     # The loop runs over rows of W^T (contiguous): one column of W per step, with per-column grid
     # parameters precomputed, so each step is a handful of vector ops.
     colg = col_group.tolist()
-    Wt = W.T.contiguous()
+    Wt = W.T[perm].contiguous()
+    del W
     Qt = torch.zeros_like(Wt)
     Pt = torch.zeros_like(Wt) if keep_updated else None  # what each column was rounded from
     loss = torch.zeros(out, dtype=dtype, device=device)  # per row: the sum of OBS's loss increments
-    S, Z = scale.T[col_group].contiguous(), zero.T[col_group].contiguous()
-    O = None if offset is None else offset.T[col_group].contiguous()
 
-    def fit(col: int, rows: torch.Tensor) -> None:  # a dynamic group's grid, from its updated weights
+    def fit(i: int, rows: torch.Tensor) -> None:  # a dynamic group's grid, from its updated weights
         gscale, gzero = (t.to(dtype) for t in grid.fit_groups(rows.T))
-        scale[:, colg[col]], zero[:, colg[col]] = gscale, gzero
-        S[col : col + gs], Z[col : col + gs] = gscale, gzero
+        scale[:, colg[i1 + i]], zero[:, colg[i1 + i]] = gscale, gzero
+        S[i : i + gs], Z[i : i + gs] = gscale, gzero
 
     # Inside a block, each column's update reaches only the next few columns at once (a sub-block of
     # 16, which then passes its errors on to the rest of the block as one product): the same sums,
@@ -334,39 +357,47 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         diag = U1.diagonal().tolist()
+        # The block's columns' grid parameters, one row per column (a dynamic group's are filled by fit).
+        S, Z = scale.T[col_group[i1:i2]], zero.T[col_group[i1:i2]]
+        O = None if offset is None else offset.T[col_group[i1:i2]]
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
             for i in range(j1, j2):
                 col = i1 + i
                 if not static and col % gs == 0:
-                    fit(col, W1[i : i + gs])
-                w, off = W1[i], None if O is None else O[col]
-                q = grid.nearest(w, S[col], Z[col], off)
+                    fit(i, W1[i : i + gs])
+                w, off = W1[i], None if O is None else O[i]
+                q = grid.nearest(w, S[i], Z[i], off)
                 Qt[col] = q
                 if Pt is not None:
                     Pt[col] = w
-                err = (w - grid.value(q, S[col], Z[col], off)) / diag[i]
+                err = (w - grid.value(q, S[i], Z[i], off)) / diag[i]
                 W1[i:j2].addr_(U1[i, i:j2], err, alpha=-1)
                 Err1[i] = err
             W1[j2:] -= U1[j1:j2, j2:].T @ Err1[j1:j2]
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1
         loss += (Err1 * Err1).sum(0)
 
-    Q = Qt.T
+    del Wt
     inv = torch.argsort(perm)
-    Q = Q[:, inv]
+    Q = Qt[inv].T
+    del Qt
     qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, grid), grid,
                                           None if offset is None else offset.cpu(), stored)
-    updated = None if Pt is None else Pt.T[:, inv].cpu()
+    del Q
+    updated = None if Pt is None else Pt[inv].T.cpu()
     Qd = qt.dequantize(dtype).to(device)
     # Each column's OBS increment (w - q)² / [H⁻¹]_ii is what its rounding added to the loss (the later
     # columns' updates being optimal), so their sum is (W - Q) H' (W - Q)ᵀ exactly, H' being the matrix
     # solved with: H with damping λ·I and 1 on the dead diagonal.  Taking those two away gives the
     # layer-wise loss for H itself without another out x n x n product.
     lam = used_damp * float(H.diagonal().mean())
-    W0z = W0.masked_fill(dead, 0)
-    row_error = loss - lam * ((W0z - Qd) ** 2).sum(1) - (Qd[:, dead] ** 2).sum(1)
-    return qt, SolveInfo(used_damp, False, row_error.clamp_min(0), ((W0 @ H0) * W0).sum(1), updated)
+    d = W0 - Qd
+    if dead.any():
+        d[:, dead] = -Qd[:, dead]  # (W0 as solved: 0 on the dead columns)
+    row_error = loss - lam * d.pow_(2).sum(1) - (Qd[:, dead] ** 2).sum(1)
+    del d, Qd
+    return qt, SolveInfo(used_damp, False, row_error.clamp_min(0), ((W0 @ H0).mul_(W0)).sum(1), updated)
 
 
 def _rtn_fallback(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float,
@@ -418,8 +449,10 @@ class GPTQ(Method):
                 inputs.run(layer, hessians.observers())
             hessians.release()
             joints = self._reduce(hessians, names, targets, next(iter(modules.values())).weight.device)
-            solved = self.ranks.share({k: self._solve(joint, modules, hessians, targets)
-                                       for k, joint in self.ranks.deal(joints)})
+            mine = list(self.ranks.deal(joints))
+            last = {hessians.owner(joint[0]): k for k, joint in mine}  # the last of this rank's solves using each
+            solved = self.ranks.share({k: self._solve(joint, modules, hessians, targets,
+                                                      drop=last[hessians.owner(joint[0])] == k) for k, joint in mine})
             for k, joint in enumerate(joints):
                 qt, info, seconds = solved[k]
                 rows = sum(modules[n].out_features for n in joint)
@@ -457,13 +490,18 @@ class GPTQ(Method):
         return joints
 
     def _solve(self, joint: list[str], modules: dict[str, nn.Linear], hessians: InputHessians,
-               targets: dict[str, Grid]) -> tuple[QuantizedTensor, SolveInfo, float]:
-        """One solve: the linears of ``joint`` stacked (they share a Hessian and a grid)."""
+               targets: dict[str, Grid], drop: bool = False) -> tuple[QuantizedTensor, SolveInfo, float]:
+        """One solve: the linears of ``joint`` stacked (they share a Hessian and a grid).  ``drop``: no later
+        solve uses this Hessian, so its sums are freed once H is formed."""
         cfg = self.options
         t0 = time.perf_counter()
         W = torch.cat([modules[n].weight.data for n in joint]) if len(joint) > 1 else modules[joint[0]].weight.data
-        W = hessians[joint[0]].target(W, cfg.fp_targets, cfg.damp)
-        qt, info = gptq_quantize(W, hessians[joint[0]].H, targets[joint[0]], cfg.damp, cfg.block_size, cfg.act_order,
+        hessian = hessians[joint[0]]
+        W = hessian.target(W, cfg.fp_targets, cfg.damp)
+        H = hessian.H
+        if drop:
+            hessian.drop()
+        qt, info = gptq_quantize(W, H, targets[joint[0]], cfg.damp, cfg.block_size, cfg.act_order,
                                  cfg.static_groups, keep_updated=self.updated is not None)
         if self.ranks.world > 1:  # (shared with the other ranks: small CPU tensors pickle fastest)
             info = dataclasses.replace(info, row_error=info.row_error.cpu(), row_energy=info.row_energy.cpu())
