@@ -78,6 +78,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--awq-clip", dest="awq_clip", action="store_const", const=True,
                    help="AWQ: search a clipping range per group after scaling" + _per_method("awq_clip"))
     g.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False, help="AWQ: skip the clipping search")
+    p.add_argument("--awq-search-tokens", dest="search_tokens", type=int, metavar="N",
+                   help="AWQ: tokens a block's scale search runs its candidates over (0: all)" + _per_method("search_tokens"))
     p.add_argument("--dataset", help="calibration text: wikitext2, c4, pile-val, a .txt/.jsonl/.parquet file or owner/name[:config][@split] "
                                      f"(default: the method's, {_method_defaults('default_dataset')})")
     p.add_argument("--split", help="dataset split (default: train for known sets)")
@@ -123,7 +125,8 @@ def _default(on: bool) -> str:
 def _per_method(option: str) -> str:
     """' (default: on for gptq, off for awq+gptq)' for a method option whose default differs per method."""
     values = {m.name: getattr(m.Options(), option) for m in METHODS.values() if hasattr(m.Options(), option)}
-    return " (default: " + ", ".join(f"{'on' if v else 'off'} for {m}" for m, v in values.items()) + ")"
+    said = {m: ("on" if v else "off") if isinstance(v, bool) else ("all" if v == 0 else v) for m, v in values.items()}
+    return " (default: " + ", ".join(f"{v} for {m}" for m, v in said.items()) + ")"
 
 
 def _method_defaults(attr: str) -> str:
@@ -312,7 +315,7 @@ def _write_stats(path: str | None, seconds: float) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "damp", "block_size", "act_order",
-                                               "static_groups", "true_sequential", "awq_clip", "fp_targets", "iters", "lr",
+                                               "static_groups", "true_sequential", "awq_clip", "search_tokens", "fp_targets", "iters", "lr",
                                                "dataset", "split", "nsamples",
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",

@@ -231,3 +231,25 @@ def test_awq_clips_every_linear_but_q_and_k():
             continue
         assert notes[n]["clip_ratio_mean"] < 1, n  # a range was shrunk
     assert any(n.startswith("mlp.experts.") for n in notes) and "self_attn.o_proj" in notes
+
+
+@pytest.mark.parametrize("max_tokens,first_batch,expected", [(0, 0, [0, 1, 2, 3, 4, 5]), (10_000, 0, [0, 1, 2, 3, 4, 5]),
+                                                              (48, 0, [0, 2, 4]), (48, 1, [1, 3, 5]), (30, 3, [1, 5])])
+def test_block_search_runs_on_every_kth_batch_numbered_run_wide(monkeypatch, max_tokens, first_batch, expected):
+    """search_tokens: the block errors see every k-th batch by run-wide number (so the ranks of a distributed
+    run pick what one process would), k the smallest that leaves at most max_tokens; statistics see all."""
+    import llmq.methods.awq as awq
+
+    model = __import__("transformers").AutoModelForCausalLM.from_config(tiny_config("llama", layers=1)).eval()
+    ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    arch, inputs = layer_inputs(model, ids, batch_size=1)
+    layer = get_module(model, arch.layers)[0]
+    group = next(g for g in arch.scaling if g.block == "self_attn")
+    cap = awq._capture(layer, [group], inputs)
+    xs = cap.x[group.linears[0]]
+    seen = []
+    real = awq._block_errors
+    monkeypatch.setattr(awq, "_block_errors", lambda linears, block, got, *a: seen.append(got) or real(linears, block, got, *a))
+    grids = [IntGrid(4, 32, True)] * len(group.linears)
+    awq.search_scale(layer, group, xs, cap.block_kwargs[group.block], grids, max_tokens=max_tokens, first_batch=first_batch)
+    assert [next(i for i, x in enumerate(xs) if x is t) for t in seen[0]] == expected

@@ -36,6 +36,7 @@ N_GRID = 20
 CLIP_GRID = 20
 CLIP_MIN_RATIO = 0.5
 CLIP_TOKENS = 512  # tokens sampled for the clip search, as in the reference implementation
+SEARCH_TOKENS = 8192  # no KL lost on llmq-ref-6m at W4/W3 against all 32768 tokens (eval/results/awq-search-tokens.md)
 NO_CLIP = ("q_proj", "k_proj", "query", "key", "qkv_proj", "query_key_value", "Wqkv")
 
 log = logging.getLogger("llmq.awq")
@@ -44,18 +45,24 @@ log = logging.getLogger("llmq.awq")
 @dataclass(frozen=True)
 class AWQOptions:
     awq_clip: bool = True  # search a per-group clipping range after scaling
+    # Tokens a block's scale search runs over (0: all).  Candidates are ranked by the block's output error,
+    # whose ranking settles long before all tokens are in; every token still feeds the statistics.
+    search_tokens: int = SEARCH_TOKENS
 
     def validate(self) -> None:
-        pass
+        if self.search_tokens < 0:
+            raise LlmqError(f"search_tokens must be 0 (all) or positive, got {self.search_tokens}")
 
 
 @dataclass(frozen=True)
 class AWQGPTQOptions(GPTQOptions):
     act_order: bool = False
     awq_clip: bool = False  # AWQ's clipping is tuned for RTN and hurt GPTQ in every measurement (eval/)
+    search_tokens: int = SEARCH_TOKENS
 
     def validate(self) -> None:
         super().validate()
+        AWQOptions.validate(self)  # type: ignore[arg-type]
         if self.fp_targets:  # (its GPTQ stage is made afresh per layer: nothing carries the activations along)
             raise LlmqError("awq+gptq does not take fp_targets yet; use gptq with fp_targets")
 
@@ -246,9 +253,11 @@ def gptq_judge(xs: list[torch.Tensor], cfg: GPTQOptions, ranks: Ranks = Ranks())
 @torch.no_grad()
 def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kwargs: dict[str, Any],
                  grids: list[Grid], judge: ScaledQuantizer | None = None,
-                 ranks: Ranks = Ranks()) -> tuple[torch.Tensor, dict[str, float]]:
+                 ranks: Ranks = Ranks(), max_tokens: int = 0, first_batch: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
     """The best scale for the group's shared input; ``grids``: the grid of each of its linears.
-    ``xs``: this rank's batches; statistics and errors are summed over all ranks' batches."""
+    ``xs``: this rank's batches, the first of them run-wide number ``first_batch``; statistics and errors are
+    summed over all ranks' batches.  ``max_tokens``: a block's errors are measured on every k-th batch only,
+    k the smallest that leaves at most that many tokens (0: all batches)."""
     linears = [layer.get_submodule(n) for n in group.linears]
     block = layer.get_submodule(group.block)
     n = linears[0].in_features
@@ -279,7 +288,9 @@ def search_scale(layer: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kw
     if block is linears[0] and len(linears) == 1 and tokens > n:
         mse = _linear_errors(linears[0], xs, candidates, grids[0], judge, ranks)
     else:
-        mse = _block_errors(linears, block, xs, kwargs, candidates, grids, judge, ranks)
+        stride = max(1, -(-tokens // max_tokens)) if max_tokens else 1
+        searched = [x for i, x in enumerate(xs) if (first_batch + i) % stride == 0]  # (numbered run-wide: rank-proof)
+        mse = _block_errors(linears, block, searched, kwargs, candidates, grids, judge, ranks)
     best = min(range(len(candidates)), key=lambda c: (mse[c], c))
     return candidates[best][1], {"alpha": candidates[best][0], "mse_unscaled": mse[0], "mse_best": mse[best]}
 
@@ -431,7 +442,8 @@ class AWQ(Method):
         for g in groups:
             xs = cap.x[g.linears[0]]
             s, info = search_scale(layer, g, xs, cap.block_kwargs.get(g.block, {}), [targets[n] for n in g.linears],
-                                   self.judge(xs), self.ranks)
+                                   self.judge(xs), self.ranks, self.options.search_tokens,
+                                   inputs.offset // inputs.batch_size)
             fold_scales(layer.get_submodule(g.prev), [layer.get_submodule(n) for n in g.linears], s)
             cap.x[g.linears[0]] = [x / s.to(x.dtype) for x in xs]  # the group now sees x / s
             for name in g.linears:
