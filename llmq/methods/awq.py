@@ -440,12 +440,12 @@ class AWQ(Method):
         cap = _capture(layer, groups, inputs)
         notes: dict[str, dict[str, Any]] = {}
         for g in groups:
-            xs = cap.x[g.linears[0]]
+            xs = cap.x.pop(g.linears[0])  # (let go once searched: the groups' captured inputs are AWQ's largest memory)
             s, info = search_scale(layer, g, xs, cap.block_kwargs.get(g.block, {}), [targets[n] for n in g.linears],
                                    self.judge(xs), self.ranks, self.options.search_tokens,
                                    inputs.offset // inputs.batch_size)
             fold_scales(layer.get_submodule(g.prev), [layer.get_submodule(n) for n in g.linears], s)
-            cap.x[g.linears[0]] = [x / s.to(x.dtype) for x in xs]  # the group now sees x / s
+            del xs
             for name in g.linears:
                 # alpha None: leaving the group unscaled won; mse_* are the block's output errors
                 notes[name] = {"alpha": info["alpha"], "awq_mse_unscaled": info["mse_unscaled"], "awq_mse_best": info["mse_best"]}
