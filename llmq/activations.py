@@ -104,9 +104,11 @@ class LayerInputs:
         outputs: list[torch.Tensor] = []
         try:
             for i in range(0, len(self.hidden), self.batch_size):
-                x = torch.cat(self.hidden[i : i + self.batch_size])
+                windows = self.hidden[i : i + self.batch_size]
+                x = torch.cat(windows)
                 if consume:
-                    self.hidden[i : i + self.batch_size] = [None] * len(self.hidden[i : i + self.batch_size])
+                    self.hidden[i : i + self.batch_size] = [None] * len(windows)
+                del windows
                 batch = (self.offset + i) // self.batch_size
                 if on_batch is not None:
                     on_batch(batch)

@@ -139,8 +139,10 @@ def _check_distributed(plan: RunPlan, method: Method, ranks: Ranks, resume: bool
     if resume:
         raise LlmqError("--resume continues one-process runs only; launch it without torchrun")
     c = plan.calibration
-    batch = batch_windows(c.seqlen) if c is not None else 1
-    if c is not None and method.needs_calibration and -(-c.nsamples // batch) < ranks.world:
+    if c is None or not method.needs_calibration:
+        return
+    batch = batch_windows(c.seqlen)
+    if -(-c.nsamples // batch) < ranks.world:
         raise LlmqError(f"{c.nsamples} calibration samples leave some of the {ranks.world} processes without any "
                         f"(each takes whole batches of {batch}); use --nsamples "
                         f"{batch * ranks.world} or more, or fewer processes")

@@ -242,9 +242,12 @@ class SolveInfo:
         return float(num / den) if den > 0 else float(num)
 
 
-def damped(H: torch.Tensor, frac: float) -> torch.Tensor:
-    """H + frac·mean(diag H)·I: GPTQ's damping (of its solve, and of fp_targets' normal equations)."""
-    return H + frac * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+def damped(H: torch.Tensor, frac: float, mean: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+    """H + frac·mean(diag H)·I: GPTQ's damping (of its solve, and of fp_targets' normal equations).
+    ``mean``: mean(diag H) when already known (the solve's H is a permuted copy); ``inplace``: add it to H itself."""
+    out = H if inplace else H.clone()
+    out.diagonal().add_(frac * (H.diagonal().mean() if mean is None else mean))
+    return out
 
 
 def _inverse_cholesky(H: torch.Tensor, perm: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
@@ -258,8 +261,7 @@ def _inverse_cholesky(H: torch.Tensor, perm: torch.Tensor, damp: float) -> tuple
     frac, mean = damp, H.diagonal()[perm].mean()
     rev = perm.flip(0)
     while frac <= 1.0 + 1e-9:
-        A = H[rev][:, rev]
-        A.diagonal().add_(frac * mean)
+        A = damped(H[rev][:, rev], frac, mean, inplace=True)
         L, info = torch.linalg.cholesky_ex(A)
         del A
         if info == 0:
