@@ -15,6 +15,7 @@ from measured sensitivity, so that the whole weight file fits the budget at the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -152,7 +153,7 @@ class CheckpointSizing:
         base = self.plan.grid
         groups = sorted({g for g in (*self.plan.allocate_group_sizes, base.group_size) if g == -1 or width % g == 0},
                         key=lambda g: g if g > 0 else 1 << 30)
-        out = [Candidate(f"int{b} g{g if g > 0 else 'channel'}", IntGrid(b, g, base.sym), {"bits": b, "group_size": g})
+        out = [Candidate(f"int{b} g{g if g > 0 else 'channel'}", dataclasses.replace(base, bits=b, group_size=g), {"bits": b, "group_size": g})
                for b in self.plan.allocate_bits for g in groups]
         return out + [Candidate("float", None, {"keep": True})]
 

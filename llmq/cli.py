@@ -59,6 +59,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sym", dest="sym", action="store_const", const=True, help="symmetric grid" + _default(cfg.sym))
     g.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric grid with zero points" + _default(not cfg.sym))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--grid-search", dest="grid_search", action="store_const", const=True,
+                   help="integer grids: shrink each group's range (by up to 15%%) to the least diag(H)-weighted error "
+                        "(default, but for awq: it clips its own way)")
+    g.add_argument("--no-grid-search", dest="grid_search", action="store_const", const=False,
+                   help="integer grids: each group's min/max, as GPTQ's reference code")
     p.add_argument("--damp", type=float, help=f"GPTQ damping, fraction of mean diag(H) (default {gptq.damp})")
     p.add_argument("--block-size", type=int, help=f"GPTQ lazy-batch block size (default {gptq.block_size})")
     g = p.add_mutually_exclusive_group()
@@ -314,7 +320,7 @@ def _write_stats(path: str | None, seconds: float) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config) if args.config else {}
-    overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "damp", "block_size", "act_order",
+    overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "grid_search", "damp", "block_size", "act_order",
                                                "static_groups", "true_sequential", "awq_clip", "search_tokens", "fp_targets", "iters", "lr",
                                                "dataset", "split", "nsamples",
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",

@@ -23,7 +23,7 @@ from llmq.gguf.types import ALLOCATION_TYPES
 from llmq.formats.bitsandbytes.grids import FourBitGrid, Int8RowGrid
 from llmq.grid import Grid, IntGrid
 from llmq.methods import Method, method_class, options_for
-from llmq.recipe import check, rule_grid
+from llmq.recipe import check, rule_grid, searches_grid
 from llmq.rules import Rule, first_match, parse_rules
 from llmq.source import ModelSource
 
@@ -192,7 +192,7 @@ def recipe_grid(cfg: QuantizeConfig) -> Grid:
     """The recipe's grid: bitsandbytes' (blocks of 64, as transformers writes them) or the integer grid."""
     if cfg.format == "bitsandbytes":
         return FourBitGrid(cfg.bnb_4bit_quant_type, 64, cfg.bnb_4bit_use_double_quant) if cfg.bits == 4 else Int8RowGrid()
-    return IntGrid(cfg.bits, cfg.group_size, cfg.sym)
+    return IntGrid(cfg.bits, cfg.group_size, cfg.sym, search=searches_grid(cfg))
 
 
 def _calibration(cfg: QuantizeConfig, cls: type[Method], source: ModelSource) -> Calibration:

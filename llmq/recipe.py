@@ -6,6 +6,7 @@ is checked here, before any work: the method and its own keys, the grid, the for
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,11 @@ def check(cfg: QuantizeConfig) -> None:
         raise LlmqError("--gguf-type and the GGUF tensor types apply only with --format gguf")
     elif cfg.format is not None and cfg.format not in FORMATS:
         raise LlmqError(f"unknown format {cfg.format!r}; choose from {', '.join([*FORMATS, 'gguf'])}")
+    if cfg.grid_search is not None and not isinstance(cfg.grid_search, bool):
+        raise LlmqError(f"grid_search must be true or false, got {cfg.grid_search!r}")
+    if cfg.grid_search and cfg.format in ("gguf", "bitsandbytes"):
+        raise LlmqError(f"--grid-search applies to integer grids; --format {cfg.format} fits its own grids "
+                        "(GGUF's K-quants already search with diag(H) as importance)")
     if cfg.dtype not in FLOAT_DTYPES:
         raise LlmqError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {cfg.dtype!r}")
     c = cfg.calibration
@@ -138,8 +144,14 @@ def check_rules(cfg: QuantizeConfig) -> None:
         fmt = FORMATS[cfg.format_name()]
         if not fmt.mixes_grids:
             raise LlmqError(f"format {fmt.name!r} stores one grid for all its linears; its rules can only keep modules unquantized")
-        grid = rule_grid(r, IntGrid(cfg.bits, cfg.group_size, cfg.sym))
+        grid = rule_grid(r, IntGrid(cfg.bits, cfg.group_size, cfg.sym, search=searches_grid(cfg)))
         fmt.check(grid)
+
+
+def searches_grid(cfg: QuantizeConfig) -> bool:
+    """Whether integer grids search their ranges: as the recipe says, else as the method does by default
+    (not AWQ, whose own clipping search a second one made worse: eval/results/grid-search.md)."""
+    return method_class(cfg.method).grid_search if cfg.grid_search is None else cfg.grid_search
 
 
 def rule_grid(rule: Rule, base: IntGrid) -> IntGrid:
@@ -150,7 +162,7 @@ def rule_grid(rule: Rule, base: IntGrid) -> IntGrid:
         raise LlmqError(f"rule {rule.match!r}: bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
     if group != -1 and group <= 0:
         raise LlmqError(f"rule {rule.match!r}: group_size must be -1 (per channel) or positive, got {group}")
-    return IntGrid(bits, group, base.sym if rule.sym is None else rule.sym)
+    return dataclasses.replace(base, bits=bits, group_size=group, sym=base.sym if rule.sym is None else rule.sym)
 
 
 def check_target(cfg: QuantizeConfig) -> None:

@@ -104,3 +104,23 @@ def test_model_name_of_a_hub_source_is_the_repo_name(tmp_path, monkeypatch):
     monkeypatch.setattr(source, "resolve_model_dir", lambda model, revision=None, allow_patterns=None: snapshot)
     assert source.ModelSource("karpathy/stories260K").display_name == "stories260K"
     assert source.ModelSource(str(snapshot) + "/").display_name == "0123456789abcdef"  # a local directory: its name
+
+
+def test_grid_search_is_a_switch_of_integer_grids():
+    from llmq.plan import recipe_grid
+    from llmq.recipe import rule_grid
+    from llmq.rules import parse_rules
+
+    cfg = build_config({}, {})
+    assert recipe_grid(cfg).search  # on unless turned off
+    rule = parse_rules([{"match": "down_proj", "bits": 8}])[0]
+    assert rule_grid(rule, recipe_grid(cfg)).search and rule_grid(rule, recipe_grid(cfg)).bits == 8  # rules keep it
+    assert not recipe_grid(build_config({"grid_search": False}, {})).search
+    assert not recipe_grid(build_config({"method": "awq"}, {})).search  # AWQ clips its own way
+    assert recipe_grid(build_config({"method": "awq", "grid_search": True}, {})).search
+    assert build_config({}, {"format": "gguf", "gguf_type": "Q4_K_M"}).gguf_type == "Q4_K_M"  # (the default asks nothing of it)
+    with pytest.raises(LlmqError, match="true or false"):
+        build_config({"grid_search": "yes"}, {})
+    for fmt, extra in (("gguf", {"gguf_type": "Q4_K_M"}), ("bitsandbytes", {})):
+        with pytest.raises(LlmqError, match="integer grids"):
+            build_config({}, {"format": fmt, "grid_search": True, **extra})

@@ -79,7 +79,7 @@ def test_command_line_rules_come_first():
 def _rtn(tmp_path, fmt, rules, **over):
     need(REF6M)
     cfg = build_config({}, {"method": "rtn", "bits": 4, "group_size": 128, "format": fmt, "rules": rules,
-                            "dtype": "float32", **over})
+                            "dtype": "float32", "grid_search": False, **over})  # (min/max, as the reference RTN)
     return quantize_model(ModelSource(str(REF6M)), cfg, tmp_path / "q", progress=False).output
 
 

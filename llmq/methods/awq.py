@@ -385,6 +385,7 @@ class AWQ(Method):
     needs_calibration = True
     default_dataset = "pile-val"  # as the AWQ reference implementation: 128 x 512 tokens of pile-val
     default_seqlen = 512
+    grid_search = False  # its clipping search already picks each group's range (a second search raised KL)
     final = RTN
 
     def __init__(self, options=None, seed: int = 0, ranks: Ranks = Ranks()):

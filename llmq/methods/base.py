@@ -48,6 +48,7 @@ class Method(ABC):
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions  # the method's own recipe keys, a frozen dataclass with validate()
     quantizes: ClassVar[bool] = True  # False: a plain dtype cast, no QuantizedTensors
+    grid_search: ClassVar[bool] = True  # integer grids search their ranges unless the recipe says (llmq.grid)
     dtype: ClassVar[str | None] = None  # a cast's dtype for every tensor
     needs_calibration: ClassVar[bool] = False
     default_dataset: ClassVar[str] = "wikitext2"  # calibration text when the recipe names none

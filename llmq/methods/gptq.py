@@ -314,9 +314,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     # feedback then picks the codes.
     static = static_groups or act_order or gs == n or grid.static
     offset, stored = None, {}
+    # diag(H) weighs grids that search their parameters, as llama.cpp's importance matrix does.
+    importance = torch.diag(H).clone().masked_fill_(dead, 0)
     if static:
-        # diag(H) weighs grids that search their parameters, as llama.cpp's importance matrix does.
-        p = grid.fit(W, importance=torch.diag(H).clone().masked_fill_(dead, 0))
+        p = grid.fit(W, importance=importance)
         scale, zero = p.scale.to(device=device, dtype=dtype), p.zero.to(device=device, dtype=dtype)
         offset = None if p.offset is None else p.offset.to(device=device, dtype=dtype)
         stored = p.stored
@@ -345,7 +346,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     loss = torch.zeros(out, dtype=dtype, device=device)  # per row: the sum of OBS's loss increments
 
     def fit(i: int, rows: torch.Tensor) -> None:  # a dynamic group's grid, from its updated weights
-        gscale, gzero = (t.to(dtype) for t in grid.fit_groups(rows.T))
+        gscale, gzero = (t.to(dtype) for t in grid.fit_groups(rows.T, importance[i1 + i : i1 + i + gs]))
         scale[:, colg[i1 + i]], zero[:, colg[i1 + i]] = gscale, gzero
         S[i : i + gs], Z[i : i + gs] = gscale, gzero
 
