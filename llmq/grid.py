@@ -3,7 +3,8 @@
 A weight w of one (row, group) is represented as  w ~= scale * (q - zero) [+ offset]  with an
 integer code q in [0, 2**bits - 1].  :class:`Grid` is the interface methods program against;
 :class:`IntGrid` is the generic integer grid (symmetric: zero fixed at 2**(bits-1), the GPTQ
-convention; asymmetric: [min, max] of the group, no offset).  File formats with grids of their
+convention; asymmetric: [min, max] of the group, no offset; with ``search``, that range shrunk to the
+least importance-weighted error).  File formats with grids of their
 own (GGUF's block types) implement the same interface in their own package.  Scales are rounded
 to what will be stored *before* any code is chosen, so what a method optimises is exactly what a
 format later writes.
