@@ -23,7 +23,7 @@ from llmq.gguf.types import ALLOCATION_TYPES
 from llmq.formats.bitsandbytes.grids import FourBitGrid, Int8RowGrid
 from llmq.grid import Grid, IntGrid
 from llmq.methods import Method, method_class, options_for
-from llmq.recipe import check, rule_grid, searches_grid
+from llmq.recipe import check, rule_grid
 from llmq.rules import Rule, first_match, parse_rules
 from llmq.source import ModelSource
 
@@ -192,7 +192,9 @@ def recipe_grid(cfg: QuantizeConfig) -> Grid:
     """The recipe's grid: bitsandbytes' (blocks of 64, as transformers writes them) or the integer grid."""
     if cfg.format == "bitsandbytes":
         return FourBitGrid(cfg.bnb_4bit_quant_type, 64, cfg.bnb_4bit_use_double_quant) if cfg.bits == 4 else Int8RowGrid()
-    return IntGrid(cfg.bits, cfg.group_size, cfg.sym, search=searches_grid(cfg))
+    # Ranges searched as the recipe says, else as the method does by default (llmq.grid; AWQ clips its own way).
+    search = method_class(cfg.method).grid_search if cfg.grid_search is None else cfg.grid_search
+    return IntGrid(cfg.bits, cfg.group_size, cfg.sym, search=search)
 
 
 def _calibration(cfg: QuantizeConfig, cls: type[Method], source: ModelSource) -> Calibration:

@@ -144,14 +144,8 @@ def check_rules(cfg: QuantizeConfig) -> None:
         fmt = FORMATS[cfg.format_name()]
         if not fmt.mixes_grids:
             raise LlmqError(f"format {fmt.name!r} stores one grid for all its linears; its rules can only keep modules unquantized")
-        grid = rule_grid(r, IntGrid(cfg.bits, cfg.group_size, cfg.sym, search=searches_grid(cfg)))
+        grid = rule_grid(r, IntGrid(cfg.bits, cfg.group_size, cfg.sym))
         fmt.check(grid)
-
-
-def searches_grid(cfg: QuantizeConfig) -> bool:
-    """Whether integer grids search their ranges: as the recipe says, else as the method does by default
-    (not AWQ, whose own clipping search a second one made worse: eval/results/grid-search.md)."""
-    return method_class(cfg.method).grid_search if cfg.grid_search is None else cfg.grid_search
 
 
 def rule_grid(rule: Rule, base: IntGrid) -> IntGrid:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_quantize import calibration_ids, evaluate  # noqa: E402  (the same ids and the same eval as the speed bench)
+from bench_quantize import calibration_ids, child_env, evaluate  # noqa: E402  (the same ids, env and eval as the speed bench)
 
 CHILD = r"""
 import json, sys, time, torch
@@ -104,11 +103,8 @@ def settings(text: str) -> list[tuple[int, int]]:
 
 
 def run(tool: str, recipe: str, python: str, src: str, out: Path, ids: Path, bits: int, gs: int) -> dict | None:
-    env = dict(os.environ)
-    if tool == "gptqmodel":  # its default thread pools ask for more CPU workers than a 2-core machine gives
-        env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     p = subprocess.run([python, "-c", CHILD, tool, recipe, src, str(out), str(ids), str(bits), str(gs)],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=child_env(tool))
     if p.returncode != 0:
         print(f"{tool} {recipe} W{bits} g{gs}: failed\n{p.stderr[-1500:]}", file=sys.stderr)
         return None

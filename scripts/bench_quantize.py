@@ -86,10 +86,16 @@ print(json.dumps({"seconds": seconds, "versions": versions,
 OTHER_TOOLS = ("llmcompressor", "gptqmodel")
 
 
-def run(tool: str, method: str, python: str, src: str, out: Path, ids_path: Path, args) -> dict | None:
+def child_env(tool: str) -> dict[str, str]:
+    """The environment a tool's child process runs in."""
     env = dict(os.environ)
     if tool == "gptqmodel":  # its default thread pools ask for more CPU workers than a 2-core machine gives
         env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
+    return env
+
+
+def run(tool: str, method: str, python: str, src: str, out: Path, ids_path: Path, args) -> dict | None:
+    env = child_env(tool)
     p = subprocess.run([python, "-c", CHILD, tool, method, src, str(out), str(ids_path), str(args.bits),
                         str(args.group_size)], capture_output=True, text=True, env=env)
     if p.returncode != 0:

@@ -346,6 +346,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     loss = torch.zeros(out, dtype=dtype, device=device)  # per row: the sum of OBS's loss increments
 
     def fit(i: int, rows: torch.Tensor) -> None:  # a dynamic group's grid, from its updated weights
+        # (dynamic groups mean no act-order: the block's columns are in their own order, as importance is)
         gscale, gzero = (t.to(dtype) for t in grid.fit_groups(rows.T, importance[i1 + i : i1 + i + gs]))
         scale[:, colg[i1 + i]], zero[:, colg[i1 + i]] = gscale, gzero
         S[i : i + gs], Z[i : i + gs] = gscale, gzero
