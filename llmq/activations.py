@@ -99,7 +99,8 @@ class LayerInputs:
 
         batch = 0
         reuse = self.reuse if self.reuse is not None and self.reuse.layer is layer else None
-        remove = reuse.hooks(lambda: batch, self.hidden[0].shape[-1]) if reuse is not None and self.hidden else None
+        remove = (reuse.hooks(lambda: batch, self.hidden[0].shape[-1], set(observers))
+                  if reuse is not None and self.hidden else None)
         handles = [mod.register_forward_pre_hook(pre_hook) for mod in observers]  # (after reuse's: it keeps first)
         outputs: list[torch.Tensor] = []
         try:
@@ -147,6 +148,8 @@ class LayerInputs:
             self.reuse.last_pass = True
         self.hidden = list(self.hidden)  # (our own list to empty: another holder of the old one keeps its tensors)
         self.hidden = self.run(layer, keep_outputs=True, consume=True)  # type: ignore[assignment]
+        if self.reuse is not None:
+            self.reuse.close()
         self.reuse = None
 
 

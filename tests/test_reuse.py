@@ -14,11 +14,11 @@ STEPS = (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_at
          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"])
 
 
-def _llama(family: str = "llama"):
+def _llama(family: str = "llama", inter: int = 128):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, layers=1)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers=1, inter=inter)).eval()
     ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(1))
     arch, inputs = layer_inputs(model, ids, batch_size=2)
     return get_module(model, arch.layers)[0], inputs
@@ -59,10 +59,14 @@ def test_passes_with_reuse_give_the_plain_outputs_and_skip_attention():
     expected = _plain(layer, inputs)  # (the weights are the "quantized" ones now)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     # q_proj runs in the o_proj pass (3 batches) and in the first, checked, batch of the q/k/v pass (whose
-    # other batches stop at q_proj's input); the attention block of the last three passes is o_proj alone
-    # on the kept input (3 x 3 calls), besides the first batches of the q/k/v and o_proj passes
+    # other batches stop at q_proj's input).  The attention block of the gate/up pass is o_proj alone on the
+    # kept input (3 calls); o_proj being final then, its outputs serve the last two passes (no calls),
+    # besides the first batches of the q/k/v and o_proj passes.
     assert calls["self_attn.q_proj"] == 3 + 1
-    assert calls["self_attn.o_proj"] == 3 * 3 + 2
+    assert calls["self_attn.o_proj"] == 3 + 2
+    # The MLP of the outputs' pass is down_proj alone on the input the down_proj pass kept: gate_proj runs
+    # in the down_proj pass and in the first, checked, batches of the three passes before it.
+    assert calls["mlp.gate_proj"] == 3 + 3
 
 
 def test_a_still_changing_linear_before_the_block_keeps_nothing():
@@ -118,3 +122,45 @@ def test_advance_lets_go_of_inputs_and_kept_tensors_as_it_goes():
     assert not reuse._kept
     assert all(h is not None for h in shared) and all(torch.equal(a, b) for a, b in zip(shared, before))
     assert all(torch.equal(a, b) for a, b in zip((torch.cat(inputs.hidden[i : i + 2]) for i in range(0, 6, 2)), expected))
+
+
+def test_a_wide_mlp_input_is_spilled_to_a_file_and_serves_the_outputs_pass():
+    """down_proj's input, wider than twice the hidden size, is kept out of the process's memory (a temporary
+    file), and the outputs' pass reads it back instead of running gate/up_proj again: same outputs."""
+    layer, inputs = _llama(inter=192)
+    reuse = Reuse(layer, pending={layer.get_submodule(n) for s in STEPS for n in s})
+    reuse.learn(inputs.hidden[0], inputs.kwargs)
+    got, calls = _sequential(layer, inputs, reuse)
+    assert all(torch.equal(a, b) for a, b in zip(got, _plain(layer, inputs)))
+    assert calls["mlp.gate_proj"] == 3 + 3  # (the down_proj pass, and the checked batches before it)
+    assert not any(name == "mlp" for _, name in reuse._kept) and all((b, "mlp") in reuse._spill for b in range(3))
+    reuse.close()
+    assert reuse._spill._file is None and not reuse._kept and not reuse._outputs
+
+
+def test_a_spill_that_cannot_write_recomputes_instead(monkeypatch):
+    layer, inputs = _llama(inter=192)
+    reuse = Reuse(layer, pending={layer.get_submodule(n) for s in STEPS for n in s})
+    reuse.learn(inputs.hidden[0], inputs.kwargs)
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("llmq.reuse.os.pwrite", full)
+    got, calls = _sequential(layer, inputs, reuse)
+    assert all(torch.equal(a, b) for a, b in zip(got, _plain(layer, inputs)))
+    assert reuse._spill.broken and calls["mlp.gate_proj"] == 3 + 3 + 3  # (the outputs' pass runs them again)
+
+
+def test_the_spill_gives_back_every_dtype_bit_for_bit():
+    from llmq.reuse import Spill
+
+    spill = Spill()
+    tensors = {(0, "a"): torch.randn(3, 5, 7), (1, "a"): torch.randn(4, 9).bfloat16(),
+               (0, "b"): torch.randn(2, 3).half().t(), (2, "c"): torch.arange(10)}  # (a transposed one too)
+    for k, t in tensors.items():
+        spill.put(k, t)
+    for k, t in reversed(tensors.items()):
+        back = spill.get(k)
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+    assert spill.get((0, "a"), forget=True) is not None and spill.get((0, "a")) is None
+    spill.close()
