@@ -78,6 +78,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp-targets", type=float, metavar="WEIGHT",
                    help="GPTQ/signround: weight in [0, 1] of the unquantized model's outputs in the layer-wise loss "
                         "(0: GPTQ's own, 1: GPTAQ's asymmetric calibration; default 0)")
+    p.add_argument("--refit-scales", action="store_const", const=True,
+                   help="GPTQ: refit each row's group scales to the layer-wise loss once the codes are chosen "
+                        "(integer grids; best with --fp-targets 1)")
     p.add_argument("--iters", type=int, help="signround: signed-gradient steps per decoder layer (default 200)")
     p.add_argument("--lr", type=float, help="signround: first step of the rounding offsets (default 1/iters)")
     g = p.add_mutually_exclusive_group()
@@ -321,7 +324,8 @@ def _write_stats(path: str | None, seconds: float) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "grid_search", "damp", "block_size", "act_order",
-                                               "static_groups", "true_sequential", "awq_clip", "search_tokens", "fp_targets", "iters", "lr",
+                                               "static_groups", "true_sequential", "awq_clip", "search_tokens", "fp_targets", "refit_scales",
+                                               "iters", "lr",
                                                "dataset", "split", "nsamples",
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",

@@ -111,6 +111,8 @@ def check(cfg: QuantizeConfig) -> None:
     if cfg.grid_search and cfg.format in ("gguf", "bitsandbytes"):
         raise LlmqError(f"--grid-search applies to integer grids; --format {cfg.format} fits its own grids "
                         "(GGUF's K-quants already search with diag(H) as importance)")
+    if cfg.options.get("refit_scales") is True and cfg.format in ("gguf", "bitsandbytes"):
+        raise LlmqError(f"--refit-scales applies to integer grids; --format {cfg.format} stores scales of its own kind")
     if cfg.dtype not in FLOAT_DTYPES:
         raise LlmqError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {cfg.dtype!r}")
     c = cfg.calibration

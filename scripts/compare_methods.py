@@ -7,7 +7,7 @@ Writes a markdown table and a JSON record (with the command line) to --out.
     python scripts/compare_methods.py --model DIR --eval-dataset FILE --calib-dataset FILE \
         --seqlen 256 --group-size 128 --variants rtn-w4 gptq-w4 gptq-w4-act --out eval/results/NAME
 
-Variant names: METHOD-wBITS[-gSIZE|-pc][-asym][-gs|-nogs][-act|-noact][-static][-noclip][-itN][-lrE4][-fptPERCENT][-stK] or METHOD-GGUFTYPE[-act|-noact]
+Variant names: METHOD-wBITS[-gSIZE|-pc][-asym][-gs|-nogs][-act|-noact][-static][-refit][-noclip][-itN][-lrE4][-fptPERCENT][-stK] or METHOD-GGUFTYPE[-act|-noact]
 (a GGUF file of that type or mix), e.g. gptq-w3-act, rtn-w8-pc, awq+gptq-w4-noclip, gptq-q4_0, gptq-q4_k_m-noact.
 """
 
@@ -46,6 +46,8 @@ def parse_variant(name: str, default_gs: int) -> dict:
             opts["grid_search"] = True  # integer grids: each group's range searched, not min/max
         elif p == "nogs":
             opts["grid_search"] = False
+        elif p == "refit":
+            opts["refit_scales"] = True  # GPTQ: each row's group scales refitted to its codes
         elif p == "noclip":
             opts["awq_clip"] = False
         elif p == "noact":

@@ -124,3 +124,19 @@ def test_grid_search_is_a_switch_of_integer_grids():
     for fmt, extra in (("gguf", {"gguf_type": "Q4_K_M"}), ("bitsandbytes", {})):
         with pytest.raises(LlmqError, match="integer grids"):
             build_config({}, {"format": fmt, "grid_search": True, **extra})
+
+
+def test_refit_scales_is_a_gptq_switch_of_integer_grids():
+    from llmq.methods import options_for
+
+    assert options_for("gptq", build_config({"method": "gptq", "refit_scales": True}, {}).options).refit_scales
+    assert not options_for("gptq", {}).refit_scales  # off unless asked
+    with pytest.raises(LlmqError, match="true or false"):
+        options_for("gptq", build_config({"method": "gptq", "refit_scales": 1}, {}).options)
+    with pytest.raises(LlmqError, match="signround learns"):
+        options_for("signround", {"refit_scales": True})
+    with pytest.raises(LlmqError, match="does not take refit_scales"):
+        options_for("awq", {"refit_scales": True})
+    for fmt, extra in (("gguf", {"gguf_type": "Q4_K_M"}), ("bitsandbytes", {})):
+        with pytest.raises(LlmqError, match="integer grids"):
+            build_config({"method": "gptq", "refit_scales": True}, {"format": fmt, **extra})

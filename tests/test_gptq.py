@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmq.grid import IntGrid
-from llmq.methods.gptq import Hessian, add_gram, gptq_quantize, symmetric
+from llmq.methods.gptq import Hessian, add_gram, gptq_quantize, row_quadratic, symmetric
 from llmq.methods.rtn import rtn_quantize
 
 
@@ -147,6 +147,16 @@ def test_reported_error_is_the_layer_wise_loss(act_order, sym, damp):
     direct = ((d @ H.double()) * d).sum(1)
     assert torch.allclose(info.row_error.double(), direct, rtol=2e-3, atol=1e-6 * float(direct.max()))
     assert torch.allclose(info.row_energy.double(), ((w.double() @ H.double()) * w.double()).sum(1), rtol=1e-4)
+
+
+def test_row_quadratic_is_w_h_wt_per_row():
+    """Panels of the upper triangle (700 columns: three panels, the last one short) against the plain float64
+    ((W H) ∘ W) summed."""
+    x = _inputs("correlated", 700, 2048, seed=3)
+    H = _hessian(x)
+    W = torch.randn(33, 700, generator=torch.Generator().manual_seed(4))
+    direct = ((W.double() @ H.double()) * W.double()).sum(1)
+    assert torch.allclose(row_quadratic(W, H).double(), direct, rtol=1e-4)
 
 
 def test_non_finite_hessian_falls_back_to_rtn():

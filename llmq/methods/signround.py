@@ -53,6 +53,8 @@ class SignRoundOptions(GPTQOptions):
             raise LlmqError(f"lr must be >= 0, got {self.lr}")
         if self.batch <= 0:
             raise LlmqError(f"batch must be positive, got {self.batch}")
+        if self.refit_scales:
+            raise LlmqError("refit_scales is gptq's: signround learns its codes on the scales GPTQ rounded with")
 
 
 @dataclass
