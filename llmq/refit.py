@@ -13,8 +13,8 @@ row takes its new scales only if they lower its loss once rounded to the grid's 
 (judged with A and b: no further product).  Codes and zero points are untouched, so the result is
 on the same grid and exports as any other.
 
-Measured (eval/results/refit.md): after GPTQ fitted to the unquantized model's outputs (fp_targets 1)
-it lowered KL on llmq-ref-6m at every width; after plain GPTQ it did not help.
+Measured (eval/results/refit-llmq-ref-6m.md): it lowered KL after GPTQ at W4, W3 and W2, with and
+without fp_targets (by 4-9%), for about one more out x n x n product per linear.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = "" if r["mean_rel_error"] is None else f"{r['mean_rel_error']:.4g}"
-        lines.append(f"| {r['variant']} | {r['bits']} | {r['group_size']} | {r['sym']} | {r.get('act_order', False)} | {r['ppl']:.4f} | "
+        lines.append(f"| {r['variant']} | {r['bits']} | {r['group_size']} | {r['sym']} | {r.get('act_order', 'default')} | {r['ppl']:.4f} | "
                      f"{r['ppl'] - fp:+.4f} | {r['kld']:.5f} | {100 * r['top1']:.2f}% | {err} | {r['quantize_seconds']:.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.md')}")
