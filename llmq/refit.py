@@ -10,7 +10,7 @@ scale_g · (code - zero):
 
 so the best γ solves one G x G system per row (G groups).  γ = 1 is the result before the refit; a
 row takes its new scales only if they lower its loss once rounded to the grid's stored scale dtype
-(judged with A and b: no further product).  Codes and zero points are untouched, so the result is
+(judged with A and r = b - A·1: no further product).  Codes and zero points are untouched, so the result is
 on the same grid and exports as any other.
 
 Measured (eval/results/refit-llmq-ref-6m.md): it lowered KL after GPTQ at W4, W3 and W2, with and
@@ -69,7 +69,7 @@ def refit_scales(qt: QuantizedTensor, W: torch.Tensor, H: torch.Tensor,
     grid: IntGrid = qt.grid  # type: ignore[assignment]
     finfo = torch.finfo(grid.scale_dtype)
     scales = (old * (1 + delta).clamp(0.5, 2.0)).clamp(finfo.tiny, finfo.max).to(grid.scale_dtype).to(dtype)
-    d = torch.where(old > 0, scales / old - 1, torch.zeros_like(old))  # the γ - 1 actually stored
+    d = scales / old - 1  # the γ - 1 actually stored (grid scales are never 0)
     change = (d * (A @ d.unsqueeze(2)).squeeze(2)).sum(1) - 2 * (d * r).sum(1)  # loss(1 + d) - loss(1)
     keep = change < 0
     scales = torch.where(keep[:, None], scales, old).float().cpu()

@@ -72,7 +72,7 @@ class Spill:
 
     def get(self, key: Key, forget: bool = False) -> torch.Tensor | None:
         where = self._where.pop(key, None) if forget else self._where.get(key)
-        if where is None or self._file is None:
+        if where is None:
             return None
         offset, shape, dtype = where
         out = torch.empty(shape, dtype=dtype)
@@ -173,7 +173,7 @@ class Reuse:
     def _keeper(self, batch: Callable[[], int], name: str, wide: bool) -> Callable[[nn.Module, tuple], None]:
         def keep(module: nn.Module, args: tuple) -> None:
             key, x = (batch(), name), args[0]
-            if self._dirty or self.last_pass or key in self._outputs:
+            if self._dirty or self.last_pass:
                 return
             if not wide:
                 self._kept.setdefault(key, x)

@@ -57,6 +57,11 @@ class GPTQOptions:
             raise LlmqError(f"fp_targets must be in [0, 1], got {self.fp_targets}")
 
 
+def _panel(n: int) -> int:
+    """Rows per panel of an n x n upper triangle: eight panels, each product still large."""
+    return max(256, -(-n // 8))
+
+
 def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += the upper triangle (diagonal included) of xᵀx, for x of shape (tokens, n).
 
@@ -64,7 +69,7 @@ def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     of the whole xᵀx, whose lower half only repeats the upper.  (Entries below the diagonal of ``acc``
     take some products too; they mean nothing: read the upper triangle, as ``symmetric`` does.)"""
     n = x.shape[1]
-    b = max(256, -(-n // 8))
+    b = _panel(n)
     for i in range(0, n, b):
         acc[i : i + b, i:] += (x[:, i : i + b].T @ x[:, i:]).to(acc.dtype)
 
@@ -285,7 +290,7 @@ def row_quadratic(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     each panel's block on the diagonal once, the rest of its row twice; about 0.56 of the products
     of the plain ((W H) ∘ W) summed."""
     n = H.shape[0]
-    b = max(256, -(-n // 8))
+    b = _panel(n)
     out = torch.zeros(W.shape[0], dtype=H.dtype, device=H.device)
     for i in range(0, n, b):
         j = min(i + b, n)
@@ -312,6 +317,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     """Quantize W (out x in) against Hessian H (in x in). Works in H's dtype.  ``refit``: then refit the
     scales to the codes (llmq.refit; integer grids, and not with ``keep_updated``, whose weights were
     rounded on the scales as they were)."""
+    if refit and keep_updated:
+        raise ValueError("refit changes the scales the kept updated weights were rounded on")
     dtype, device = H.dtype, H.device
     W0 = W.to(device=device, dtype=dtype)
     H0 = H
@@ -421,7 +428,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         d[:, dead] = -Qd[:, dead]  # (W0 as solved: 0 on the dead columns)
     row_error = loss - lam * d.pow_(2).sum(1) - (Qd[:, dead] ** 2).sum(1)
     del d, Qd
-    if refit and not keep_updated and refits(qt):
+    if refit and refits(qt):
         qt, change = refit_scales(qt, W0, H0)
         row_error += change
     return qt, SolveInfo(used_damp, False, row_error.clamp_min(0), row_quadratic(W0, H0), updated)
