@@ -21,7 +21,7 @@ from llmq.checkpoint import load_for_eval
 from llmq import distributed
 from llmq.config import CalibConfig, QuantizeConfig
 from llmq.data import eval_tokens
-from llmq.dtypes import FLOAT_DTYPES, torch_dtype
+from llmq.dtypes import COMPUTE_DTYPES, FLOAT_DTYPES, torch_dtype
 from llmq.errors import LlmqError
 from llmq.eval import evaluate
 from llmq.export import PLAIN, export_checkpoint, export_gguf
@@ -107,6 +107,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bnb-double-quant", dest="bnb_4bit_use_double_quant", action="store_const", const=True,
                    help="with --format bitsandbytes --bits 4: quantize the blocks' absmax values again (8-bit)")
     p.add_argument("--dtype", help=f"dtype of unquantized tensors: {', '.join(FLOAT_DTYPES)} (default {cfg.dtype})")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
+                   help="dtype calibration runs in (default auto: the model's own on a GPU, and on a CPU with bf16 "
+                        "matrix units when the model is bf16; else float32)")
     p.add_argument("--max-shard-size", help=f"largest safetensors shard, e.g. 4GB (default {cfg.max_shard_size})")
     p.add_argument("--skip", action="append", help=f"linear name pattern to leave unquantized (repeatable; default {' '.join(cfg.skip)})")
     p.add_argument("--rule", dest="rules", action="append", metavar="REGEX=SPEC",
@@ -329,7 +332,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                "dataset", "split", "nsamples",
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
-                                               "dtype", "max_shard_size", "skip", "rules", "target_size", "target_bpw")}
+                                               "dtype", "compute_dtype", "max_shard_size", "skip", "rules", "target_size", "target_bpw")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                          allow_nonfinite=args.allow_nonfinite)

@@ -38,6 +38,7 @@ class QuantizeConfig:
     bnb_4bit_quant_type: str = "nf4"  # with format bitsandbytes and 4 bits: nf4 or fp4 (names as transformers' BitsAndBytesConfig)
     bnb_4bit_use_double_quant: bool = False  # quantize the 4-bit blocks' absmax values again (8-bit, blocks of 256)
     dtype: str = "float16"  # dtype of the tensors that stay unquantized (embeddings, norms, biases)
+    compute_dtype: str = "auto"  # calibration's dtype; auto: the model's on a GPU, and on a CPU with bf16 units when it is bf16 (llmq.dtypes)
     max_shard_size: str = "4GB"
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     rules: list[Any] = field(default_factory=list)  # per-module precision rules, first match wins (llmq.rules)

@@ -17,6 +17,7 @@ from torch import nn
 from llmq.arch import arch_for, decoder_linears, get_module
 from llmq.config import QuantizeConfig, parse_size
 from llmq.distributed import Ranks
+from llmq.dtypes import compute_dtype
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
 from llmq.gguf.types import ALLOCATION_TYPES
@@ -128,8 +129,7 @@ def resolve(cfg: QuantizeConfig, source: ModelSource, device: str = "cpu") -> Ru
         format=cfg.format_name() if cls.quantizes or gguf else None,
         gguf=GGUFTypes(cfg.gguf_type.upper(), cfg.gguf_token_embedding_type, cfg.gguf_output_type) if gguf else None,
         dtype=cls.dtype or cfg.dtype,
-        # Calibration runs in fp32 on CPU (fp16 matmuls are slow and lossy there); on a GPU the model dtype is fine.
-        compute_dtype=torch.float32 if torch.device(device).type == "cpu" else source.dtype(),
+        compute_dtype=compute_dtype(cfg.compute_dtype, source.dtype(), device),
         # (an allocation probes with calibration text whatever the method)
         calibration=_calibration(cfg, cls, source) if cls.needs_calibration or _allocates(cfg) else None,
         skip=tuple(cfg.skip),

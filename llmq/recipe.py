@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from llmq.config import CALIB_KEYS, GENERIC_KEYS, CalibConfig, QuantizeConfig, parse_size
-from llmq.dtypes import FLOAT_DTYPES
+from llmq.dtypes import COMPUTE_DTYPES, FLOAT_DTYPES
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
 from llmq.gguf.types import BLOCK_TYPES, GGUF_TYPES, MIXES, check_type
@@ -115,6 +115,8 @@ def check(cfg: QuantizeConfig) -> None:
         raise LlmqError(f"--refit-scales applies to integer grids; --format {cfg.format} stores scales of its own kind")
     if cfg.dtype not in FLOAT_DTYPES:
         raise LlmqError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise LlmqError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {cfg.compute_dtype!r}")
     c = cfg.calibration
     if not isinstance(c.nsamples, int) or c.nsamples <= 0:
         raise LlmqError(f"--nsamples must be positive, got {c.nsamples}")

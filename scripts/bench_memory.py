@@ -57,7 +57,7 @@ def make_model(path: Path, layers: int, hidden: int, vocab: int, tokenizer: bool
     inter = inter or 4 * hidden
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False,
-                      architectures=["LlamaForCausalLM"])
+                      architectures=["LlamaForCausalLM"], dtype=dtype)  # (declared, as real checkpoints declare it)
     path.mkdir(parents=True)
     cfg.save_pretrained(path)
     g = torch.Generator().manual_seed(0)

@@ -149,6 +149,9 @@ def main() -> None:
     ap.add_argument("--random-hidden", type=int, default=1024)
     ap.add_argument("--random-inter", type=int, help="MLP width of the random Llama (default 4 x hidden)")
     ap.add_argument("--random-layers", type=int, default=4)
+    ap.add_argument("--random-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="dtype of the random Llama (default bfloat16, as most checkpoints ship; each tool computes in it "
+                         "or as it chooses: GPTQModel in bf16 on CPU whatever the source)")
     ap.add_argument("--methods", default="gptq,gptq-act", help="comma-separated, of gptq, gptq-act, awq (rtn runs always)")
     ap.add_argument("--peer", action="append", default=[], metavar="TOOL=PYTHON",
                     help="run TOOL (llmcompressor, gptqmodel) with this Python (e.g. its own virtualenv's)")
@@ -169,7 +172,8 @@ def main() -> None:
             from bench_memory import make_model
 
             src = str(Path(tmp) / "random-llama")
-            make_model(Path(src), args.random_layers, args.random_hidden, 32000, tokenizer=True, inter=args.random_inter)
+            make_model(Path(src), args.random_layers, args.random_hidden, 32000, tokenizer=True, inter=args.random_inter,
+                       dtype=args.random_dtype)
         ids_path = Path(tmp) / "ids.pt"
         torch.save(calibration_ids(src, args), ids_path)
         methods = args.methods.split(",")
@@ -185,7 +189,8 @@ def main() -> None:
             if r is not None:
                 results[(tool, method)] = r
         base = results.get(("llmq", "rtn"))
-        print(f"\nmodel {src}  W{args.bits} g{args.group_size}  calibration {args.nsamples} x {args.seqlen} tokens "
+        dtype = "" if args.model else f" ({args.random_dtype})"
+        print(f"\nmodel {src}{dtype}  W{args.bits} g{args.group_size}  calibration {args.nsamples} x {args.seqlen} tokens "
               f"({args.calib_dataset or 'random ids'})")
         head = f"{'tool':15s} {'method':9s} {'seconds':>9s} {'x rtn':>7s} {'peak RSS MiB':>13s} {'x rtn':>7s}"
         if args.eval_dataset:

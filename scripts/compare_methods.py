@@ -7,7 +7,7 @@ Writes a markdown table and a JSON record (with the command line) to --out.
     python scripts/compare_methods.py --model DIR --eval-dataset FILE --calib-dataset FILE \
         --seqlen 256 --group-size 128 --variants rtn-w4 gptq-w4 gptq-w4-act --out eval/results/NAME
 
-Variant names: METHOD-wBITS[-gSIZE|-pc][-asym][-gs|-nogs][-act|-noact][-static][-refit][-noclip][-itN][-lrE4][-fptPERCENT][-stK] or METHOD-GGUFTYPE[-act|-noact]
+Variant names: METHOD-wBITS[-gSIZE|-pc][-asym][-gs|-nogs][-act|-noact][-static][-refit][-noclip][-itN][-lrE4][-fptPERCENT][-stK][-cfp32|-cbf16] or METHOD-GGUFTYPE[-act|-noact]
 (a GGUF file of that type or mix), e.g. gptq-w3-act, rtn-w8-pc, awq+gptq-w4-noclip, gptq-q4_0, gptq-q4_k_m-noact.
 """
 
@@ -60,6 +60,8 @@ def parse_variant(name: str, default_gs: int) -> dict:
             opts["search_tokens"] = int(p[2:]) * 1024  # AWQ: tokens of the block scale search, in thousands
         elif p.startswith("fpt") and p[3:].isdigit():
             opts["fp_targets"] = int(p[3:]) / 100  # weight of the unquantized model's outputs, in percent
+        elif p in ("cfp32", "cbf16"):
+            opts["compute_dtype"] = {"cfp32": "float32", "cbf16": "bfloat16"}[p]  # calibration's dtype
         elif p.upper() in GGUF_TYPES:
             opts.update(format="gguf", gguf_type=p.upper())  # a GGUF file on that block grid (or mix)
         else:

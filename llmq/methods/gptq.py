@@ -22,6 +22,7 @@ from torch import nn
 
 from llmq.activations import LayerInputs
 from llmq.distributed import Ranks
+from llmq.dtypes import bf16_products
 from llmq.errors import LlmqError
 from llmq.grid import Grid, group_index
 from llmq.methods.base import Method
@@ -124,19 +125,23 @@ class Hessian:
         self._sum = self._cross = None
 
     def add(self, x: torch.Tensor, x0: torch.Tensor | None = None) -> None:
+        # bf16 activations (a bf16 calibration) upcast exactly, so the CPU's bf16 units may multiply them
+        exact_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.dtype == torch.float32
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
         if self._sum is None:  # accumulate where the activations live (CPU or GPU)
             self._sum = torch.zeros(self.n, self.n, dtype=torch.float64, device=x.device)
         elif self._sum.device != x.device:
             self._sum = self._sum.to(x.device)
         self.count += x.shape[0]
-        add_gram(self._sum, x)
+        with bf16_products(exact_bf16):
+            add_gram(self._sum, x)
         if x0 is None or x0.numel() != x.numel():
             self.paired = False
         elif self.paired:
             if self._cross is None:
                 self._cross = torch.zeros_like(self._sum)
-            self._cross += (x0.reshape(x.shape).to(self.dtype).T @ x).to(torch.float64)
+            with bf16_products(exact_bf16 and x0.dtype == torch.bfloat16):
+                self._cross += (x0.reshape(x.shape).to(self.dtype).T @ x).to(torch.float64)
 
     def target(self, W: torch.Tensor, weight: float, damp: float) -> torch.Tensor:
         """The weights W' whose GPTQ loss Σ|(Q - W') x|² is, up to a constant, the loss
