@@ -17,7 +17,8 @@ later passes skip that product too.
 Inputs wider than twice the hidden size (an MLP's down_proj input: several copies of the
 activations) are kept only on CPU, and then in a temporary file (``Spill``), not in the process's
 memory: the next layer's inputs then cost one down_proj product instead of the MLP's gate/up
-products again, which on a CPU are the most expensive part of a pass.
+products again, which on a CPU are the most expensive part of a pass.  Final outputs on CPU go to
+the same file, so that the MLP's passes and solves (a run's peak memory) do not hold the attention's.
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ class Spill:
     def __contains__(self, key: Key) -> bool:
         return key in self._where
 
-    def put(self, key: Key, t: torch.Tensor) -> None:
-        if self.broken or key in self._where:
-            return
+    def put(self, key: Key, t: torch.Tensor) -> bool:
+        """Park ``t`` under ``key``; whether it is parked (not after a failed write)."""
+        if self.broken:
+            return False
+        if key in self._where:
+            return True
         data = _bytes(t.detach().contiguous())
         try:
             if self._file is None:
@@ -66,9 +70,10 @@ class Spill:
             log.warning("cannot spill activations to %s (%s); recomputing them instead", tempfile.gettempdir(), e)
             self.close()
             self.broken = True
-            return
+            return False
         self._where[key] = (self._end, t.shape, t.dtype)
         self._end += len(data)
+        return True
 
     def get(self, key: Key, forget: bool = False) -> torch.Tensor | None:
         where = self._where.pop(key, None) if forget else self._where.get(key)
@@ -200,6 +205,9 @@ class Reuse:
         y = (self._outputs.pop if last else self._outputs.get)(key, None)
         if y is not None:
             return y if last else y.clone()  # (a copy: the caller may change it in place)
+        y = self._spill.get(_output(key), forget=last)  # (read back: a fresh tensor)
+        if y is not None:
+            return y
         kept = (self._kept.pop if last else self._kept.get)(key, None)
         if kept is None:
             kept = self._spill.get(key, forget=last)
@@ -208,9 +216,16 @@ class Reuse:
         y = ending(kept)
         if not last and not observed and ending not in self.pending:  # final: its output is all later passes need
             self._kept.pop(key, None)
+            if y.device.type == "cpu" and self._spill.put(_output(key), y):
+                return y  # (on CPU parked in the spill file: the MLP's passes then hold one activation less)
             self._outputs[key] = y
             return y.clone()
         return y
+
+
+def _output(key: Key) -> Key:
+    """The spill's key of a child's kept output (its input's is ``key`` itself)."""
+    return key[0], key[1] + " output"
 
 
 def _linears(module: nn.Module) -> dict[str, nn.Linear]:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llmq.grid import IntGrid
-from llmq.methods.gptq import Hessian, add_gram, gptq_quantize, row_quadratic, symmetric
+from llmq.methods.gptq import (Hessian, _flip_in_place, _inverse_factor, add_gram, gptq_quantize, row_quadratic, symmetric,
+                               symmetric_in_place)
 from llmq.methods.rtn import rtn_quantize
 
 
@@ -219,4 +220,45 @@ def test_a_dropped_hessian_refuses_to_be_read():
     h.drop()
     assert h.count == 16 and torch.isfinite(H).all()
     with pytest.raises(RuntimeError):
+        h.H
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 512, 513, 1100])
+def test_flip_in_place_is_flip(n):
+    m = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+    expected = m.flip(0, 1)
+    _flip_in_place(m, panel=256)
+    assert torch.equal(m, expected)
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """Against the textbook route: inverse, then Cholesky (on the reversal-conjugated matrix it receives)."""
+    x = torch.randn(400, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    H = x.T @ x
+    J = torch.arange(299, -1, -1)
+    mean = H.diagonal().mean()
+    U, frac, back = _inverse_factor([H[J[:, None], J].clone()], mean, 0.01)
+    Hd = H + 0.01 * mean * torch.eye(300, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert frac == 0.01 and back is None
+    assert torch.allclose(U, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [5, 1024, 1500, 2100])
+def test_symmetric_in_place_is_symmetric_and_gives_back_half(n):
+    u = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    expected = ((u.triu() + u.triu(1).T) * 0.25).to(torch.float32)
+    out = symmetric_in_place(u, 0.25)
+    assert torch.equal(out, expected)
+    assert out.untyped_storage().nbytes() == 4 * n * n
+
+
+def test_taken_hessian_is_h():
+    x = torch.randn(3, 200, 1100, generator=torch.Generator().manual_seed(1))
+    h, g = Hessian(1100), Hessian(1100)
+    for b in x:
+        h.add(b)
+        g.add(b)
+    assert torch.equal(h.take(), g.H)
+    with pytest.raises(RuntimeError, match="dropped"):
         h.H

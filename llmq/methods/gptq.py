@@ -72,7 +72,7 @@ def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     n = x.shape[1]
     b = _panel(n)
     for i in range(0, n, b):
-        acc[i : i + b, i:] += (x[:, i : i + b].T @ x[:, i:]).to(acc.dtype)
+        acc[i : i + b, i:] += x[:, i : i + b].T @ x[:, i:]  # (promoted in place: no float64 copy of the panel)
 
 
 def symmetric(upper: torch.Tensor, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -80,10 +80,37 @@ def symmetric(upper: torch.Tensor, scale: float = 1.0, dtype: torch.dtype | None
     ``dtype`` (default upper's).  Built a row panel at a time in the result's dtype: a float64 Hessian of
     an MLP's down_proj would otherwise pass through several full float64 temporaries."""
     out = torch.empty_like(upper, dtype=dtype or upper.dtype)
-    for i in range(0, upper.shape[0], 1024):
-        out[i : i + 1024] = (upper[i : i + 1024] * scale if scale != 1.0 else upper[i : i + 1024]).to(out.dtype)
-    out.triu_()
-    out += out.triu(1).T
+    n = upper.shape[0]
+    for i in range(0, n, 1024):  # (mirrored a panel at a time: no second n x n temporary)
+        j = min(i + 1024, n)
+        panel = (upper[i:j, i:] * scale if scale != 1.0 else upper[i:j, i:]).to(out.dtype)
+        block = panel[:, : j - i].triu()
+        out[i:j, i:j] = block + block.triu(1).T
+        out[i:j, j:] = panel[:, j - i :]
+        out[j:, i:j] = panel[:, j - i :].T
+    return out
+
+
+def symmetric_in_place(upper: torch.Tensor, scale: float) -> torch.Tensor:
+    """``symmetric(upper, scale, torch.float32)`` for a float64 ``upper``, built in upper's own memory, which
+    it takes over (upper must not be used again): its first half holds the float32 result, and the
+    second half is given back.  Forming a 7B down_proj's H then holds 0.5 GB instead of 1.5 GB.
+
+    Row r of the result occupies the bytes of float64 rows r/2 .. (r+1)/2, which an increasing sweep of
+    row panels has read already: each panel is read whole before it is written.  The mirror comes after,
+    into the lower triangle, which no panel wrote."""
+    n = upper.shape[0]
+    out = upper.view(torch.float32).reshape(-1)[: n * n].view(n, n)
+    for i in range(0, n, 1024):
+        j = min(i + 1024, n)
+        panel = (upper[i:j, i:] * scale if scale != 1.0 else upper[i:j, i:]).to(torch.float32)
+        block = panel[:, : j - i].triu()
+        out[i:j, i:j] = block + block.triu(1).T
+        out[i:j, j:] = panel[:, j - i :]
+    for i in range(0, n, 1024):
+        j = min(i + 1024, n)
+        out[j:, i:j] = out[i:j, j:].T
+    upper.untyped_storage().resize_(out.numel() * out.element_size())
     return out
 
 
@@ -118,6 +145,16 @@ class Hessian:
         if self._sum is None:
             return torch.zeros(self.n, self.n, dtype=torch.float64)
         return symmetric(self._sum)
+
+    def take(self) -> torch.Tensor:
+        """H, formed in the sums' own memory (symmetric_in_place) and the sums dropped: for the last solve
+        that uses them."""
+        if self._sum is None or self.count == 0 or self.dtype != torch.float32:
+            H = self.H
+        else:
+            H = symmetric_in_place(self._sum, 2 / self.count)
+        self.drop()
+        return H
 
     def drop(self) -> None:
         """Free the float64 sums (count stays): after the last solve has taken H, they only hold memory
@@ -264,30 +301,54 @@ def damped(H: torch.Tensor, frac: float, mean: torch.Tensor | None = None, inpla
     return out
 
 
-def _inverse_cholesky(H: torch.Tensor, perm: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
-    """Upper Cholesky factor U of damped(Hp, damp)^-1 (Hp^-1 = UᵀU) for Hp = H[perm][:, perm], escalating
-    damp x10 until it works.
-
-    Without forming Hp^-1: with J the order reversal and J Hp J = L Lᵀ, Hp^-1 = (J L^-1 J)ᵀ (J L^-1 J), and
-    J L^-1 J is upper triangular with a positive diagonal, so it is that factor (which is unique): one
-    Cholesky and one triangular inverse instead of a Cholesky, an inverse and a second Cholesky.  J Hp J is
-    indexed out of H in one go (reversed perm): n x n buffers are the solve's largest, so few live at once."""
-    frac, mean = damp, H.diagonal()[perm].mean()
-    rev = perm.flip(0)
+def _inverse_factor(owned: list[torch.Tensor], mean: torch.Tensor, damp: float
+                    ) -> tuple[torch.Tensor | None, float, torch.Tensor | None]:
+    """Upper Cholesky factor U of (A + f·mean·I)⁻¹ for A = J Hp J (see _upper_inverse_factor), with f the
+    first of damp, 10·damp, ... (up to 1) that gives one.  ``owned``: [A], handed over (popped): A's buffer
+    is let go before the inverse's comes, so the solve holds two n x n buffers at most.  Returns U, f, and
+    (None if U was found) A undamped, for the fallback."""
+    A = owned.pop()
+    diag = A.diagonal().clone()
+    frac = damp
     while frac <= 1.0 + 1e-9:
-        A = damped(H[rev][:, rev], frac, mean, inplace=True)
+        A.diagonal().copy_(diag).add_(frac * mean)
         L, info = torch.linalg.cholesky_ex(A)
-        del A
         if info == 0:
-            # (into a column-major identity: the layout LAPACK solves in, so the solve needs no copy of it)
-            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device).T
-            U = torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
-            del L
-            U = U.flip(0, 1)
-            if torch.isfinite(U).all():
-                return U, frac
+            del A
+            U = _upper_inverse_factor(L)
+            if U is not None:
+                return U, frac, None
+            A = L @ L.T  # (rare: the inverse overflowed; A rebuilt, up to rounding, for more damping)
+        del L
         frac *= 10
-    return None, frac
+    A.diagonal().copy_(diag)
+    return None, frac, A
+
+
+def _upper_inverse_factor(L: torch.Tensor) -> torch.Tensor | None:
+    """J L⁻¹ J for lower triangular L (J: the order reversal), or None if not finite.
+
+    With J Hp J = L Lᵀ, Hp⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper triangular with a positive
+    diagonal, so it is the upper Cholesky factor of Hp⁻¹ (which is unique): one Cholesky and one
+    triangular inverse instead of a Cholesky, an inverse and a second Cholesky.  One n x n buffer besides L."""
+    # (into a column-major identity: the layout LAPACK solves in, so the solve needs no copy of it)
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device).T
+    U = torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
+    _flip_in_place(U)
+    return U if torch.isfinite(U).all() else None
+
+
+def _flip_in_place(M: torch.Tensor, panel: int = 256) -> None:
+    """M = M.flip(0, 1) without a second n x n buffer: rows i and n-1-i swapped, each reversed."""
+    n = M.shape[0]
+    half = n // 2
+    for i in range(0, half, panel):
+        j = min(i + panel, half)
+        top = M[i:j].flip(0, 1)
+        M[i:j] = M[n - j : n - i].flip(0, 1)
+        M[n - j : n - i] = top
+    if n % 2:
+        M[half] = M[half].flip(0)
 
 
 def row_quadratic(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -359,10 +420,19 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=device)
     col_group = perm // gs  # group of each (permuted) column
-    U, used_damp = _inverse_cholesky(H, perm, damp)
+    # The inverse's factor comes from J Hp J (Hp = H[perm][:, perm], J the order reversal; _upper_inverse_factor),
+    # gathered in one go.  Its n x n buffers are the solve's largest: H itself is let go meanwhile (unless the
+    # refit needs it, or the caller keeps it), after what is wanted of it later is taken.
+    mean_p, mean, energy = H.diagonal()[perm].mean(), float(H.diagonal().mean()), row_quadratic(W0, H0)
+    rev = perm.flip(0)
+    owned = [H[rev[:, None], rev]]
+    if not refit:
+        H = H0 = None
+    U, used_damp, A = _inverse_factor(owned, mean_p, damp)
     if U is None:
         log.warning("Hessian not positive definite even with damp=1.0; falling back to RTN for this module")
-        return _rtn_fallback(W0, H, grid, used_damp, keep_updated)
+        back = torch.argsort(rev)
+        return _rtn_fallback(W0, A[back[:, None], back], grid, used_damp, keep_updated)
 
     # Dynamic groups take their grid from the error-updated weights when their first column
     # comes up; aligning blocks to groups keeps those columns fully updated (as in the naive loop).
@@ -427,7 +497,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     # columns' updates being optimal), so their sum is (W - Q) H' (W - Q)ᵀ exactly, H' being the matrix
     # solved with: H with damping λ·I and 1 on the dead diagonal.  Taking those two away gives the
     # layer-wise loss for H itself without another out x n x n product.
-    lam = used_damp * float(H.diagonal().mean())
+    lam = used_damp * mean
     d = W0 - Qd
     if dead.any():
         d[:, dead] = -Qd[:, dead]  # (W0 as solved: 0 on the dead columns)
@@ -436,7 +506,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     if refit and refits(qt):
         qt, change = refit_scales(qt, W0, H0)
         row_error += change
-    return qt, SolveInfo(used_damp, False, row_error.clamp_min(0), row_quadratic(W0, H0), updated)
+    return qt, SolveInfo(used_damp, False, row_error.clamp_min(0), energy, updated)
 
 
 def _rtn_fallback(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float,
@@ -511,6 +581,7 @@ class GPTQ(Method):
                     log.add(name, error=error, damp=info.damp, fallback_rtn=info.fallback_rtn,
                             seconds=round(seconds * out / rows, 4), tokens=hessians[name].count,
                             **({"solved_with": [n for n in joint if n != name]} if len(joint) > 1 else {}))
+            solved = qt = info = None  # (the stacked codes, split above: not held through the next step's solves)
         if unquantized is not None:
             self._fp_hidden = unquantized.outputs()
         return result
@@ -537,11 +608,10 @@ class GPTQ(Method):
         W = torch.cat([modules[n].weight.data for n in joint]) if len(joint) > 1 else modules[joint[0]].weight.data
         hessian = hessians[joint[0]]
         W = hessian.target(W, cfg.fp_targets, cfg.damp)
-        H = hessian.H
-        if drop:
-            hessian.drop()
-        qt, info = gptq_quantize(W, H, targets[joint[0]], cfg.damp, cfg.block_size, cfg.act_order,
-                                 cfg.static_groups, keep_updated=self.updated is not None, refit=cfg.refit_scales)
+        # (H passed on, not kept here: gptq_quantize lets it go during its inverse)
+        qt, info = gptq_quantize(W, hessian.take() if drop else hessian.H, targets[joint[0]], cfg.damp, cfg.block_size,
+                                 cfg.act_order, cfg.static_groups, keep_updated=self.updated is not None,
+                                 refit=cfg.refit_scales)
         if self.ranks.world > 1:  # (shared with the other ranks: small CPU tensors pickle fastest)
             info = dataclasses.replace(info, row_error=info.row_error.cpu(), row_energy=info.row_energy.cpu())
         return qt, info, time.perf_counter() - t0
