@@ -37,6 +37,7 @@ from llmq.journal import Journal, LayerEntry
 from llmq.methods import LayerLog, Method
 from llmq.rounding import rtn_quantize
 from llmq.plan import RunPlan, check_rules_on, head_grid, resolve
+from llmq.prefetch import LayerPrefetch
 from llmq.projection import parameter_count
 from llmq.qtensor import QuantizedTensor
 from llmq.sinks import CheckpointSink, Follower, Sink, emit_rest
@@ -74,6 +75,7 @@ class _Run:
     bar: Any
     per_layer: list[int]  # modules each layer quantizes, for the progress display
     stats: RunStats
+    prefetch: LayerPrefetch  # the next layer read while this one computes (GPU runs)
 
 
 def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *, overwrite: bool = False,
@@ -99,8 +101,10 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     if not ranks.leader:
         sink = Follower(sink)
     t0 = time.perf_counter()
-    with sink:  # (holds the output's lock from here on)
-        run = _start(plan, source, model, method, sink, torch.device(device), ids, progress and ranks.leader, stats, ranks)
+    prefetch = LayerPrefetch(source, model, plan.compute_dtype, active=torch.device(device).type == "cuda")
+    with sink, prefetch:  # (holds the output's lock from here on)
+        run = _start(plan, source, model, method, sink, torch.device(device), ids, progress and ranks.leader, stats,
+                     prefetch, ranks)
         journal = Journal(sink.work, {"recipe": plan.recipe(), "source": source.identity(), "ids": _digest(ids)}) \
             if ranks.world == 1 else None  # (a distributed run is not resumable)
         done = _resume(run, journal) if resume else 0
@@ -112,6 +116,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
             if journal is not None:
                 journal.record(i, entry, sink.state())
                 sink.output.keep()  # an interrupted run leaves its finished layers for --resume
+            del entry  # (its codes are in the sink: not held through the next layer)
         run.bar.close()
         run.inputs = None  # (the last layer's activations: not needed for what is left)
         if ranks.leader:
@@ -188,7 +193,8 @@ def _skeleton(source: ModelSource, plan: RunPlan) -> nn.Module:
 
 
 def _start(plan: RunPlan, source: ModelSource, model: nn.Module, method: Method, sink: Sink, device: torch.device,
-           calib_ids: torch.Tensor | None, progress: bool, stats: RunStats, ranks: Ranks = Ranks()) -> _Run:
+           calib_ids: torch.Tensor | None, progress: bool, stats: RunStats, prefetch: LayerPrefetch,
+           ranks: Ranks = Ranks()) -> _Run:
     """Capture the calibration inputs of layer 0 (this rank's share of the windows) and set up the progress display."""
     arch = arch_for(model)
     layers = get_module(model, arch.layers)
@@ -202,7 +208,8 @@ def _start(plan: RunPlan, source: ModelSource, model: nn.Module, method: Method,
                  for i, layer in enumerate(layers)]
     bar = tqdm(total=sum(max(1, n) for n in per_layer), desc="quantize", unit="module", disable=not progress,
                dynamic_ncols=True)
-    return _Run(plan, source, model, method, sink, device, arch, not arch.discovered, inputs, bar, per_layer, stats)
+    return _Run(plan, source, model, method, sink, device, arch, not arch.discovered, inputs, bar, per_layer, stats,
+                prefetch)
 
 
 def _quantize_layer(run: _Run, i: int) -> LayerEntry:
@@ -211,8 +218,10 @@ def _quantize_layer(run: _Run, i: int) -> LayerEntry:
     layers = get_module(run.model, run.arch.layers)
     prefix = f"{run.arch.layers}.{i}"
     run.bar.set_postfix_str(f"layer {i + 1}/{len(layers)} load")
-    layer = run.source.materialize(run.model, prefix, run.plan.compute_dtype)
+    layer = run.source.materialize(run.model, prefix, run.plan.compute_dtype, run.prefetch.take(prefix))
     move_resident(layer, run.device)
+    if i + 1 < len(layers):
+        run.prefetch.start(f"{run.arch.layers}.{i + 1}")
     run.arch = _layer_arch(run, layer)
     run.stats.peak_resident_layers = max(run.stats.peak_resident_layers, sum(is_resident(l) for l in layers))
 

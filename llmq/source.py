@@ -229,9 +229,10 @@ class ModelSource:
             return d
         return FLOAT_DTYPES.get(d, torch.float32) if isinstance(d, str) else torch.float32
 
-    def materialize(self, model: nn.Module, prefix: str, dtype: torch.dtype) -> nn.Module:
-        """Read the parameters of the sub-module at ``prefix`` from disk into memory."""
-        module = model.get_submodule(prefix) if prefix else model
+    def read(self, module: nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors of ``module``'s (at ``prefix``) parameters not yet loaded, read from disk; floating
+        ones in ``dtype``."""
+        out = {}
         for name, param in list(module.named_parameters(recurse=True)):
             if param.device.type != "meta":
                 continue
@@ -239,8 +240,15 @@ class ModelSource:
             if full in self.tied:
                 continue  # stored under its target's name; tie_weights() shares that tensor
             t = self.load_like(full, param)
-            if t.is_floating_point():
-                t = t.to(dtype)
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+        return out
+
+    def materialize(self, model: nn.Module, prefix: str, dtype: torch.dtype,
+                    tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Put the parameters of the sub-module at ``prefix`` in memory: ``tensors`` read ahead (llmq.prefetch),
+        else read from disk now."""
+        module = model.get_submodule(prefix) if prefix else model
+        for name, t in (self.read(module, prefix, dtype) if tensors is None else tensors).items():
             _set_param(module, name, t)
         return module
 
@@ -336,4 +344,5 @@ def move_resident(module: nn.Module, device: torch.device) -> None:
         for store in (m._parameters, m._buffers):
             for k, t in store.items():
                 if t is not None and t.device.type != "meta" and t.device != device:
-                    store[k] = nn.Parameter(t.to(device), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(device)
+                    moved = t.to(device, non_blocking=t.is_pinned())  # (pinned: read ahead, llmq.prefetch)
+                    store[k] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
