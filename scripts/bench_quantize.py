@@ -94,14 +94,31 @@ def child_env(tool: str) -> dict[str, str]:
     return env
 
 
+def peak_rss_mib(pid: int) -> float:
+    """A running process's peak resident memory so far (VmHWM), MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def run(tool: str, method: str, python: str, src: str, out: Path, ids_path: Path, args) -> dict | None:
-    env = child_env(tool)
-    p = subprocess.run([python, "-c", CHILD, tool, method, src, str(out), str(ids_path), str(args.bits),
-                        str(args.group_size)], capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        print(f"{tool} {method}: failed\n{p.stderr[-1500:]}", file=sys.stderr)
+    """One tool's run in a fresh process.  A peer still running after --peer-timeout seconds is stopped and
+    reported with ``cut_off``: its time and its peak memory so far are lower bounds of its own."""
+    proc = subprocess.Popen([python, "-c", CHILD, tool, method, src, str(out), str(ids_path), str(args.bits),
+                             str(args.group_size)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(tool))
+    limit = None if tool == "llmq" else args.peer_timeout
+    try:
+        stdout, stderr = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        peak = peak_rss_mib(proc.pid)
+        proc.kill()
+        proc.communicate()
+        print(f"{tool} {method}: stopped after {limit} s (peak RSS so far {peak:.0f} MiB)", file=sys.stderr)
+        return {"seconds": float(limit), "peak_rss_mib": peak, "cut_off": True, "versions": {}}
+    if proc.returncode != 0:
+        print(f"{tool} {method}: failed\n{stderr[-1500:]}", file=sys.stderr)
         return None
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def peers(args) -> dict[str, str]:
@@ -162,6 +179,8 @@ def main() -> None:
     ap.add_argument("--calib-dataset", help="calibration text (llmq dataset spec); default: random token ids")
     ap.add_argument("--eval-dataset", help="also evaluate every output against the source model on this text")
     ap.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    ap.add_argument("--peer-timeout", type=float, help="stop a peer's run after this many seconds and report lower "
+                                                       "bounds of its time and memory (default: no limit)")
     args = ap.parse_args()
     import torch
 
@@ -199,20 +218,22 @@ def main() -> None:
         for (tool, method), r in results.items():
             rt = r["seconds"] / base["seconds"] if base else float("nan")
             rm = r["peak_rss_mib"] / base["peak_rss_mib"] if base else float("nan")
-            line = f"{tool:15s} {method:9s} {r['seconds']:9.2f} {rt:7.2f} {r['peak_rss_mib']:13.0f} {rm:7.2f}"
+            more = ">" if r.get("cut_off") else " "  # (stopped: lower bounds)
+            line = f"{tool:15s} {method:9s} {more}{r['seconds']:8.2f} {rt:7.2f} {more}{r['peak_rss_mib']:12.0f} {rm:7.2f}"
             if args.eval_dataset:
                 e = r.get("eval")
                 line += (f" {e['kld']:9.5f} {100 * e['top1']:6.2f}% {e['ppl']:11.4f}" if e
                          else "   (eval failed)")
             print(line)
         print("versions: " + "; ".join(f"{t}: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-                                       for t, r in {t: r for (t, _), r in results.items()}.items()))
+                                       for t, r in {t: r for (t, _), r in results.items() if r["versions"]}.items()))
         for method in methods:
             mine, theirs = results.get(("llmq", method)), [r for (t, m), r in results.items() if t != "llmq" and m == method]
             if mine and theirs:
                 fastest = min(r["seconds"] for r in theirs)
-                print(f"{method}: llmq time / fastest peer's = {mine['seconds'] / fastest:.2f}; peak RSS / lowest "
-                      f"peer's = {mine['peak_rss_mib'] / min(r['peak_rss_mib'] for r in theirs):.2f}")
+                at_most = "<=" if any(r.get("cut_off") for r in theirs) else "="  # (a stopped peer's figures are lower bounds)
+                print(f"{method}: llmq time / fastest peer's {at_most} {mine['seconds'] / fastest:.2f}; peak RSS / lowest "
+                      f"peer's {at_most} {mine['peak_rss_mib'] / min(r['peak_rss_mib'] for r in theirs):.2f}")
         missing = [t for t in OTHER_TOOLS if t not in others]
         if missing:
             print(f"(not installed, skipped: {', '.join(missing)})")
