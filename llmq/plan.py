@@ -107,7 +107,8 @@ class RunPlan:
     def recipe(self) -> dict[str, Any]:
         """Everything that determines the output, for the provenance record."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "compute_dtype")}
-        d.update(options=dataclasses.asdict(self.options), grid=None if self.grid is None else self.grid.name,
+        d.update(compute_dtype=str(self.compute_dtype).removeprefix("torch."),  # (what `auto` resolved to here)
+                 options=dataclasses.asdict(self.options), grid=None if self.grid is None else self.grid.name,
                  gguf=None if self.gguf is None else dataclasses.asdict(self.gguf),
                  calibration=None if self.calibration is None else dataclasses.asdict(self.calibration),
                  skip=list(self.skip), rules=[r.to_dict() for r in self.rules])
