@@ -79,16 +79,7 @@ def symmetric(upper: torch.Tensor, scale: float = 1.0, dtype: torch.dtype | None
     """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s, times ``scale``, in
     ``dtype`` (default upper's).  Built a row panel at a time in the result's dtype: a float64 Hessian of
     an MLP's down_proj would otherwise pass through several full float64 temporaries."""
-    out = torch.empty_like(upper, dtype=dtype or upper.dtype)
-    n = upper.shape[0]
-    for i in range(0, n, 1024):  # (mirrored a panel at a time: no second n x n temporary)
-        j = min(i + 1024, n)
-        panel = (upper[i:j, i:] * scale if scale != 1.0 else upper[i:j, i:]).to(out.dtype)
-        block = panel[:, : j - i].triu()
-        out[i:j, i:j] = block + block.triu(1).T
-        out[i:j, j:] = panel[:, j - i :]
-        out[j:, i:j] = panel[:, j - i :].T
-    return out
+    return _mirror_into(torch.empty_like(upper, dtype=dtype or upper.dtype), upper, scale)
 
 
 def symmetric_in_place(upper: torch.Tensor, scale: float) -> torch.Tensor:
@@ -96,21 +87,28 @@ def symmetric_in_place(upper: torch.Tensor, scale: float) -> torch.Tensor:
     it takes over (upper must not be used again): its first half holds the float32 result, and the
     second half is given back.  Forming a 7B down_proj's H then holds 0.5 GB instead of 1.5 GB.
 
-    Row r of the result occupies the bytes of float64 rows r/2 .. (r+1)/2, which an increasing sweep of
-    row panels has read already: each panel is read whole before it is written.  The mirror comes after,
-    into the lower triangle, which no panel wrote."""
+    Row r of the result occupies the bytes of float64 rows r/2 .. (r+1)/2, which the increasing sweep of
+    _mirror_into has read already: each panel is read whole before it is written, and the mirror comes
+    after, into the lower triangle, which no panel wrote."""
     n = upper.shape[0]
-    out = upper.view(torch.float32).reshape(-1)[: n * n].view(n, n)
+    out = _mirror_into(upper.view(torch.float32).reshape(-1)[: n * n].view(n, n), upper, scale)
+    upper.untyped_storage().resize_(out.numel() * out.element_size())
+    return out
+
+
+def _mirror_into(out: torch.Tensor, upper: torch.Tensor, scale: float) -> torch.Tensor:
+    """out = the symmetric matrix of upper's upper triangle times scale: row panels of the upper triangle
+    in increasing order, then their mirror (no n x n temporary)."""
+    n = upper.shape[0]
     for i in range(0, n, 1024):
         j = min(i + 1024, n)
-        panel = (upper[i:j, i:] * scale if scale != 1.0 else upper[i:j, i:]).to(torch.float32)
+        panel = (upper[i:j, i:] * scale if scale != 1.0 else upper[i:j, i:]).to(out.dtype)
         block = panel[:, : j - i].triu()
         out[i:j, i:j] = block + block.triu(1).T
         out[i:j, j:] = panel[:, j - i :]
     for i in range(0, n, 1024):
         j = min(i + 1024, n)
         out[j:, i:j] = out[i:j, j:].T
-    upper.untyped_storage().resize_(out.numel() * out.element_size())
     return out
 
 
@@ -293,11 +291,11 @@ class SolveInfo:
         return float(num / den) if den > 0 else float(num)
 
 
-def damped(H: torch.Tensor, frac: float, mean: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
-    """H + frac·mean(diag H)·I: GPTQ's damping (of its solve, and of fp_targets' normal equations).
-    ``mean``: mean(diag H) when already known (the solve's H is a permuted copy); ``inplace``: add it to H itself."""
-    out = H if inplace else H.clone()
-    out.diagonal().add_(frac * (H.diagonal().mean() if mean is None else mean))
+def damped(H: torch.Tensor, frac: float) -> torch.Tensor:
+    """H + frac·mean(diag H)·I: GPTQ's damping, here of fp_targets' normal equations (the solve damps its
+    permuted copy in place, _inverse_factor)."""
+    out = H.clone()
+    out.diagonal().add_(frac * H.diagonal().mean())
     return out
 
 
