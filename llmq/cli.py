@@ -10,7 +10,6 @@ import math
 import os
 import resource
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import transformers
 
 import llmq
 from llmq.checkpoint import load_for_eval
-from llmq import distributed
+from llmq import distributed, interrupts
 from llmq.config import CalibConfig, QuantizeConfig
 from llmq.data import eval_tokens
 from llmq.dtypes import COMPUTE_DTYPES, FLOAT_DTYPES, torch_dtype
@@ -447,33 +446,33 @@ _SYSTEM_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "di
                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EIO: "input/output error"}
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops a run as Ctrl-C does: outputs discarded or kept for --resume
-
-
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return args.func(args)
-    except LlmqError as e:
-        print(f"llmq: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in _SYSTEM_ERRORS:
-            raise
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"llmq: error: {_SYSTEM_ERRORS[e.errno]}{where}; nothing was written", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        resumable = getattr(args, "out", None) and Path(args.out).with_name(f".{Path(args.out).name}.llmq-tmp").is_dir()
-        hint = "; run the same command with --resume to continue" if resumable and args.command == "quantize" else ""
-        print(f"llmq: interrupted{hint}", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with interrupts.stop_on_signals():  # SIGTERM stops a run as Ctrl-C does: outputs discarded or kept for --resume
+        try:
+            return args.func(args)
+        except Exception as e:
+            if interrupts.received():  # a library turned the KeyboardInterrupt into an error of its own
+                return _interrupted(args)
+            if isinstance(e, LlmqError):
+                print(f"llmq: error: {e}", file=sys.stderr)
+                return 2
+            if not (isinstance(e, OSError) and e.errno in _SYSTEM_ERRORS):
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"llmq: error: {_SYSTEM_ERRORS[e.errno]}{where}; nothing was written", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return _interrupted(args)
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    resumable = getattr(args, "out", None) and Path(args.out).with_name(f".{Path(args.out).name}.llmq-tmp").is_dir()
+    hint = "; run the same command with --resume to continue" if resumable and args.command == "quantize" else ""
+    print(f"llmq: interrupted{hint}", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from llmq import interrupts
 from llmq.errors import LlmqError
 
 
@@ -121,7 +122,7 @@ class Output:
         try:
             if exc_type is None:
                 self._commit()
-            elif not (self.resume or (self.resumable and issubclass(exc_type, KeyboardInterrupt))):
+            elif not (self.resume or (self.resumable and interrupts.is_interrupt(exc_type))):
                 # (a resumed run that fails keeps what the earlier run left; a run without --resume removes it)
                 shutil.rmtree(self.work, ignore_errors=True)
         finally:
