@@ -21,9 +21,11 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 CHILD = r"""
@@ -95,26 +97,40 @@ def child_env(tool: str) -> dict[str, str]:
 
 
 def peak_rss_mib(pid: int) -> float:
-    """A running process's peak resident memory so far (VmHWM), MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    """A running process's peak resident memory so far (VmHWM), MiB (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), 0.0)
+    except OSError:
+        return 0.0
 
 
 def run(tool: str, method: str, python: str, src: str, out: Path, ids_path: Path, args) -> dict | None:
     """One tool's run in a fresh process.  A peer still running after --peer-timeout seconds is stopped and
-    reported with ``cut_off``: its time and its peak memory so far are lower bounds of its own."""
+    reported with ``cut_off``: its time and its peak memory so far are lower bounds of its own.  A run killed
+    by a signal (the kernel's out-of-memory killer sends SIGKILL) is reported with ``killed``: its peak memory
+    so far (sampled every few seconds; VmHWM is a high-water mark) is a lower bound, its time is none."""
     proc = subprocess.Popen([python, "-c", CHILD, tool, method, src, str(out), str(ids_path), str(args.bits),
                              str(args.group_size)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(tool))
     limit = None if tool == "llmq" else args.peer_timeout
-    try:
-        stdout, stderr = proc.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        peak = peak_rss_mib(proc.pid)
-        proc.kill()
-        proc.communicate()
-        print(f"{tool} {method}: stopped after {limit} s (peak RSS so far {peak:.0f} MiB)", file=sys.stderr)
-        return {"seconds": float(limit), "peak_rss_mib": peak, "cut_off": True, "versions": {}}
+    start, peak = time.monotonic(), 0.0
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=5)
+            break
+        except subprocess.TimeoutExpired:
+            peak = max(peak, peak_rss_mib(proc.pid))
+            if limit is not None and time.monotonic() - start >= limit:
+                proc.kill()
+                proc.communicate()
+                print(f"{tool} {method}: stopped after {limit} s (peak RSS so far {peak:.0f} MiB)", file=sys.stderr)
+                return {"seconds": float(limit), "peak_rss_mib": peak, "cut_off": True, "versions": {}}
+    if proc.returncode < 0:
+        seconds, name = time.monotonic() - start, signal.Signals(-proc.returncode).name
+        print(f"{tool} {method}: killed by {name} after {seconds:.0f} s (peak RSS so far {peak:.0f} MiB; "
+              "out of memory?)", file=sys.stderr)
+        return {"seconds": seconds, "peak_rss_mib": peak, "cut_off": True, "killed": name, "versions": {}}
     if proc.returncode != 0:
         print(f"{tool} {method}: failed\n{stderr[-1500:]}", file=sys.stderr)
         return None
@@ -220,6 +236,8 @@ def main() -> None:
             rm = r["peak_rss_mib"] / base["peak_rss_mib"] if base else float("nan")
             more = ">" if r.get("cut_off") else " "  # (stopped: lower bounds)
             line = f"{tool:15s} {method:9s} {more}{r['seconds']:8.2f} {rt:7.2f} {more}{r['peak_rss_mib']:12.0f} {rm:7.2f}"
+            if r.get("killed"):
+                line += f"  (killed by {r['killed']}: no time to compare)"
             if args.eval_dataset:
                 e = r.get("eval")
                 line += (f" {e['kld']:9.5f} {100 * e['top1']:6.2f}% {e['ppl']:11.4f}" if e
@@ -230,10 +248,12 @@ def main() -> None:
         for method in methods:
             mine, theirs = results.get(("llmq", method)), [r for (t, m), r in results.items() if t != "llmq" and m == method]
             if mine and theirs:
-                fastest = min(r["seconds"] for r in theirs)
-                at_most = "<=" if any(r.get("cut_off") for r in theirs) else "="  # (a stopped peer's figures are lower bounds)
-                print(f"{method}: llmq time / fastest peer's {at_most} {mine['seconds'] / fastest:.2f}; peak RSS / lowest "
-                      f"peer's {at_most} {mine['peak_rss_mib'] / min(r['peak_rss_mib'] for r in theirs):.2f}")
+                timed = [r for r in theirs if not r.get("killed")]  # (a killed run has no time to finish in)
+                at_most = lambda rs: "<=" if any(r.get("cut_off") for r in rs) else "="  # (stopped: lower bounds)
+                speed = (f"llmq time / fastest peer's {at_most(timed)} {mine['seconds'] / min(r['seconds'] for r in timed):.2f}"
+                         if timed else "no peer finished")
+                print(f"{method}: {speed}; peak RSS / lowest peer's {at_most(theirs)} "
+                      f"{mine['peak_rss_mib'] / min(r['peak_rss_mib'] for r in theirs):.2f}")
         missing = [t for t in OTHER_TOOLS if t not in others]
         if missing:
             print(f"(not installed, skipped: {', '.join(missing)})")

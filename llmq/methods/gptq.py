@@ -662,8 +662,11 @@ class Unquantized:
         return on_batch
 
     def outputs(self) -> list[torch.Tensor]:
-        """The unquantized layer's outputs: the next layer's unquantized inputs."""
-        return self.inputs.run(self.layer, keep_outputs=True)  # type: ignore[return-value]
+        """The unquantized layer's outputs: the next layer's unquantized inputs (its last pass)."""
+        outputs = self.inputs.run(self.layer, keep_outputs=True)
+        if self.inputs.reuse is not None:
+            self.inputs.reuse.close()  # (what it kept, spill file included, is not needed again)
+        return outputs  # type: ignore[return-value]
 
 
 def _joint_solves(names: list[str], hessians: InputHessians, targets: dict[str, Grid]) -> list[list[str]]:
