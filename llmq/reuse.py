@@ -150,7 +150,10 @@ class Reuse:
             ending = child.get_submodule(lname)
             wide = ending.in_features > 2 * width
             handles.append(ending.register_forward_pre_hook(self._keeper(batch, name, wide)))
-            if not any(m in self.pending for n, m in _linears(child).items() if n != lname):
+            inner = [m for n, m in _linears(child).items() if n != lname]
+            # Served only if its other linears are final and unobserved: serving skips them, and an observer
+            # of one would miss its input (the ending's own observer still sees it: _serve calls it).
+            if not any(m in self.pending or m in observed for m in inner):
                 # (an instance attribute: removed below)
                 child.forward = self._server(batch, name, child, ending, rest, ending in observed)
                 patched.append(child)
@@ -202,12 +205,13 @@ class Reuse:
         last = self.last_pass
         if self._dirty:  # (its input may differ from the kept pass's)
             return None
-        y = (self._outputs.pop if last else self._outputs.get)(key, None)
-        if y is not None:
-            return y if last else y.clone()  # (a copy: the caller may change it in place)
-        y = self._spill.get(_output(key), forget=last)  # (read back: a fresh tensor)
-        if y is not None:
-            return y
+        if not observed:  # (an observed ending must run: its observer sees its input)
+            y = (self._outputs.pop if last else self._outputs.get)(key, None)
+            if y is not None:
+                return y if last else y.clone()  # (a copy: the caller may change it in place)
+            y = self._spill.get(_output(key), forget=last)  # (read back: a fresh tensor)
+            if y is not None:
+                return y
         kept = (self._kept.pop if last else self._kept.get)(key, None)
         if kept is None:
             kept = self._spill.get(key, forget=last)

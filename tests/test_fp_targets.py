@@ -106,3 +106,23 @@ def test_awq_gptq_refuses_fp_targets():
     with pytest.raises(LlmqError, match="awq\\+gptq does not take fp_targets"):
         options_for("awq+gptq", {"fp_targets": 1.0})
     assert options_for("gptq", {"fp_targets": 1.0}).fp_targets == 1.0
+
+
+def test_every_solve_gets_the_unquantized_inputs_of_every_batch(tmp_path, monkeypatch):
+    """Each solve's Hessian is paired with the unquantized inputs of every batch.  A pass that served a block
+    from kept tensors skipped its observed linears for a batch, which silently turned fp_targets off for the
+    whole MLP (unpaired: the target is W), as happened once."""
+    paired = []
+    real = Hessian.target
+
+    def target(self, W, weight, damp):
+        paired.append(self.paired and self._cross is not None)
+        return real(self, W, weight, damp)
+
+    monkeypatch.setattr(Hessian, "target", target)
+    src = save_tiny("llama", tmp_path / "src")
+    recipe = {"method": "gptq", "bits": 3, "group_size": 32, "seqlen": 32, "nsamples": 16, "dtype": "float32",
+              "fp_targets": 1.0}
+    ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    quantize_model(ModelSource(str(src)), build_config({}, recipe), tmp_path / "q", progress=False, calib_ids=ids)
+    assert len(paired) >= 8 and all(paired), paired

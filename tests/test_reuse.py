@@ -69,6 +69,21 @@ def test_passes_with_reuse_give_the_plain_outputs_and_skip_attention():
     assert calls["mlp.gate_proj"] == 3 + 3
 
 
+def test_a_final_block_still_shows_its_inner_linears_their_inputs():
+    """The unquantized copy fp_targets runs alongside (nothing pending): a pass observing gate/up must see
+    their inputs in every batch, even where an earlier full pass kept what would serve the whole MLP."""
+    layer, inputs = _llama()
+    reuse = Reuse(layer)
+    reuse.learn(inputs.hidden[0], inputs.kwargs)
+    inputs.reuse = reuse
+    batches = len(inputs.hidden) // inputs.batch_size
+    for step in STEPS:
+        seen: list[str] = []
+        inputs.run(layer, {layer.get_submodule(n): lambda x, n=n: seen.append(n) for n in step})
+        assert sorted(seen) == sorted(step * batches), step
+    inputs.reuse = None
+
+
 def test_a_still_changing_linear_before_the_block_keeps_nothing():
     layer, inputs = _llama()
     reuse = Reuse(layer, pending={layer.get_submodule(n) for s in STEPS for n in s})
