@@ -24,18 +24,19 @@ from torch import nn
 from llmq.checkpoint import iter_quantized, load_model, open_quantized
 from llmq.data import calibration_tokens, eval_tokens
 from llmq.eval.perplexity import evaluate
+from llmq.grid import dequantize
 
 
 class TunedScales(nn.Module):
-    """A packed linear as fixed codes times trainable group scales: w = s0·exp(t)·(q − z), t = 0 at the start
-    (a log-scale step, so one learning rate suits every layer's scale magnitude)."""
+    """A packed linear as fixed codes times trainable group scales: w = s0·exp(t)·(q − z) (llmq.grid.dequantize),
+    t = 0 at the start (a log-scale step, so one learning rate suits every layer's scale magnitude)."""
 
     def __init__(self, qt, bias: torch.Tensor | None):
         super().__init__()
-        g = qt.g_idx.long()
-        self.register_buffer("centred", qt.codes.float() - qt.zeros.float()[:, g])
+        self.register_buffer("q", qt.codes.float())
+        self.register_buffer("z", qt.zeros.float())
         self.register_buffer("s0", qt.scales.float())
-        self.register_buffer("g", g)
+        self.register_buffer("g", qt.g_idx.long())
         self.t = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = bias
 
@@ -47,7 +48,7 @@ class TunedScales(nn.Module):
             self.t.copy_((self.scales().half().float() / self.s0).log())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.centred * self.scales()[:, self.g], self.bias)
+        return F.linear(x, dequantize(self.q, self.scales()[:, self.g], self.z[:, self.g]), self.bias)
 
 
 def student(path: str) -> tuple[nn.Module, list[nn.Parameter]]:
