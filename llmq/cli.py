@@ -36,6 +36,7 @@ from llmq.provenance import verify
 from llmq.recipe import build_config, load_recipe, save_recipe
 from llmq.report import load_suite, run_report
 from llmq.source import ModelSource
+from llmq.tune import Calibration, TuneOptions, tune_checkpoint
 
 EPILOG_QUANTIZE = """examples:
   python -m llmq quantize --model meta-llama/Llama-2-7b-hf --method gptq --bits 4 --group-size 128 --out llama2-7b-w4g128
@@ -143,6 +144,42 @@ def _per_method(option: str) -> str:
 def _method_defaults(attr: str) -> str:
     values = {m.name: getattr(m, attr) for m in METHODS.values() if m.needs_calibration}
     return ", ".join(f"{v} for {m}" for m, v in values.items())
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    t, c = TuneOptions(), Calibration()
+    p = sub.add_parser("tune", help="tune a quantized checkpoint's scales end to end on the KL from the unquantized model",
+                       description="Keep every integer code of a GPTQ/AWQ/compressed-tensors checkpoint and train its group "
+                                   "scales (and the norms' weights) through the whole model on the KL divergence from the "
+                                   "unquantized model over calibration windows; writes the same format. Holds both models "
+                                   "in memory (it does not stream layers).")
+    p.add_argument("--model", required=True, help="the quantized checkpoint (directory or hub id)")
+    p.add_argument("--reference", help="the unquantized model it was made from (default: the source its provenance names)")
+    p.add_argument("--dataset", default=c.dataset, help=f"calibration text, as for quantize (default {c.dataset})")
+    p.add_argument("--split", help="dataset split (default: train for known sets)")
+    p.add_argument("--nsamples", type=int, default=c.nsamples, help=f"calibration windows (default {c.nsamples})")
+    p.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, context))")
+    p.add_argument("--seed", type=int, default=c.seed, help=f"sampling and shuffling seed (default {c.seed})")
+    p.add_argument("--steps", type=int, default=t.steps, help=f"Adam steps (default {t.steps})")
+    p.add_argument("--lr", type=float, default=t.lr, help=f"learning rate, decaying linearly to 0 (default {t.lr})")
+    p.add_argument("--batch", type=int, default=t.batch, help=f"windows per step (default {t.batch})")
+    p.add_argument("--no-norms", dest="norms", action="store_false", help="leave the norms' weights as they are")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-shard-size", default=QuantizeConfig.max_shard_size)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    calib = Calibration(args.dataset, args.split, args.nsamples, args.seqlen, args.seed)
+    options = TuneOptions(args.steps, args.lr, args.batch, args.norms, args.seed)
+    out, r = tune_checkpoint(args.model, args.out, reference=args.reference, calib=calib, options=options,
+                             overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=not args.quiet,
+                             trust_remote_code=args.trust_remote_code)
+    print(f"wrote {out} in {r.seconds:.1f}s: calibration KL {r.first_loss:.4g} at the start, {r.last_loss:.4g} at the end")
+    return 0
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -407,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quantize(sub)
     _add_export(sub)
+    _add_tune(sub)
     _add_eval(sub)
     _add_report(sub)
     _add_check_gguf(sub)

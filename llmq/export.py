@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -19,8 +19,10 @@ from llmq.config import QuantizeConfig, parse_size
 from llmq.dtypes import SHORT_NAMES, dtype_name
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS, format_for_config
+from llmq.formats.base import Format
 from llmq.pipeline import quantize_model
 from llmq.provenance import PROVENANCE_FILE
+from llmq.qtensor import QuantizedTensor
 from llmq.sinks import CheckpointSink, emit_rest
 from llmq.source import ModelSource
 
@@ -35,24 +37,37 @@ def export_checkpoint(src: str, target: str, out: str | Path, *, max_shard_size:
     if qcfg is None:
         raise LlmqError(f"{src!r} is not a quantized checkpoint; quantize it with `llmq quantize --format {target}`")
     reader = format_for_config(qcfg)
-    grid = reader.grid_from_config(qcfg)
     fmt = None if target in PLAIN else FORMATS[target]
+    recipe = {"export": {"from": src, "from_format": reader.name, "to": target}}
+    return write_checkpoint(source, qcfg, fmt, out, iter_quantized(source.skeleton(torch.float32), source, qcfg), recipe,
+                            dtype=SHORT_NAMES[target] if fmt is None else None, max_shard_size=max_shard_size,
+                            overwrite=overwrite)
+
+
+def write_checkpoint(source: ModelSource, qcfg: dict[str, Any], fmt: Format | None, out: str | Path,
+                     quantized: Iterable[tuple[str, QuantizedTensor]], recipe: dict[str, Any], *,
+                     floats: dict[str, torch.Tensor] | None = None, dtype: str | None = None, max_shard_size: str = "4GB",
+                     overwrite: bool = False, inputs: list[Path] = ()) -> Path:
+    """A checkpoint of ``source`` (a quantized one, config ``qcfg``) in ``fmt`` (None: plain, dequantized in
+    ``dtype``): the ``quantized`` linears, the ``floats`` given, and every other tensor as the source has it.
+    Its provenance names the model the source was made from and what made the source."""
+    grid = format_for_config(qcfg).grid_from_config(qcfg)
     if fmt is not None:
         fmt.check(grid)
     model = source.skeleton(torch.float32)
-    prev = _previous_provenance(source.dir)
-    out_dtype = SHORT_NAMES[target] if fmt is None else dtype_name(getattr(source.config, "dtype", None))
+    prev = previous_provenance(source.dir)
+    out_dtype = dtype or dtype_name(getattr(source.config, "dtype", None))
     sink = CheckpointSink(source, model, fmt, grid, out, dtype=out_dtype, max_shard_bytes=parse_size(max_shard_size),
-                          overwrite=overwrite, origin=prev["source"]["model"] if prev else src)
+                          overwrite=overwrite, origin=prev["source"]["model"] if prev else source.name, inputs=inputs)
     with sink:
-        done: set[str] = set()
-        for mod_name, qt in iter_quantized(model, source, qcfg):
+        done = set(floats or {})
+        for name, t in (floats or {}).items():
+            sink.add(name, t)
+        for mod_name, qt in quantized:
             sink.add(f"{mod_name}.weight", qt if fmt is not None else qt.dequantize())
             done.add(f"{mod_name}.weight")
         emit_rest(sink, model, source, done=done.__contains__, rtn=_no_rounding)
-        recipe = {"export": {"from": src, "from_format": reader.name, "to": target},
-                  "quantized_with": prev.get("recipe") if prev else None}
-        sink.finish(recipe, _facts_from(qcfg))
+        sink.finish({**recipe, "quantized_with": prev.get("recipe") if prev else None}, _facts_from(qcfg))
     return sink.path
 
 
@@ -82,7 +97,7 @@ def _facts_from(qcfg: dict[str, Any]) -> dict[str, Any]:
             "damp": qcfg.get("damp_percent", 0.01), "method": meta.get("method")}
 
 
-def _previous_provenance(d: Path) -> dict | None:
+def previous_provenance(d: Path) -> dict | None:
     p = d / PROVENANCE_FILE
     try:
         return json.loads(p.read_text()) if p.is_file() else None

@@ -209,6 +209,7 @@ class ModelSource:
         self._module_map = {name.rpartition(".")[0]: key.rpartition(".")[0] for name, key in self._key_map.items()
                             if name.rpartition(".")[2] == key.rpartition(".")[2]}
         tied = getattr(model, "_tied_weights_keys", None)
+        self.tied = {}  # (has_tensor answers for tied names too: a second skeleton must not see the first's map)
         if getattr(self.config, "tie_word_embeddings", False) and isinstance(tied, dict):
             # e.g. {"lm_head.weight": "model.embed_tokens.weight"}: the checkpoint stores only the target
             self.tied = {k: v for k, v in tied.items() if not self.has_tensor(k)}

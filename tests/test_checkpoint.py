@@ -88,3 +88,13 @@ def test_streamed_shards_open_with_safetensors(rtn_ckpt):
             assert st.metadata()["format"] == "pt"
             for k in st.keys():
                 st.get_tensor(k)
+
+
+def test_a_second_skeleton_keeps_the_tied_head(stories):
+    """has_tensor answers for a tied name once the map exists: a second skeleton must not lose the map (the
+    head would then be read as a tensor of its own, which the checkpoint lacks)."""
+    source = ModelSource(str(stories))
+    source.skeleton(torch.float32)
+    first = dict(source.tied)
+    source.skeleton(torch.float32)
+    assert first and source.tied == first

@@ -1,0 +1,230 @@
+"""End-to-end tuning of a quantized checkpoint's scales (EfficientQAT's E2E-QP, Chen et al., 2024).
+
+The layer-wise methods fit each linear (GPTQ) or decoder layer (signround) to its own outputs; how
+their errors add up through the model is seen by none of them.  Here the integer codes stay exactly
+as written and only the per-group scales (and the norms' weights) are trained through the whole
+model, on the KL divergence from the unquantized model's next-token distribution over calibration
+windows:
+
+    w = s0 * exp(t) * (q - z),   t = 0 at the start,
+
+Adam on the log-scale step t (one learning rate suits every layer's scale magnitude), its rate
+decaying linearly to zero.  The tuned scales are rounded to what the format stores before the file is
+written, so the file computes what was evaluated.
+
+Unlike quantize this does not stream layers: it holds both models in float32 and one batch's
+activations with their gradients.  Integer-grid checkpoints only (GPTQ, AWQ, compressed-tensors):
+a GGUF K-quant's or bitsandbytes' scales are themselves quantized.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmq.checkpoint import iter_quantized, load_model, open_quantized
+from llmq.data import calibration_tokens
+from llmq.errors import LlmqError
+from llmq.export import previous_provenance, write_checkpoint
+from llmq.formats import format_for_config
+from llmq.grid import IntGrid, dequantize
+from llmq.qtensor import QuantizedTensor
+from llmq.source import ModelSource
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    steps: int = 160  # Adam steps of ``batch`` windows (eval/results/tune-*.md: 80 gained about half of 160's)
+    lr: float = 1e-3  # on the log-scales and the norms' weights, decaying linearly to 0
+    batch: int = 8  # calibration windows per step
+    norms: bool = True  # tune the norms' weights too (a few parameters per layer; lowered KL where measured)
+    seed: int = 0  # order of the windows
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise LlmqError(f"steps must be positive, got {self.steps}")
+        if not self.lr > 0:
+            raise LlmqError(f"lr must be positive, got {self.lr}")
+        if self.batch <= 0:
+            raise LlmqError(f"batch must be positive, got {self.batch}")
+
+
+class ScaledCodes(nn.Module):
+    """A packed linear as fixed codes times trainable group scales: w = s0·exp(t)·(q − z)."""
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None):
+        super().__init__()
+        if not isinstance(qt.grid, IntGrid) or qt.offsets is not None:
+            raise LlmqError(f"scale tuning needs integer grids; this checkpoint has {qt.grid.name}")
+        self.qt = qt
+        self.register_buffer("q", qt.codes.float())
+        self.register_buffer("g", qt.g_idx.long())
+        self.t = nn.Parameter(torch.zeros_like(qt.scales, dtype=torch.float32))
+        self.bias = bias
+
+    def scales(self) -> torch.Tensor:
+        return self.qt.scales.float() * self.t.exp()
+
+    def stored_scales(self) -> torch.Tensor:
+        """The scales as the format stores them (the grid's scale dtype), kept finite and positive."""
+        finfo = torch.finfo(self.qt.grid.scale_dtype)
+        return self.scales().detach().clamp(finfo.tiny, finfo.max).to(self.qt.grid.scale_dtype).float()
+
+    def round_to_stored(self) -> None:
+        with torch.no_grad():
+            self.t.copy_((self.stored_scales() / self.qt.scales.float()).log())
+
+    def quantized(self) -> QuantizedTensor:
+        qt = self.qt
+        return QuantizedTensor(qt.codes, self.stored_scales(), qt.zeros, qt.g_idx, qt.grid, None, qt.stored)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zeros = self.qt.zeros.float()[:, self.g]
+        return F.linear(x, dequantize(self.q, self.scales()[:, self.g], zeros).to(x.dtype), self.bias)
+
+
+@dataclass
+class Student:
+    """The quantized model with its packed linears as ScaledCodes, and what training moves."""
+
+    model: nn.Module
+    linears: dict[str, ScaledCodes]
+    norms: dict[str, nn.Parameter]  # parameter name -> a norm's weight
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [m.t for m in self.linears.values()] + list(self.norms.values())
+
+
+def student(source: ModelSource, qcfg: dict, norms: bool) -> Student:
+    model = source.skeleton(torch.float32)
+    packed = dict(iter_quantized(model, source, qcfg))
+    if not packed:
+        raise LlmqError(f"{source.name!r} has no packed linears to tune")
+    for name, qt in packed.items():  # (a placeholder, so that materializing reads only what is stored as is)
+        model.get_submodule(name).weight = nn.Parameter(torch.empty(qt.shape), requires_grad=False)
+    source.materialize(model, "", torch.float32)
+    linears = {}
+    for name, qt in packed.items():
+        parent, _, child = name.rpartition(".")
+        linears[name] = ScaledCodes(qt, model.get_submodule(name).bias)
+        setattr(model.get_submodule(parent), child, linears[name])
+    if getattr(source.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tuned = {f"{n}.weight": m.weight for n, m in model.named_modules()
+             if norms and "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    s = Student(model.eval(), linears, tuned)
+    for p in s.parameters():
+        p.requires_grad_(True)
+    return s
+
+
+@dataclass
+class TuneResult:
+    first_loss: float  # KL of the first step's batch, before any update
+    last_loss: float  # mean KL of the last tenth of the steps' batches
+    seconds: float
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of the next-token distributions."""
+    ref = F.log_softmax(teacher_logits.float(), -1)
+    return (ref.exp() * (ref - F.log_softmax(student_logits.float(), -1))).sum(-1).mean()
+
+
+def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, progress: bool = True) -> TuneResult:
+    """``o.steps`` Adam steps on batches of calibration windows (epochs of a seeded shuffle), then every
+    scale rounded to what is stored."""
+    opt = torch.optim.Adam(s.parameters(), lr=o.lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / o.steps)
+    gen = torch.Generator().manual_seed(o.seed)
+    batches: list[torch.Tensor] = []
+    losses = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(o.steps), desc="tuning scales end to end", unit="step", disable=not progress)
+    for _ in bar:
+        if not batches:
+            batches = list(torch.randperm(len(ids), generator=gen).split(o.batch))[::-1]
+        x = ids[batches.pop()]
+        with torch.no_grad():
+            target = teacher(input_ids=x).logits
+        loss = kl_loss(s.model(input_ids=x).logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        decay.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(kl=f"{losses[-1]:.3g}")
+    for m in s.linears.values():
+        m.round_to_stored()
+    tail = losses[-max(1, o.steps // 10):]
+    return TuneResult(losses[0], sum(tail) / len(tail), time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    dataset: str = "c4"
+    split: str | None = None
+    nsamples: int = 128
+    seqlen: int | None = None  # None: min(2048, the model's context)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.nsamples <= 0:
+            raise LlmqError(f"nsamples must be positive, got {self.nsamples}")
+
+
+def reference_of(source: ModelSource) -> str:
+    """The model a quantized checkpoint was made from, as its provenance names it."""
+    prev = previous_provenance(source.dir)
+    if prev is None:
+        raise LlmqError(f"{source.name!r} has no llmq provenance naming its source model; give --reference")
+    return prev["source"]["model"]
+
+
+def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, calib: Calibration = Calibration(),
+                    options: TuneOptions = TuneOptions(), overwrite: bool = False, max_shard_size: str = "4GB",
+                    progress: bool = True, trust_remote_code: bool = False) -> tuple[Path, TuneResult]:
+    """Tune ``src``'s scales against ``reference`` (the unquantized model) and write the result in ``src``'s format."""
+    options.validate()
+    calib.validate()
+    source, qcfg = open_quantized(src, trust_remote_code)
+    if qcfg is None:
+        raise LlmqError(f"{src!r} is not a quantized checkpoint; quantize it first (llmq quantize)")
+    fmt = format_for_config(qcfg)
+    if not isinstance(fmt.grid_from_config(qcfg), IntGrid):
+        raise LlmqError(f"{src!r} is a {fmt.name} checkpoint; scale tuning needs integer grids (gptq, awq, compressed-tensors)")
+    reference = reference or reference_of(source)
+    teacher, ref_source = load_model(reference, trust_remote_code=trust_remote_code)
+    s = student(source, qcfg, options.norms)
+    _check_same_shapes(s.model, teacher, reference)
+    context = getattr(source.config, "max_position_embeddings", None) or 2048
+    seqlen = calib.seqlen or min(2048, context)
+    if seqlen < 2 or seqlen > context:
+        raise LlmqError(f"--seqlen {seqlen} is outside 2..{context} (the model's context length)")
+    ids = calibration_tokens(source.tokenizer(), calib.dataset, calib.nsamples, seqlen, calib.seed, calib.split)
+    result = tune(s, teacher, ids, options, progress)
+    del teacher
+    recipe = {"tune": {"from": src, "reference": reference, **asdict(options), **asdict(calib), "seqlen": seqlen,
+                       "first_kl": result.first_loss, "last_kl": result.last_loss, "seconds": round(result.seconds, 1)}}
+    floats = {name: w.detach() for name, w in s.norms.items()}
+    path = write_checkpoint(source, qcfg, fmt, out, ((n, m.quantized()) for n, m in s.linears.items()), recipe,
+                            floats=floats, max_shard_size=max_shard_size, overwrite=overwrite, inputs=[ref_source.dir])
+    return path, result
+
+
+def _check_same_shapes(model: nn.Module, teacher: nn.Module, reference: str) -> None:
+    """The reference must be the quantized model's unquantized twin: the same parameters, of the same shapes."""
+    mine = {n: p.shape for n, p in model.named_parameters() if not n.endswith(".t")}
+    theirs = {n: p.shape for n, p in teacher.named_parameters()}
+    for name, shape in mine.items():
+        if theirs.get(name) != shape:
+            raise LlmqError(f"--reference {reference!r} does not match the quantized model: {name} is "
+                            f"{tuple(shape)} here, {tuple(theirs[name]) if name in theirs else 'missing'} there")

@@ -1,0 +1,111 @@
+"""End-to-end scale tuning: the file keeps every code and zero, stores scales it can hold, and its KL from the
+unquantized model (a plain forward of both, on text it was not tuned on) is lower than before tuning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REF6M, STORIES, TINYSTORIES, need
+from test_cli import assert_user_error, run
+from llmq.checkpoint import iter_quantized, load_model, open_quantized
+from llmq.data import eval_tokens
+from llmq.errors import LlmqError
+from llmq.grid import IntGrid
+from llmq.methods.rtn import rtn_quantize
+from llmq.pipeline import quantize_model
+from llmq.provenance import PROVENANCE_FILE
+from llmq.recipe import build_config
+from llmq.source import ModelSource
+from llmq.tune import Calibration, ScaledCodes, TuneOptions, tune_checkpoint
+
+CALIB = Calibration(dataset=str(TINYSTORIES), nsamples=16, seqlen=128)
+
+
+@pytest.fixture(scope="module")
+def rtn_w3(tmp_path_factory):
+    """stories260K, RTN W3 g32 asym (a large error for tuning to lower), as a gptq_v2 checkpoint."""
+    need(STORIES), need(TINYSTORIES)
+    out = tmp_path_factory.mktemp("tune") / "rtn-w3"
+    cfg = build_config({}, {"method": "rtn", "bits": 3, "group_size": 32, "sym": False, "dtype": "float32",
+                            "format": "gptq_v2"})
+    quantize_model(ModelSource(str(STORIES)), cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tuned(rtn_w3):
+    out = rtn_w3.parent / "tuned"
+    tune_checkpoint(str(rtn_w3), out, calib=CALIB, options=TuneOptions(steps=24, lr=5e-3, batch=4), progress=False)
+    return out
+
+
+def _packed(path) -> dict:
+    source, qcfg = open_quantized(str(path))
+    return dict(iter_quantized(source.skeleton(torch.float32), source, qcfg))
+
+
+def _held_out_kl(path) -> float:
+    """Mean KL(FP32 || model) over windows of the TinyStories text past the calibration's first tokens."""
+    ref, source = load_model(str(STORIES))
+    model, _ = load_model(str(path))
+    ids = eval_tokens(source.tokenizer(), str(TINYSTORIES))[-8 * 128:].reshape(8, 128)
+    with torch.no_grad():
+        p = F.log_softmax(ref(input_ids=ids).logits, -1)
+        q = F.log_softmax(model(input_ids=ids).logits, -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_scaled_codes_start_at_the_checkpoints_function():
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(24, 96, generator=g), torch.randn(5, 96, generator=g)
+    qt = rtn_quantize(W, IntGrid(3, 32, False))
+    bias = torch.randn(24, generator=g)
+    assert torch.allclose(ScaledCodes(qt, bias)(x), F.linear(x, qt.dequantize(), bias), atol=1e-5)
+
+
+def test_tuning_keeps_codes_and_stores_fp16_scales(rtn_w3, tuned):
+    before, after = _packed(rtn_w3), _packed(tuned)
+    assert before.keys() == after.keys() and before
+    moved = 0
+    for name, qt in before.items():
+        assert torch.equal(after[name].codes, qt.codes) and torch.equal(after[name].zeros, qt.zeros), name
+        assert torch.equal(after[name].scales, after[name].scales.half().float())
+        assert torch.all(after[name].scales > 0)
+        moved += int((after[name].scales != qt.scales).sum())
+    assert moved > 0
+
+
+def test_tuning_lowers_kl_on_text_it_did_not_see(rtn_w3, tuned):
+    assert _held_out_kl(tuned) < 0.9 * _held_out_kl(rtn_w3)
+
+
+def test_provenance_names_the_source_model_and_the_tuning(tuned):
+    prov = json.loads((tuned / PROVENANCE_FILE).read_text())
+    assert prov["source"]["model"] == str(STORIES)
+    assert prov["recipe"]["tune"]["steps"] == 24 and prov["recipe"]["quantized_with"]["method"] == "rtn"
+
+
+def test_refuses_a_reference_of_another_shape(rtn_w3, tmp_path):
+    need(REF6M)
+    with pytest.raises(LlmqError, match="does not match"):
+        tune_checkpoint(str(rtn_w3), tmp_path / "o", reference=str(REF6M), calib=CALIB, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_a_plain_model_and_bad_options(rtn_w3, tmp_path):
+    with pytest.raises(LlmqError, match="not a quantized checkpoint"):
+        tune_checkpoint(str(STORIES), tmp_path / "o", calib=CALIB, progress=False)
+    with pytest.raises(LlmqError, match="steps must be positive"):
+        tune_checkpoint(str(rtn_w3), tmp_path / "o", calib=CALIB, options=TuneOptions(steps=0), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_says_one_line_for_a_float_model(tmp_path):
+    need(STORIES)
+    p = run("tune", "--model", str(STORIES), "--dataset", str(TINYSTORIES), "--out", str(tmp_path / "o"))
+    assert_user_error(p, "not a quantized checkpoint")
+    assert not (tmp_path / "o").exists()
