@@ -36,7 +36,7 @@ from llmq.provenance import verify
 from llmq.recipe import build_config, load_recipe, save_recipe
 from llmq.report import load_suite, run_report
 from llmq.source import ModelSource
-from llmq.tune import Calibration, TuneOptions, tune_checkpoint
+from llmq.tune import Calibration, TuneOptions, quantize_then_tune, tune_checkpoint
 
 EPILOG_QUANTIZE = """examples:
   python -m llmq quantize --model meta-llama/Llama-2-7b-hf --method gptq --bits 4 --group-size 128 --out llama2-7b-w4g128
@@ -118,6 +118,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--target-size", help="allocate each linear's bits (and GGUF types) so the weight files fit this size, e.g. 3.9GB")
     g.add_argument("--target-bpw", type=float, help="the same, as bits per parameter of the whole model (embeddings and head included)")
+    p.add_argument("--tune-steps", type=int, metavar="N",
+                   help="then tune the group scales end to end for N steps on the KL from the unquantized model "
+                        "(as `llmq tune`; integer grids, one process; default 0: not)")
+    p.add_argument("--tune-lr", type=float, help=f"the tuning's learning rate (default {cfg.tune_lr})")
     p.add_argument("--save-recipe", help="also write the run's recipe (with an allocation's per-module rules) to this YAML file")
     p.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1)")
     p.add_argument("--revision", help="hub revision of --model")
@@ -164,6 +168,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=t.lr, help=f"learning rate, decaying linearly to 0 (default {t.lr})")
     p.add_argument("--batch", type=int, default=t.batch, help=f"windows per step (default {t.batch})")
     p.add_argument("--no-norms", dest="norms", action="store_false", help="leave the norms' weights as they are")
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1)")
     p.add_argument("--out", required=True)
     p.add_argument("--max-shard-size", default=QuantizeConfig.max_shard_size)
     p.add_argument("--overwrite", action="store_true")
@@ -176,8 +181,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     calib = Calibration(args.dataset, args.split, args.nsamples, args.seqlen, args.seed)
     options = TuneOptions(args.steps, args.lr, args.batch, args.norms, args.seed)
     out, r = tune_checkpoint(args.model, args.out, reference=args.reference, calib=calib, options=options,
-                             overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=not args.quiet,
-                             trust_remote_code=args.trust_remote_code)
+                             overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
+                             progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     print(f"wrote {out} in {r.seconds:.1f}s: calibration KL {r.first_loss:.4g} at the start, {r.last_loss:.4g} at the end")
     return 0
 
@@ -368,14 +373,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                "dataset", "split", "nsamples",
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
-                                               "dtype", "compute_dtype", "max_shard_size", "skip", "rules", "target_size", "target_bpw")}
+                                               "dtype", "compute_dtype", "max_shard_size", "skip", "rules", "target_size", "target_bpw",
+                                               "tune_steps", "tune_lr")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                          allow_nonfinite=args.allow_nonfinite)
     ranks, device = distributed.join(args.device)  # (alone unless launched by torchrun)
     try:
-        stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=device, progress=not args.quiet,
-                               resume=args.resume, ranks=ranks)
+        if cfg.tune_steps:
+            if args.resume:
+                raise LlmqError("--resume does not continue a run with tune_steps; run it again without --resume")
+            stats = quantize_then_tune(source, cfg, args.out, overwrite=args.overwrite, device=device,
+                                       progress=not args.quiet, ranks=ranks)
+        else:
+            stats = quantize_model(source, cfg, args.out, overwrite=args.overwrite, device=device, progress=not args.quiet,
+                                   resume=args.resume, ranks=ranks)
     finally:
         distributed.leave()
     if not ranks.leader:
@@ -394,7 +406,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({size / 2**20:.1f} MiB) in {stats.seconds:.1f}s: {cfg.method} on the {cfg.gguf_type.upper()} grids")
     else:
         on = f" on the {stats.grid} grid" if stats.grid else ""
-        print(f"wrote {out} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: {cfg.method}{on}")
+        tuned = f", scales tuned end to end ({cfg.tune_steps} steps)" if cfg.tune_steps else ""
+        print(f"wrote {out} ({size / 2**20:.1f} MiB of weights) in {stats.seconds:.1f}s: {cfg.method}{on}{tuned}")
     errors = [r["error"] for r in stats.records if "error" in r]
     if errors:
         worst = max(stats.records, key=lambda r: r.get("error", -1))

@@ -47,6 +47,8 @@ class QuantizeConfig:
     allocate_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])  # the allocation's candidate grids
     allocate_group_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])  # (with the recipe's group size)
     allocate_gguf_types: list[str] | None = None  # None: llmq.gguf.types.ALLOCATION_TYPES
+    tune_steps: int = 0  # then tune the scales end to end for this many steps (llmq.tune; 0: not)
+    tune_lr: float = 1e-3  # its learning rate
     calibration: CalibConfig = field(default_factory=CalibConfig)
     options: dict[str, Any] = field(default_factory=dict)  # the method's own keys, as given
 

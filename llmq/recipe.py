@@ -127,6 +127,17 @@ def check(cfg: QuantizeConfig) -> None:
     parse_size(cfg.max_shard_size)
     check_rules(cfg)
     check_target(cfg)
+    check_tune(cfg)
+
+
+def check_tune(cfg: QuantizeConfig) -> None:
+    if not isinstance(cfg.tune_steps, int) or isinstance(cfg.tune_steps, bool) or cfg.tune_steps < 0:
+        raise LlmqError(f"tune_steps must be a whole number >= 0, got {cfg.tune_steps!r}")
+    if not isinstance(cfg.tune_lr, (int, float)) or isinstance(cfg.tune_lr, bool) or not cfg.tune_lr > 0:
+        raise LlmqError(f"tune_lr must be positive, got {cfg.tune_lr!r}")
+    if cfg.tune_steps and (cfg.format in ("gguf", "bitsandbytes") or not method_class(cfg.method).quantizes):
+        raise LlmqError("tune_steps tunes integer-grid scales: it needs a quantization method and a gptq, gptq_v2, awq "
+                        f"or compressed-tensors file, not {cfg.format or cfg.method}")
 
 
 def check_rules(cfg: QuantizeConfig) -> None:

@@ -19,6 +19,8 @@ a GGUF K-quant's or bitsandbytes' scales are themselves quantized.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,11 +31,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmq.checkpoint import iter_quantized, load_model, open_quantized
+from llmq.config import QuantizeConfig
+from llmq.distributed import Ranks
 from llmq.data import calibration_tokens
 from llmq.errors import LlmqError
 from llmq.export import previous_provenance, write_checkpoint
 from llmq.formats import format_for_config
 from llmq.grid import IntGrid, dequantize
+from llmq.output import Output
+from llmq.pipeline import RunStats, quantize_model
+from llmq.plan import resolve
 from llmq.qtensor import QuantizedTensor
 from llmq.source import ModelSource
 
@@ -62,14 +69,16 @@ class ScaledCodes(nn.Module):
         super().__init__()
         if not isinstance(qt.grid, IntGrid) or qt.offsets is not None:
             raise LlmqError(f"scale tuning needs integer grids; this checkpoint has {qt.grid.name}")
-        self.qt = qt
+        self.qt = qt  # (codes, zeros, grid: what the file keeps)
         self.register_buffer("q", qt.codes.float())
+        self.register_buffer("z", qt.zeros.float())
+        self.register_buffer("s0", qt.scales.float())
         self.register_buffer("g", qt.g_idx.long())
-        self.t = nn.Parameter(torch.zeros_like(qt.scales, dtype=torch.float32))
+        self.t = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = bias
 
     def scales(self) -> torch.Tensor:
-        return self.qt.scales.float() * self.t.exp()
+        return self.s0 * self.t.exp()
 
     def stored_scales(self) -> torch.Tensor:
         """The scales as the format stores them (the grid's scale dtype), kept finite and positive."""
@@ -78,15 +87,15 @@ class ScaledCodes(nn.Module):
 
     def round_to_stored(self) -> None:
         with torch.no_grad():
-            self.t.copy_((self.stored_scales() / self.qt.scales.float()).log())
+            self.t.copy_((self.stored_scales() / self.s0).log())
 
     def quantized(self) -> QuantizedTensor:
         qt = self.qt
-        return QuantizedTensor(qt.codes, self.stored_scales(), qt.zeros, qt.g_idx, qt.grid, None, qt.stored)
+        return QuantizedTensor(qt.codes, self.stored_scales().cpu(), qt.zeros, qt.g_idx, qt.grid, None, qt.stored)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        zeros = self.qt.zeros.float()[:, self.g]
-        return F.linear(x, dequantize(self.q, self.scales()[:, self.g], zeros).to(x.dtype), self.bias)
+        w = dequantize(self.q, self.scales()[:, self.g], self.z[:, self.g])
+        return F.linear(x, w.to(x.dtype), self.bias)
 
 
 @dataclass
@@ -152,7 +161,7 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     for _ in bar:
         if not batches:
             batches = list(torch.randperm(len(ids), generator=gen).split(o.batch))[::-1]
-        x = ids[batches.pop()]
+        x = ids[batches.pop()].to(s.model.device)
         with torch.no_grad():
             target = teacher(input_ids=x).logits
         loss = kl_loss(s.model(input_ids=x).logits, target)
@@ -190,9 +199,11 @@ def reference_of(source: ModelSource) -> str:
 
 
 def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, calib: Calibration = Calibration(),
-                    options: TuneOptions = TuneOptions(), overwrite: bool = False, max_shard_size: str = "4GB",
-                    progress: bool = True, trust_remote_code: bool = False) -> tuple[Path, TuneResult]:
-    """Tune ``src``'s scales against ``reference`` (the unquantized model) and write the result in ``src``'s format."""
+                    ids: torch.Tensor | None = None, options: TuneOptions = TuneOptions(), overwrite: bool = False,
+                    max_shard_size: str = "4GB", device: str = "cpu", progress: bool = True,
+                    trust_remote_code: bool = False) -> tuple[Path, TuneResult]:
+    """Tune ``src``'s scales against ``reference`` (the unquantized model; default: the one its provenance
+    names) on ``ids`` (else windows drawn as ``calib`` says) and write the result in ``src``'s format."""
     options.validate()
     calib.validate()
     source, qcfg = open_quantized(src, trust_remote_code)
@@ -205,19 +216,26 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
     teacher, ref_source = load_model(reference, trust_remote_code=trust_remote_code)
     s = student(source, qcfg, options.norms)
     _check_same_shapes(s.model, teacher, reference)
+    if ids is None:
+        ids = _calibration_ids(source, calib)
+    s.model.to(device)
+    result = tune(s, teacher.to(device), ids, options, progress)
+    del teacher
+    recipe = {"tune": {"from": src, "reference": reference, **asdict(options), **asdict(calib), "nsamples": ids.shape[0],
+                       "seqlen": ids.shape[1], "first_kl": result.first_loss, "last_kl": result.last_loss,
+                       "seconds": round(result.seconds, 1)}}
+    floats = {name: w.detach().cpu() for name, w in s.norms.items()}
+    path = write_checkpoint(source, qcfg, fmt, out, ((n, m.quantized()) for n, m in s.linears.items()), recipe,
+                            floats=floats, max_shard_size=max_shard_size, overwrite=overwrite, inputs=[ref_source.dir])
+    return path, result
+
+
+def _calibration_ids(source: ModelSource, calib: Calibration) -> torch.Tensor:
     context = getattr(source.config, "max_position_embeddings", None) or 2048
     seqlen = calib.seqlen or min(2048, context)
     if seqlen < 2 or seqlen > context:
         raise LlmqError(f"--seqlen {seqlen} is outside 2..{context} (the model's context length)")
-    ids = calibration_tokens(source.tokenizer(), calib.dataset, calib.nsamples, seqlen, calib.seed, calib.split)
-    result = tune(s, teacher, ids, options, progress)
-    del teacher
-    recipe = {"tune": {"from": src, "reference": reference, **asdict(options), **asdict(calib), "seqlen": seqlen,
-                       "first_kl": result.first_loss, "last_kl": result.last_loss, "seconds": round(result.seconds, 1)}}
-    floats = {name: w.detach() for name, w in s.norms.items()}
-    path = write_checkpoint(source, qcfg, fmt, out, ((n, m.quantized()) for n, m in s.linears.items()), recipe,
-                            floats=floats, max_shard_size=max_shard_size, overwrite=overwrite, inputs=[ref_source.dir])
-    return path, result
+    return calibration_tokens(source.tokenizer(), calib.dataset, calib.nsamples, seqlen, calib.seed, calib.split)
 
 
 def _check_same_shapes(model: nn.Module, teacher: nn.Module, reference: str) -> None:
@@ -228,3 +246,29 @@ def _check_same_shapes(model: nn.Module, teacher: nn.Module, reference: str) -> 
         if theirs.get(name) != shape:
             raise LlmqError(f"--reference {reference!r} does not match the quantized model: {name} is "
                             f"{tuple(shape)} here, {tuple(theirs[name]) if name in theirs else 'missing'} there")
+
+
+def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *, overwrite: bool = False,
+                       device: str = "cpu", progress: bool = True, calib_ids: torch.Tensor | None = None,
+                       ranks: Ranks = Ranks()) -> RunStats:
+    """A recipe with ``tune_steps``: its quantization into a staging directory beside ``out`` (removed
+    afterwards), then that many steps of tuning on the same calibration windows into ``out``."""
+    if ranks.world > 1:
+        raise LlmqError("tune_steps runs in one process; launch without torchrun (or run `llmq tune` afterwards)")
+    out = Path(out)
+    Output(out, overwrite=overwrite, inputs=[source.dir])  # (its checks, before the work rather than after)
+    if calib_ids is None:
+        c = resolve(cfg, source, device).calibration
+        calib_ids = calibration_tokens(source.tokenizer(), c.dataset, c.nsamples, c.seqlen, c.seed, c.split)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.untuned-", dir=out.parent))
+    try:
+        stats = quantize_model(source, cfg, stage / "quantized", device=device, progress=progress, calib_ids=calib_ids)
+        options = TuneOptions(steps=cfg.tune_steps, lr=cfg.tune_lr)
+        t0 = time.perf_counter()
+        stats.output, _ = tune_checkpoint(str(stats.output), out, reference=str(source.dir), ids=calib_ids,
+                                          options=options, overwrite=overwrite, max_shard_size=cfg.max_shard_size,
+                                          device=device, progress=progress)
+        stats.seconds += time.perf_counter() - t0
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return stats

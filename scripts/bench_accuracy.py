@@ -9,7 +9,9 @@ Unquantized tensors keep the source's dtype in every tool: only the method diffe
 Recipes, each at every --settings entry (bits and group size; symmetric grids throughout):
   llmq gptq      GPTQ, act-order with static groups, grid search (llmq's defaults)
   llmq gptq-mm   the same with min/max grids (--no-grid-search): the peers' GPTQ
-  llmq best      configs/best-*: GPTQ fitted to the unquantized model's outputs (fp_targets 1)
+  llmq fast      configs/fast-*: GPTQ fitted to the unquantized model's outputs (fp_targets 1), scale refit
+  llmq best      configs/best-*: fast, then the scales tuned end to end (tune_steps)
+  (fast/best take the recipe of their bit width, W2 g64's at 2 bits, at the setting's group size)
   llmcompressor  GPTQModifier, static act-order, damp 0.01
   gptqmodel      GPTQ, desc_act with static groups, damp 0.01
   autoround      AutoRound's default recipe (200 steps of SignRound), saved as auto_gptq
@@ -36,7 +38,7 @@ from bench_quantize import calibration_ids, child_env, evaluate  # noqa: E402  (
 CHILD = r"""
 import json, sys, time, torch
 from importlib.metadata import version
-tool, recipe, src, out, ids_path, bits, gs = sys.argv[1:8]
+tool, recipe, src, out, ids_path, bits, gs, recipe_file = sys.argv[1:9]
 bits, gs = int(bits), int(gs)
 ids = torch.load(ids_path)
 nsamples, seqlen = ids.shape
@@ -44,14 +46,15 @@ from transformers import AutoConfig
 dtype = str(getattr(AutoConfig.from_pretrained(src), "dtype", None) or "float32").removeprefix("torch.")
 t0 = time.perf_counter()
 if tool == "llmq":
-    from llmq.recipe import build_config
+    from llmq.recipe import build_config, load_recipe
     from llmq.pipeline import quantize_model
     from llmq.source import ModelSource
-    opts = {"method": "gptq", "act_order": True, "bits": bits, "group_size": gs, "nsamples": nsamples, "seqlen": seqlen,
-            "dtype": dtype, "grid_search": recipe != "gptq-mm"}
-    if recipe == "best":
-        opts["fp_targets"] = 1.0
-    quantize_model(ModelSource(src), build_config({}, opts), out, progress=False, calib_ids=ids)
+    from llmq.tune import quantize_then_tune
+    opts = {"bits": bits, "group_size": gs, "nsamples": nsamples, "seqlen": seqlen, "dtype": dtype, "format": "gptq"}
+    if recipe_file == "-":
+        opts.update(method="gptq", act_order=True, grid_search=recipe != "gptq-mm")
+    cfg = build_config(load_recipe(recipe_file) if recipe_file != "-" else {}, opts)
+    (quantize_then_tune if cfg.tune_steps else quantize_model)(ModelSource(src), cfg, out, progress=False, calib_ids=ids)
 elif tool == "llmcompressor":
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -88,7 +91,15 @@ print(json.dumps({"seconds": seconds, "versions": versions}))
 """
 
 PEERS = ("llmcompressor", "gptqmodel", "autoround")
-LLMQ_RECIPES = ("gptq", "gptq-mm", "best")
+LLMQ_RECIPES = ("gptq", "gptq-mm", "fast", "best")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def recipe_file(recipe: str, bits: int) -> str:
+    """The configs/ file an llmq recipe runs ('-': none, the recipe is built here)."""
+    if recipe not in ("fast", "best"):
+        return "-"
+    return str(CONFIGS / f"{recipe}-w{bits}g{64 if bits == 2 else 128}.yaml")
 
 
 def settings(text: str) -> list[tuple[int, int]]:
@@ -103,7 +114,8 @@ def settings(text: str) -> list[tuple[int, int]]:
 
 
 def run(tool: str, recipe: str, python: str, src: str, out: Path, ids: Path, bits: int, gs: int) -> dict | None:
-    p = subprocess.run([python, "-c", CHILD, tool, recipe, src, str(out), str(ids), str(bits), str(gs)],
+    p = subprocess.run([python, "-c", CHILD, tool, recipe, src, str(out), str(ids), str(bits), str(gs),
+                        recipe_file(recipe, bits) if tool == "llmq" else "-"],
                        capture_output=True, text=True, env=child_env(tool))
     if p.returncode != 0:
         print(f"{tool} {recipe} W{bits} g{gs}: failed\n{p.stderr[-1500:]}", file=sys.stderr)

@@ -109,3 +109,32 @@ def test_cli_says_one_line_for_a_float_model(tmp_path):
     p = run("tune", "--model", str(STORIES), "--dataset", str(TINYSTORIES), "--out", str(tmp_path / "o"))
     assert_user_error(p, "not a quantized checkpoint")
     assert not (tmp_path / "o").exists()
+
+
+def test_quantize_with_tune_steps_keeps_the_layerwise_codes(tmp_path):
+    """A recipe with tune_steps writes the codes the same recipe writes without it (the same calibration
+    windows reach both stages), with tuned scales, and leaves no staging directory behind."""
+    need(STORIES), need(TINYSTORIES)
+    args = ("quantize", "--model", str(STORIES), "--method", "gptq", "--bits", "3", "--group-size", "32",
+            "--dataset", str(TINYSTORIES), "--nsamples", "8", "--seqlen", "128", "--quiet")
+    p = run(*args, "--out", str(tmp_path / "plain"))
+    assert p.returncode == 0, p.stderr
+    p = run(*args, "--tune-steps", "6", "--tune-lr", "0.005", "--out", str(tmp_path / "tuned"))
+    assert p.returncode == 0, p.stderr
+    assert "scales tuned end to end (6 steps)" in p.stdout
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["plain", "tuned"]
+    plain, tuned = _packed(tmp_path / "plain"), _packed(tmp_path / "tuned")
+    assert all(torch.equal(plain[n].codes, tuned[n].codes) for n in plain)
+    assert any(not torch.equal(plain[n].scales, tuned[n].scales) for n in plain)
+    recipe = json.loads((tmp_path / "tuned" / PROVENANCE_FILE).read_text())["recipe"]
+    assert recipe["tune"]["steps"] == 6 and recipe["tune"]["nsamples"] == 8
+
+
+@pytest.mark.parametrize("extra,needle", [(("--format", "gguf", "--gguf-type", "q4_k"), "tune_steps tunes integer-grid"),
+                                          (("--resume",), "--resume does not continue")])
+def test_quantize_refuses_tuning_it_cannot_do(tmp_path, extra, needle):
+    need(STORIES)
+    p = run("quantize", "--model", str(STORIES), "--method", "rtn", "--tune-steps", "4", *extra,
+            "--out", str(tmp_path / "o"))
+    assert_user_error(p, needle)
+    assert not (tmp_path / "o").exists()
