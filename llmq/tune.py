@@ -47,7 +47,7 @@ from llmq.source import ModelSource
 
 @dataclass(frozen=True)
 class TuneOptions:
-    steps: int = 160  # Adam steps of ``batch`` windows (eval/results/tune-*.md: 80 gained about half of 160's)
+    steps: int = 160  # Adam steps of ``batch`` windows (eval/results/tune.md: 80 gained about half of what 160 did)
     lr: float = 1e-3  # on the log-scales and the norms' weights, decaying linearly to 0
     batch: int = 8  # calibration windows per step
     norms: bool = True  # tune the norms' weights too (a few parameters per layer; lowered KL where measured)
@@ -70,7 +70,7 @@ class ScaledCodes(nn.Module):
         if not isinstance(qt.grid, IntGrid) or qt.offsets is not None:
             raise LlmqError(f"scale tuning needs integer grids; this checkpoint has {qt.grid.name}")
         self.qt = qt  # (codes, zeros, grid: what the file keeps)
-        self.register_buffer("q", qt.codes.float())
+        self.register_buffer("q", qt.codes)  # (uint8: a quarter of float codes' memory; widened per step)
         self.register_buffer("z", qt.zeros.float())
         self.register_buffer("s0", qt.scales.float())
         self.register_buffer("g", qt.g_idx.long())
@@ -94,7 +94,7 @@ class ScaledCodes(nn.Module):
         return QuantizedTensor(qt.codes, self.stored_scales().cpu(), qt.zeros, qt.g_idx, qt.grid, None, qt.stored)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(self.q, self.scales()[:, self.g], self.z[:, self.g])
+        w = dequantize(self.q.float(), self.scales()[:, self.g], self.z[:, self.g])
         return F.linear(x, w.to(x.dtype), self.bias)
 
 
@@ -115,8 +115,8 @@ def student(source: ModelSource, qcfg: dict, norms: bool) -> Student:
     packed = dict(iter_quantized(model, source, qcfg))
     if not packed:
         raise LlmqError(f"{source.name!r} has no packed linears to tune")
-    for name, qt in packed.items():  # (a placeholder, so that materializing reads only what is stored as is)
-        model.get_submodule(name).weight = nn.Parameter(torch.empty(qt.shape), requires_grad=False)
+    for name, qt in packed.items():  # (a placeholder without memory, so that materializing reads only the rest)
+        model.get_submodule(name).weight = nn.Parameter(torch.zeros(()).expand(qt.shape), requires_grad=False)
     source.materialize(model, "", torch.float32)
     linears = {}
     for name, qt in packed.items():
