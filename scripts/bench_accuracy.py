@@ -12,6 +12,7 @@ Recipes, each at every --settings entry (bits and group size; symmetric grids th
   llmq fast      configs/fast-*: GPTQ fitted to the unquantized model's outputs (fp_targets 1), scale refit
   llmq best      configs/best-*: fast, then the scales tuned end to end (tune_steps)
   (fast/best take the recipe of their bit width, W2 g64's at 2 bits, at the setting's group size)
+  llmq learned   signround (learned rounding from GPTQ with fp_targets), then tune_steps 160; not run by default
   llmcompressor  GPTQModifier, static act-order, damp 0.01
   gptqmodel      GPTQ, desc_act with static groups, damp 0.01
   autoround      AutoRound's default recipe (200 steps of SignRound), saved as auto_gptq
@@ -51,7 +52,9 @@ if tool == "llmq":
     from llmq.source import ModelSource
     from llmq.tune import quantize_then_tune
     opts = {"bits": bits, "group_size": gs, "nsamples": nsamples, "seqlen": seqlen, "dtype": dtype, "format": "gptq"}
-    if recipe_file == "-":
+    if recipe == "learned":
+        opts.update(method="signround", act_order=True, static_groups=True, tune_steps=160)
+    elif recipe_file == "-":
         opts.update(method="gptq", act_order=True, grid_search=recipe != "gptq-mm")
     cfg = build_config(load_recipe(recipe_file) if recipe_file != "-" else {}, opts)
     (quantize_then_tune if cfg.tune_steps else quantize_model)(ModelSource(src), cfg, out, progress=False, calib_ids=ids)
@@ -91,7 +94,8 @@ print(json.dumps({"seconds": seconds, "versions": versions}))
 """
 
 PEERS = ("llmcompressor", "gptqmodel", "autoround")
-LLMQ_RECIPES = ("gptq", "gptq-mm", "fast", "best")
+LLMQ_RECIPES = ("gptq", "gptq-mm", "fast", "best", "learned")
+DEFAULT_RECIPES = LLMQ_RECIPES[:4]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -149,7 +153,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-windows", type=int, default=100, help="evaluate the first N windows (0: all)")
     ap.add_argument("--settings", default="w4g128,w3g128,w2g64", help="comma-separated wBITSgSIZE")
-    ap.add_argument("--recipes", default=",".join(LLMQ_RECIPES), help=f"llmq recipes, of {', '.join(LLMQ_RECIPES)}")
+    ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"llmq recipes, of {', '.join(LLMQ_RECIPES)} "
+                                                                      f"(default {','.join(DEFAULT_RECIPES)})")
     ap.add_argument("--peer", action="append", default=[], metavar="TOOL=PYTHON",
                     help=f"run TOOL ({', '.join(PEERS)}) with this Python (its own virtualenv)")
     ap.add_argument("--out", required=True, help="write OUT.md and OUT.json")
