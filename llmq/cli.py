@@ -169,6 +169,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=t.batch, help=f"windows per step (default {t.batch})")
     p.add_argument("--no-norms", dest="norms", action="store_false", help="leave the norms' weights as they are")
     p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1)")
+    p.add_argument("--compute-dtype", default=t.compute_dtype, choices=["auto", "bfloat16", "float32"],
+                   help="dtype of the products (autocast); auto: bfloat16 on a GPU or a CPU with bf16 units, else float32")
     p.add_argument("--out", required=True)
     p.add_argument("--max-shard-size", default=QuantizeConfig.max_shard_size)
     p.add_argument("--overwrite", action="store_true")
@@ -179,7 +181,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     calib = Calibration(args.dataset, args.split, args.nsamples, args.seqlen, args.seed)
-    options = TuneOptions(args.steps, args.lr, args.batch, args.norms, args.seed)
+    options = TuneOptions(args.steps, args.lr, args.batch, args.norms, args.seed, args.compute_dtype)
     out, r = tune_checkpoint(args.model, args.out, reference=args.reference, calib=calib, options=options,
                              overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
                              progress=not args.quiet, trust_remote_code=args.trust_remote_code)

@@ -34,6 +34,7 @@ from llmq.checkpoint import iter_quantized, load_model, open_quantized
 from llmq.config import QuantizeConfig
 from llmq.distributed import Ranks
 from llmq.data import calibration_tokens
+from llmq.dtypes import cpu_multiplies_bf16
 from llmq.errors import LlmqError
 from llmq.export import previous_provenance, write_checkpoint
 from llmq.formats import format_for_config
@@ -52,8 +53,13 @@ class TuneOptions:
     batch: int = 8  # calibration windows per step
     norms: bool = True  # tune the norms' weights too (a few parameters per layer; lowered KL where measured)
     seed: int = 0  # order of the windows
+    # Products in bf16 (autocast; fp32 parameters, Adam and loss).  auto: where they run on bf16 units (a GPU,
+    # a CPU with AMX/AVX512-BF16): 1.5x faster here at the same KL (eval/results/tune.md); else float32.
+    compute_dtype: str = "auto"
 
     def validate(self) -> None:
+        if self.compute_dtype not in ("auto", "bfloat16", "float32"):
+            raise LlmqError(f"compute dtype must be auto, bfloat16 or float32, got {self.compute_dtype!r}")
         if self.steps <= 0:
             raise LlmqError(f"steps must be positive, got {self.steps}")
         if not self.lr > 0:
@@ -157,14 +163,17 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     batches: list[torch.Tensor] = []
     losses = []
     t0 = time.perf_counter()
+    device = s.model.device
+    bf16 = _bf16(o.compute_dtype, device)
     bar = tqdm(range(o.steps), desc="tuning scales end to end", unit="step", disable=not progress)
     for _ in bar:
         if not batches:
             batches = list(torch.randperm(len(ids), generator=gen).split(o.batch))[::-1]
-        x = ids[batches.pop()].to(s.model.device)
-        with torch.no_grad():
-            target = teacher(input_ids=x).logits
-        loss = kl_loss(s.model(input_ids=x).logits, target)
+        x = ids[batches.pop()].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                target = teacher(input_ids=x).logits
+            loss = kl_loss(s.model(input_ids=x).logits, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -175,6 +184,12 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
         m.round_to_stored()
     tail = losses[-max(1, o.steps // 10):]
     return TuneResult(losses[0], sum(tail) / len(tail), time.perf_counter() - t0)
+
+
+def _bf16(compute_dtype: str, device: torch.device) -> bool:
+    if compute_dtype == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_multiplies_bf16())
+    return compute_dtype == "bfloat16"
 
 
 @dataclass(frozen=True)

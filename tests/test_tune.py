@@ -101,6 +101,9 @@ def test_refuses_a_plain_model_and_bad_options(rtn_w3, tmp_path):
         tune_checkpoint(str(STORIES), tmp_path / "o", calib=CALIB, progress=False)
     with pytest.raises(LlmqError, match="steps must be positive"):
         tune_checkpoint(str(rtn_w3), tmp_path / "o", calib=CALIB, options=TuneOptions(steps=0), progress=False)
+    with pytest.raises(LlmqError, match="compute dtype must be"):
+        tune_checkpoint(str(rtn_w3), tmp_path / "o", calib=CALIB, options=TuneOptions(compute_dtype="fp8"),
+                        progress=False)
     assert not (tmp_path / "o").exists()
 
 
