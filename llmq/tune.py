@@ -172,8 +172,8 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
         x = ids[batches.pop()].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             with torch.no_grad():
-                target = teacher(input_ids=x).logits
-            loss = kl_loss(s.model(input_ids=x).logits, target)
+                target = teacher(input_ids=x, use_cache=False).logits
+            loss = kl_loss(s.model(input_ids=x, use_cache=False).logits, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
