@@ -117,6 +117,8 @@ class Student:
 
 
 def student(source: ModelSource, qcfg: dict, norms: bool) -> Student:
+    """The quantized checkpoint as a float32 model whose packed linears are ScaledCodes (everything else as
+    stored), every parameter frozen but the log-scales and, with ``norms``, the norms' weights."""
     model = source.skeleton(torch.float32)
     packed = dict(iter_quantized(model, source, qcfg))
     if not packed:
@@ -216,9 +218,10 @@ def reference_of(source: ModelSource) -> str:
 def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, calib: Calibration = Calibration(),
                     ids: torch.Tensor | None = None, options: TuneOptions = TuneOptions(), overwrite: bool = False,
                     max_shard_size: str = "4GB", device: str = "cpu", progress: bool = True,
-                    trust_remote_code: bool = False) -> tuple[Path, TuneResult]:
+                    trust_remote_code: bool = False, src_label: str | None = None) -> tuple[Path, TuneResult]:
     """Tune ``src``'s scales against ``reference`` (the unquantized model; default: the one its provenance
-    names) on ``ids`` (else windows drawn as ``calib`` says) and write the result in ``src``'s format."""
+    names) on ``ids`` (else windows drawn as ``calib`` says) and write the result in ``src``'s format.
+    ``src_label``: what the provenance calls ``src`` (default its name)."""
     options.validate()
     calib.validate()
     source, qcfg = open_quantized(src, trust_remote_code)
@@ -231,12 +234,14 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
     teacher, ref_source = load_model(reference, trust_remote_code=trust_remote_code)
     s = student(source, qcfg, options.norms)
     _check_same_shapes(s.model, teacher, reference)
+    # What the provenance records of the windows: how they were drawn, or that the caller drew them.
+    drawn = asdict(calib) if ids is None else {"dataset": "the calibration ids of the run that quantized it"}
     if ids is None:
         ids = _calibration_ids(source, calib)
     s.model.to(device)
     result = tune(s, teacher.to(device), ids, options, progress)
     del teacher
-    recipe = {"tune": {"from": src, "reference": reference, **asdict(options), **asdict(calib), "nsamples": ids.shape[0],
+    recipe = {"tune": {"from": src_label or src, "reference": reference, **asdict(options), **drawn, "nsamples": ids.shape[0],
                        "seqlen": ids.shape[1], "first_kl": result.first_loss, "last_kl": result.last_loss,
                        "seconds": round(result.seconds, 1)}}
     floats = {name: w.detach().cpu() for name, w in s.norms.items()}
@@ -282,7 +287,8 @@ def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path
         t0 = time.perf_counter()
         stats.output, _ = tune_checkpoint(str(stats.output), out, reference=str(source.dir), ids=calib_ids,
                                           options=options, overwrite=overwrite, max_shard_size=cfg.max_shard_size,
-                                          device=device, progress=progress)
+                                          device=device, progress=progress,
+                                          src_label="the quantization recorded under quantized_with")
         stats.seconds += time.perf_counter() - t0
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -131,6 +131,7 @@ def test_quantize_with_tune_steps_keeps_the_layerwise_codes(tmp_path):
     assert any(not torch.equal(plain[n].scales, tuned[n].scales) for n in plain)
     recipe = json.loads((tmp_path / "tuned" / PROVENANCE_FILE).read_text())["recipe"]
     assert recipe["tune"]["steps"] == 6 and recipe["tune"]["nsamples"] == 8
+    assert recipe["quantized_with"]["method"] == "gptq" and "untuned" not in json.dumps(recipe)  # (no staging path)
 
 
 @pytest.mark.parametrize("extra,needle", [(("--format", "gguf", "--gguf-type", "q4_k"), "tune_steps tunes integer-grid"),
