@@ -132,7 +132,7 @@ def resolve(cfg: QuantizeConfig, source: ModelSource, device: str = "cpu") -> Ru
         dtype=cls.dtype or cfg.dtype,
         compute_dtype=compute_dtype(cfg.compute_dtype, source.dtype(), device),
         # (an allocation probes with calibration text whatever the method)
-        calibration=_calibration(cfg, cls, source) if cls.needs_calibration or _allocates(cfg) else None,
+        calibration=_calibration(cfg, cls, source) if cls.needs_calibration or _allocates(cfg) or cfg.tune_steps else None,
         skip=tuple(cfg.skip),
         max_shard_bytes=parse_size(cfg.max_shard_size),
         rules=parse_rules(cfg.rules),

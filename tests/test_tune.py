@@ -142,3 +142,13 @@ def test_quantize_refuses_tuning_it_cannot_do(tmp_path, extra, needle):
             "--out", str(tmp_path / "o"))
     assert_user_error(p, needle)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_method_without_calibration_is_tuned_on_the_recipes_windows(tmp_path):
+    """RTN needs no calibration, but its tuning does: the recipe's windows are drawn for it."""
+    need(STORIES), need(TINYSTORIES)
+    p = run("quantize", "--model", str(STORIES), "--method", "rtn", "--bits", "3", "--group-size", "32",
+            "--dataset", str(TINYSTORIES), "--nsamples", "4", "--seqlen", "64", "--tune-steps", "2", "--quiet",
+            "--out", str(tmp_path / "o"))
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "o" / PROVENANCE_FILE).read_text())["recipe"]["tune"]["nsamples"] == 4
