@@ -36,7 +36,7 @@ from llmq.provenance import verify
 from llmq.recipe import build_config, load_recipe, save_recipe
 from llmq.report import load_suite, run_report
 from llmq.source import ModelSource
-from llmq.tune import Calibration, TuneOptions, quantize_then_tune, tune_checkpoint
+from llmq.tune import DEFAULT_DATASET, TuneOptions, quantize_then_tune, tune_checkpoint
 
 EPILOG_QUANTIZE = """examples:
   python -m llmq quantize --model meta-llama/Llama-2-7b-hf --method gptq --bits 4 --group-size 128 --out llama2-7b-w4g128
@@ -151,7 +151,7 @@ def _method_defaults(attr: str) -> str:
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
-    t, c = TuneOptions(), Calibration()
+    t, c = TuneOptions(), CalibConfig(dataset=DEFAULT_DATASET)
     p = sub.add_parser("tune", help="tune a quantized checkpoint's scales end to end on the KL from the unquantized model",
                        description="Keep every integer code of a GPTQ/AWQ/compressed-tensors checkpoint and train its group "
                                    "scales (and the norms' weights) through the whole model on the KL divergence from the "
@@ -180,7 +180,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    calib = Calibration(args.dataset, args.split, args.nsamples, args.seqlen, args.seed)
+    calib = CalibConfig(args.dataset, args.split, args.nsamples, args.seqlen, args.seed)
     options = TuneOptions(args.steps, args.lr, args.batch, args.norms, args.seed, args.compute_dtype)
     out, r = tune_checkpoint(args.model, args.out, reference=args.reference, calib=calib, options=options,
                              overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,

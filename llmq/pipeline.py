@@ -92,7 +92,7 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     _check_distributed(plan, method, ranks, resume)
     sink = open_sink(plan, source, model, out, overwrite, resume)  # (checks the output, and what a format can store, first)
     stats = RunStats(grid=None if plan.grid is None else plan.grid.name)
-    ids = calib_ids if calib_ids is not None or plan.calibration is None else _calibration_ids(source, plan)
+    ids = calib_ids if calib_ids is not None or plan.calibration is None else calibration_ids(source, plan)
     if plan.target_size is not None or plan.target_bpw is not None:
         budget = budget_bytes(plan.target_size, plan.target_bpw, parameter_count(model))
         stats.allocation = allocate(source, plan, model, method, ids, budget, torch.device(device), progress)
@@ -153,7 +153,7 @@ def _check_distributed(plan: RunPlan, method: Method, ranks: Ranks, resume: bool
                         f"{batch * ranks.world} or more, or fewer processes")
 
 
-def _calibration_ids(source: ModelSource, plan: RunPlan) -> torch.Tensor:
+def calibration_ids(source: ModelSource, plan: RunPlan) -> torch.Tensor:
     c = plan.calibration
     return calibration_tokens(source.tokenizer(), c.dataset, c.nsamples, c.seqlen, c.seed, c.split)
 

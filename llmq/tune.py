@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmq.checkpoint import iter_quantized, load_model, open_quantized
-from llmq.config import QuantizeConfig
+from llmq.config import CalibConfig, QuantizeConfig
 from llmq.distributed import Ranks
 from llmq.data import calibration_tokens
 from llmq.dtypes import cpu_multiplies_bf16
@@ -40,7 +40,7 @@ from llmq.export import previous_provenance, write_checkpoint
 from llmq.formats import format_for_config
 from llmq.grid import IntGrid, dequantize
 from llmq.output import Output
-from llmq.pipeline import RunStats, quantize_model
+from llmq.pipeline import RunStats, calibration_ids, quantize_model
 from llmq.plan import resolve
 from llmq.qtensor import QuantizedTensor
 from llmq.source import ModelSource
@@ -194,17 +194,7 @@ def _bf16(compute_dtype: str, device: torch.device) -> bool:
     return compute_dtype == "bfloat16"
 
 
-@dataclass(frozen=True)
-class Calibration:
-    dataset: str = "c4"
-    split: str | None = None
-    nsamples: int = 128
-    seqlen: int | None = None  # None: min(2048, the model's context)
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.nsamples <= 0:
-            raise LlmqError(f"nsamples must be positive, got {self.nsamples}")
+DEFAULT_DATASET = "c4"  # calibration text when none is named (GPTQ's, whose checkpoints this tunes most)
 
 
 def reference_of(source: ModelSource) -> str:
@@ -215,7 +205,7 @@ def reference_of(source: ModelSource) -> str:
     return prev["source"]["model"]
 
 
-def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, calib: Calibration = Calibration(),
+def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, calib: CalibConfig = CalibConfig(),
                     ids: torch.Tensor | None = None, options: TuneOptions = TuneOptions(), overwrite: bool = False,
                     max_shard_size: str = "4GB", device: str = "cpu", progress: bool = True,
                     trust_remote_code: bool = False, src_label: str | None = None) -> tuple[Path, TuneResult]:
@@ -223,21 +213,20 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
     names) on ``ids`` (else windows drawn as ``calib`` says) and write the result in ``src``'s format.
     ``src_label``: what the provenance calls ``src`` (default its name)."""
     options.validate()
-    calib.validate()
     source, qcfg = open_quantized(src, trust_remote_code)
     if qcfg is None:
         raise LlmqError(f"{src!r} is not a quantized checkpoint; quantize it first (llmq quantize)")
     fmt = format_for_config(qcfg)
     if not isinstance(fmt.grid_from_config(qcfg), IntGrid):
         raise LlmqError(f"{src!r} is a {fmt.name} checkpoint; scale tuning needs integer grids (gptq, awq, compressed-tensors)")
+    # What the provenance records of the windows: how they were drawn, or that the caller drew them.
+    drawn = asdict(calib) if ids is None else {"dataset": "the calibration ids of the run that quantized it"}
+    if ids is None:  # (before the models load: a bad dataset fails fast)
+        ids = _calibration_ids(source, calib)
     reference = reference or reference_of(source)
     teacher, ref_source = load_model(reference, trust_remote_code=trust_remote_code)
     s = student(source, qcfg, options.norms)
-    _check_same_shapes(s.model, teacher, reference)
-    # What the provenance records of the windows: how they were drawn, or that the caller drew them.
-    drawn = asdict(calib) if ids is None else {"dataset": "the calibration ids of the run that quantized it"}
-    if ids is None:
-        ids = _calibration_ids(source, calib)
+    _check_same_shapes(s, teacher, reference)
     s.model.to(device)
     result = tune(s, teacher.to(device), ids, options, progress)
     del teacher
@@ -250,22 +239,25 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
     return path, result
 
 
-def _calibration_ids(source: ModelSource, calib: Calibration) -> torch.Tensor:
+def _calibration_ids(source: ModelSource, calib: CalibConfig) -> torch.Tensor:
+    if calib.nsamples <= 0:
+        raise LlmqError(f"nsamples must be positive, got {calib.nsamples}")
     context = getattr(source.config, "max_position_embeddings", None) or 2048
     seqlen = calib.seqlen or min(2048, context)
     if seqlen < 2 or seqlen > context:
         raise LlmqError(f"--seqlen {seqlen} is outside 2..{context} (the model's context length)")
-    return calibration_tokens(source.tokenizer(), calib.dataset, calib.nsamples, seqlen, calib.seed, calib.split)
+    return calibration_tokens(source.tokenizer(), calib.dataset or DEFAULT_DATASET, calib.nsamples, seqlen, calib.seed,
+                              calib.split)
 
 
-def _check_same_shapes(model: nn.Module, teacher: nn.Module, reference: str) -> None:
+def _check_same_shapes(s: Student, teacher: nn.Module, reference: str) -> None:
     """The reference must be the quantized model's unquantized twin: the same parameters, of the same shapes."""
-    mine = {n: p.shape for n, p in model.named_parameters() if not n.endswith(".t")}
+    learned = {id(m.t) for m in s.linears.values()}
     theirs = {n: p.shape for n, p in teacher.named_parameters()}
-    for name, shape in mine.items():
-        if theirs.get(name) != shape:
+    for name, p in s.model.named_parameters():
+        if id(p) not in learned and theirs.get(name) != p.shape:
             raise LlmqError(f"--reference {reference!r} does not match the quantized model: {name} is "
-                            f"{tuple(shape)} here, {tuple(theirs[name]) if name in theirs else 'missing'} there")
+                            f"{tuple(p.shape)} here, {tuple(theirs[name]) if name in theirs else 'missing'} there")
 
 
 def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *, overwrite: bool = False,
@@ -278,8 +270,7 @@ def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path
     out = Path(out)
     Output(out, overwrite=overwrite, inputs=[source.dir])  # (its checks, before the work rather than after)
     if calib_ids is None:
-        c = resolve(cfg, source, device).calibration
-        calib_ids = calibration_tokens(source.tokenizer(), c.dataset, c.nsamples, c.seqlen, c.seed, c.split)
+        calib_ids = calibration_ids(source, resolve(cfg, source, device))
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.untuned-", dir=out.parent))
     try:
         stats = quantize_model(source, cfg, stage / "quantized", device=device, progress=progress, calib_ids=calib_ids)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import REF6M, STORIES, TINYSTORIES, need
 from test_cli import assert_user_error, run
 from llmq.checkpoint import iter_quantized, load_model, open_quantized
+from llmq.config import CalibConfig
 from llmq.data import eval_tokens
 from llmq.errors import LlmqError
 from llmq.grid import IntGrid
@@ -20,9 +21,9 @@ from llmq.pipeline import quantize_model
 from llmq.provenance import PROVENANCE_FILE
 from llmq.recipe import build_config
 from llmq.source import ModelSource
-from llmq.tune import Calibration, ScaledCodes, TuneOptions, tune_checkpoint
+from llmq.tune import ScaledCodes, TuneOptions, tune_checkpoint
 
-CALIB = Calibration(dataset=str(TINYSTORIES), nsamples=16, seqlen=128)
+CALIB = CalibConfig(dataset=str(TINYSTORIES), nsamples=16, seqlen=128)
 
 
 @pytest.fixture(scope="module")
