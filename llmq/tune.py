@@ -38,7 +38,7 @@ from llmq.dtypes import cpu_multiplies_bf16
 from llmq.errors import LlmqError
 from llmq.export import previous_provenance, write_checkpoint
 from llmq.formats import format_for_config
-from llmq.grid import IntGrid, dequantize
+from llmq.grid import IntGrid
 from llmq.output import Output
 from llmq.pipeline import RunStats, calibration_ids, quantize_model
 from llmq.plan import resolve
@@ -76,10 +76,14 @@ class ScaledCodes(nn.Module):
         if not isinstance(qt.grid, IntGrid) or qt.offsets is not None:
             raise LlmqError(f"scale tuning needs integer grids; this checkpoint has {qt.grid.name}")
         self.qt = qt  # (codes, zeros, grid: what the file keeps)
-        self.register_buffer("q", qt.codes)  # (uint8: a quarter of float codes' memory; widened per step)
-        self.register_buffer("z", qt.zeros.float())
+        g = qt.g_idx.long()
+        # q − z once, in bf16: exact for every integer grid up to 8 bits (|q − z| ≤ 255), half of float32's memory.
+        self.register_buffer("qz", (qt.codes.float() - qt.zeros[:, g].float()).to(torch.bfloat16))
         self.register_buffer("s0", qt.scales.float())
-        self.register_buffer("g", qt.g_idx.long())
+        self.register_buffer("g", g)
+        # Groups of consecutive columns (no act-order permutation): scales broadcast over each group instead
+        # of being gathered per column, whose backward is a slower scatter.
+        self.group = _group_width(g, qt.scales.shape[1])
         self.t = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = bias
 
@@ -99,9 +103,21 @@ class ScaledCodes(nn.Module):
         qt = self.qt
         return QuantizedTensor(qt.codes, self.stored_scales().cpu(), qt.zeros, qt.g_idx, qt.grid, None, qt.stored)
 
+    def weight_now(self) -> torch.Tensor:
+        """s·(q − z) at the current scales, in float32."""
+        s, (out, n) = self.scales(), self.qz.shape
+        if self.group:
+            return (self.qz.view(out, -1, self.group) * s.unsqueeze(-1)).view(out, n)
+        return self.qz * s[:, self.g]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(self.q.float(), self.scales()[:, self.g], self.z[:, self.g])
-        return F.linear(x, w.to(x.dtype), self.bias)
+        return F.linear(x, self.weight_now().to(x.dtype), self.bias)
+
+
+def _group_width(g: torch.Tensor, groups: int) -> int:
+    """w if column j is in group j // w for every j (no act-order permutation), else 0."""
+    n = len(g)
+    return n // groups if n % groups == 0 and torch.equal(g, torch.arange(n, device=g.device) // (n // groups)) else 0
 
 
 @dataclass
@@ -156,10 +172,23 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return (ref.exp() * (ref - F.log_softmax(student_logits.float(), -1))).sum(-1).mean()
 
 
+def teacher_logits(teacher: nn.Module, ids: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The unquantized model's logits of windows ``ids``, in the dtype of the products (bf16 or float32:
+    storing them so loses nothing, and bf16 halves a cache's memory)."""
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = teacher(input_ids=ids, use_cache=False).logits
+    return logits.to(torch.bfloat16 if bf16 else torch.float32)
+
+
+# The teacher's logits of every window are computed once and kept when they take at most this much memory
+# (ten epochs of 160 x 8 windows over 128 then cost one teacher pass, not ten); else once per step.
+TEACHER_CACHE_BYTES = 2 * 2**30
+
+
 def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, progress: bool = True) -> TuneResult:
     """``o.steps`` Adam steps on batches of calibration windows (epochs of a seeded shuffle), then every
     scale rounded to what is stored."""
-    opt = torch.optim.Adam(s.parameters(), lr=o.lr)
+    opt = torch.optim.Adam(s.parameters(), lr=o.lr, fused=True)  # (one kernel for all parameters)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / o.steps)
     gen = torch.Generator().manual_seed(o.seed)
     batches: list[torch.Tensor] = []
@@ -167,14 +196,15 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     t0 = time.perf_counter()
     device = s.model.device
     bf16 = _bf16(o.compute_dtype, device)
+    cached = _cached_teacher(teacher, ids, o.batch, bf16, device)
     bar = tqdm(range(o.steps), desc="tuning scales end to end", unit="step", disable=not progress)
     for _ in bar:
         if not batches:
             batches = list(torch.randperm(len(ids), generator=gen).split(o.batch))[::-1]
-        x = ids[batches.pop()].to(device)
+        which = batches.pop()
+        x = ids[which].to(device)
+        target = teacher_logits(teacher, x, bf16) if cached is None else cached[which.to(cached.device)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            with torch.no_grad():
-                target = teacher(input_ids=x, use_cache=False).logits
             loss = kl_loss(s.model(input_ids=x, use_cache=False).logits, target)
         opt.zero_grad()
         loss.backward()
@@ -186,6 +216,14 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
         m.round_to_stored()
     tail = losses[-max(1, o.steps // 10):]
     return TuneResult(losses[0], sum(tail) / len(tail), time.perf_counter() - t0)
+
+
+def _cached_teacher(teacher: nn.Module, ids: torch.Tensor, batch: int, bf16: bool, device: torch.device) -> torch.Tensor | None:
+    """Every window's teacher_logits, if they fit TEACHER_CACHE_BYTES (else None)."""
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    if ids.numel() * vocab * (2 if bf16 else 4) > TEACHER_CACHE_BYTES:
+        return None
+    return torch.cat([teacher_logits(teacher, chunk.to(device), bf16) for chunk in ids.split(batch)])
 
 
 def _bf16(compute_dtype: str, device: torch.device) -> bool:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import llmq.tune
 from conftest import REF6M, STORIES, TINYSTORIES, need
 from test_cli import assert_user_error, run
 from llmq.checkpoint import iter_quantized, load_model, open_quantized
@@ -153,3 +154,15 @@ def test_a_method_without_calibration_is_tuned_on_the_recipes_windows(tmp_path):
             "--out", str(tmp_path / "o"))
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "o" / PROVENANCE_FILE).read_text())["recipe"]["tune"]["nsamples"] == 4
+
+
+def test_cached_teacher_logits_tune_as_the_per_step_teacher(rtn_w3, tmp_path, monkeypatch):
+    """The teacher's logits kept from one pass give the scales that computing them every step gives."""
+    options = TuneOptions(steps=6, lr=5e-3, batch=4, compute_dtype="float32")
+    tune_checkpoint(str(rtn_w3), tmp_path / "cached", calib=CALIB, options=options, progress=False)
+    monkeypatch.setattr(llmq.tune, "TEACHER_CACHE_BYTES", 0)
+    tune_checkpoint(str(rtn_w3), tmp_path / "per-step", calib=CALIB, options=options, progress=False)
+    a, b = _packed(tmp_path / "cached"), _packed(tmp_path / "per-step")
+    assert any(not torch.equal(a[n].scales, q.scales) for n, q in _packed(rtn_w3).items())  # (it did tune)
+    for n in a:
+        torch.testing.assert_close(a[n].scales, b[n].scales, rtol=2e-3, atol=0)
