@@ -17,8 +17,11 @@ from llmq.methods import options_for
 def test_shipped_recipes_are_valid(recipe: Path):
     cfg = build_config(load_recipe(recipe), {})
     assert cfg.method in ("gptq", "rtn", "awq", "awq+gptq")
-    name = recipe.stem
-    assert f"w{cfg.bits}" in name  # the file name says what the recipe does
+    name = recipe.stem  # the file name says what the recipe does
+    if cfg.format == "gguf":
+        assert name.endswith(cfg.gguf_type.lower())
+    else:
+        assert f"w{cfg.bits}" in name
     if "g128" in name:
         assert cfg.group_size == 128
     if "perchannel" in name:
