@@ -56,6 +56,14 @@ def compute_dtype(name: str, source: torch.dtype, device: str | torch.device) ->
     return torch.bfloat16 if source == torch.bfloat16 and cpu_multiplies_bf16() else torch.float32
 
 
+def autocast_bf16(name: str, device: torch.device) -> bool:
+    """Whether a learning loop's products run in bf16 autocast: ``auto`` where they run on bf16 units (a
+    GPU, a CPU with AMX/AVX512-BF16), else as ``bfloat16`` / ``float32`` says."""
+    if name == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_multiplies_bf16())
+    return name == "bfloat16"
+
+
 @contextmanager
 def bf16_products(on: bool = True) -> Iterator[None]:
     """Within: CPU float32 matrix products run on bf16 units with float32 accumulation (oneDNN's

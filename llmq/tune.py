@@ -34,7 +34,7 @@ from llmq.checkpoint import iter_quantized, load_model, open_quantized
 from llmq.config import CalibConfig, QuantizeConfig
 from llmq.distributed import Ranks
 from llmq.data import calibration_tokens
-from llmq.dtypes import cpu_multiplies_bf16
+from llmq.dtypes import autocast_bf16
 from llmq.errors import LlmqError
 from llmq.export import previous_provenance, write_checkpoint
 from llmq.formats import format_for_config
@@ -195,7 +195,7 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     losses = []
     t0 = time.perf_counter()
     device = s.model.device
-    bf16 = _bf16(o.compute_dtype, device)
+    bf16 = autocast_bf16(o.compute_dtype, device)
     cached = _cached_teacher(teacher, ids, o.batch, bf16, device)
     bar = tqdm(range(o.steps), desc="tuning scales end to end", unit="step", disable=not progress)
     for _ in bar:
@@ -224,12 +224,6 @@ def _cached_teacher(teacher: nn.Module, ids: torch.Tensor, batch: int, bf16: boo
     if ids.numel() * vocab * (2 if bf16 else 4) > TEACHER_CACHE_BYTES:
         return None
     return torch.cat([teacher_logits(teacher, chunk.to(device), bf16) for chunk in ids.split(batch)])
-
-
-def _bf16(compute_dtype: str, device: torch.device) -> bool:
-    if compute_dtype == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_multiplies_bf16())
-    return compute_dtype == "bfloat16"
 
 
 DEFAULT_DATASET = "c4"  # calibration text when none is named (GPTQ's, whose checkpoints this tunes most)

@@ -11,8 +11,8 @@ Recipes, each at every --settings entry (bits and group size; symmetric grids th
   llmq gptq-mm   the same with min/max grids (--no-grid-search): the peers' GPTQ
   llmq fast      configs/fast-*: GPTQ fitted to the unquantized model's outputs (fp_targets 1), scale refit
   llmq best      configs/best-*: fast, then the scales tuned end to end (tune_steps)
-  (fast/best take the recipe of their bit width, W2 g64's at 2 bits, at the setting's group size)
-  llmq learned   signround (learned rounding from GPTQ with fp_targets), then tune_steps 160; not run by default
+  llmq learned   configs/learned-*: signround (learned rounding and scales from RTN), then the scales tuned end to end
+  (fast/best/learned take the recipe of their bit width, W2 g64's at 2 bits, at the setting's group size)
   llmcompressor  GPTQModifier, static act-order, damp 0.01
   gptqmodel      GPTQ, desc_act with static groups, damp 0.01
   autoround      AutoRound's default recipe (200 steps of SignRound), saved as auto_gptq
@@ -52,9 +52,7 @@ if tool == "llmq":
     from llmq.source import ModelSource
     from llmq.tune import quantize_then_tune
     opts = {"bits": bits, "group_size": gs, "nsamples": nsamples, "seqlen": seqlen, "dtype": dtype, "format": "gptq"}
-    if recipe == "learned":
-        opts.update(method="signround", act_order=True, static_groups=True, tune_steps=160)
-    elif recipe_file == "-":
+    if recipe_file == "-":
         opts.update(method="gptq", act_order=True, grid_search=recipe != "gptq-mm")
     cfg = build_config(load_recipe(recipe_file) if recipe_file != "-" else {}, opts)
     (quantize_then_tune if cfg.tune_steps else quantize_model)(ModelSource(src), cfg, out, progress=False, calib_ids=ids)
@@ -95,13 +93,13 @@ print(json.dumps({"seconds": seconds, "versions": versions}))
 
 PEERS = ("llmcompressor", "gptqmodel", "autoround")
 LLMQ_RECIPES = ("gptq", "gptq-mm", "fast", "best", "learned")
-DEFAULT_RECIPES = LLMQ_RECIPES[:4]
+DEFAULT_RECIPES = LLMQ_RECIPES
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def recipe_file(recipe: str, bits: int) -> str:
     """The configs/ file an llmq recipe runs ('-': none, the recipe is built here)."""
-    if recipe not in ("fast", "best"):
+    if recipe not in ("fast", "best", "learned"):
         return "-"
     return str(CONFIGS / f"{recipe}-w{bits}g{64 if bits == 2 else 128}.yaml")
 

@@ -16,7 +16,7 @@ from llmq.methods import options_for
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(recipe: Path):
     cfg = build_config(load_recipe(recipe), {})
-    assert cfg.method in ("gptq", "rtn", "awq", "awq+gptq")
+    assert cfg.method in ("gptq", "rtn", "awq", "awq+gptq", "signround")
     name = recipe.stem  # the file name says what the recipe does
     if cfg.format == "gguf":
         assert name.endswith(cfg.gguf_type.lower())

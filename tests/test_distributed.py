@@ -49,8 +49,8 @@ SLOW = pytest.mark.slow  # (each torchrun launch costs ~25 s: the default suite 
 CASES = [pytest.param("dense", "gptq", 16, {}, id="gptq-dense"), pytest.param("moe", "gptq", 24, {}, id="gptq-moe"),
          pytest.param("dense", "awq", 16, {}, id="awq-dense"), pytest.param("moe", "awq", 24, {}, id="awq-moe", marks=SLOW),
          pytest.param("dense", "awq+gptq", 16, {}, id="awq+gptq-dense", marks=SLOW),
-         # (from plain GPTQ: there the learning moves codes on this model, so the summed gradients matter)
-         pytest.param("dense", "signround", 16, {"iters": 10, "batch": 6, "fp_targets": 0.0}, id="signround-dense"),
+         # (batches of 6 windows cross the ranks' shares of 8: each rank adds its part of a step's gradient)
+         pytest.param("dense", "signround", 16, {"iters": 10, "batch": 6}, id="signround-dense"),
          pytest.param("moe", "gptq-fp_targets", 24, {"fp_targets": 0.5}, id="gptq-fp_targets-moe", marks=SLOW)]
 
 

@@ -12,6 +12,7 @@ from llmq.checkpoint import load_model
 from llmq.gguf.types import BLOCK_TYPES
 from llmq.grid import IntGrid
 from llmq.methods.gptq import gptq_quantize
+from llmq.methods.rtn import rtn_quantize
 from llmq.methods.signround import Rounding
 from llmq.pipeline import quantize_model
 from llmq.recipe import build_config
@@ -93,3 +94,54 @@ def test_progress_shows_the_learning_steps(tmp_path, capsys):
     quantize_model(ModelSource(str(src)), cfg, tmp_path / "q", progress=True, calib_ids=ids)
     err = capsys.readouterr().err
     assert "layer 1/2 learned rounding step 10/12" in err and "layer 2/2 learned rounding step 0/12" in err
+
+
+def test_rtn_start_and_learned_scales_stay_on_the_grid():
+    """From RTN, v = t = 0 gives RTN's codes and scales; moved, the scales are what the format stores (fp16)
+    and the file holds exactly the weights learning saw.  Block grids learn no scales (theirs are quantized)."""
+    W, _ = _problem()
+    grid = IntGrid(3, 64, False)
+    qt = rtn_quantize(W, grid)
+    r = Rounding.start(qt, W, torch.device("cpu"), scales=True)
+    assert torch.equal(r.result().codes, qt.codes) and torch.equal(r.result().scales, qt.scales)
+    g = torch.Generator().manual_seed(2)
+    r.t.uniform_(-0.2, 0.2, generator=g), r.v.uniform_(-0.5, 0.5, generator=g)
+    moved = r.result()
+    assert not torch.equal(moved.scales, qt.scales)
+    assert torch.equal(moved.scales.half().float(), moved.scales)
+    assert torch.equal(moved.zeros, qt.zeros) and int(moved.codes.max()) <= grid.maxq
+    torch.testing.assert_close(moved.dequantize(), r.weight(), rtol=0, atol=0)
+    assert Rounding.start(rtn_quantize(W, BLOCK_TYPES["Q4_K"]), W, torch.device("cpu"), scales=True).t is None
+
+
+def test_scale_gradient_is_the_straight_through_derivative():
+    """The hand-derived d loss / d t equals autograd's through a straight-through rounding (clamped codes included)."""
+    W, _ = _problem()
+    grid = IntGrid(3, 64, False)
+    r = Rounding.start(rtn_quantize(W, grid), W, torch.device("cpu"), scales=True)
+    r.t.uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(3))  # (shrunk scales clamp some codes)
+    G = torch.randn(W.shape, generator=torch.Generator().manual_seed(4))
+    cols = r.qt.g_idx.long()
+    t = r.t.clone().requires_grad_()
+    s = (r.scale0 * t.exp()).half().float()  # (as stored; the rounding passes gradients straight through too)
+    s = r.scale0 * t.exp() + (s - r.scale0 * t.exp()).detach()
+    s = s[:, cols]
+    u = W / s
+    q = torch.clamp(u + (torch.round(u) - u).detach() + r.zero, 0, grid.maxq)
+    (G * s * (q - r.zero)).sum().backward()
+    assert (torch.round(W / s.detach()) + r.zero > grid.maxq).any()
+    torch.testing.assert_close(r.scale_gradient(G), t.grad, rtol=2e-3, atol=1e-3)  # (s vs fp16(s) in ds/dt)
+
+
+def test_learning_from_rtn_lowers_the_layer_error_of_the_written_checkpoint(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    recipe = {"bits": 3, "group_size": 32, "seqlen": 32, "nsamples": 16, "dtype": "float32"}
+    quantize_model(ModelSource(str(src)), build_config({}, {**recipe, "method": "rtn"}), tmp_path / "rtn",
+                   progress=False, calib_ids=ids)
+    quantize_model(ModelSource(str(src)), build_config({}, {**recipe, "method": "signround", "iters": 40, "batch": 4,
+                                                            "start": "rtn"}), tmp_path / "sr", progress=False, calib_ids=ids)
+    a, b = load_file(tmp_path / "rtn" / "model.safetensors"), load_file(tmp_path / "sr" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".scales") and ".layers.0." in k)  # (scales learned)
+    reference = load_model(str(src))[0]
+    assert _layer0_error(tmp_path / "sr", reference, ids) < 0.8 * _layer0_error(tmp_path / "rtn", reference, ids)

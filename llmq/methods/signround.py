@@ -1,25 +1,29 @@
-"""Learned rounding (SignRound, Cheng et al., 2023; Intel's AutoRound), started from GPTQ.
+"""Learned rounding (SignRound, Cheng et al., 2023; Intel's AutoRound).
 
-GPTQ decides every code from a layer-wise quadratic model of one linear at a time.  Learned
-rounding then looks at the whole decoder layer: each weight may move to a neighbouring code,
+Rounding to nearest, or GPTQ, decides every code from one linear at a time.  Learned rounding looks at
+the whole decoder layer: each weight may move to a neighbouring code, and each group's scale may
+change,
 
-    code = nearest(u + v * step),   v in [-1/2, 1/2] learned per weight,
+    code = nearest(u + v * step, s0 * exp(t)),   v in [-1/2, 1/2] per weight, t per group,
 
-where u is the value GPTQ rounded (its error-compensated weight: v = 0 gives GPTQ's codes) and
-``step`` the grid's spacing there.  The v of all the layer's linears are trained together by signed
-gradient descent (a straight-through estimate through the rounding) on the mean squared error
-between the quantized layer's output and the unquantized model's output (its activations carried
-along, GPTQ's fp_targets), with a learning rate that decays linearly to zero; the learned codes are
-kept only if they lower that error over all calibration windows.  Scales and zeros stay GPTQ's, so
-the codes stay exactly on the grid a format stores: integer grids and GGUF block types alike (not
-NF4/FP4, whose values are not evenly spaced).
+where u is the value the starting codes were rounded from (the weight for ``start: rtn``, as AutoRound
+starts; GPTQ's error-compensated weight for ``start: gptq``), so v = t = 0 gives the starting codes.
+v and t of all the layer's linears are trained together by signed gradient descent (straight-through
+estimates through the rounding) on the mean squared error between the quantized layer's output and the
+unquantized model's output (its activations carried along, as GPTQ's fp_targets), with a learning rate
+that decays linearly to zero; the result is kept only if it lowers that error over all calibration
+windows.  t is learned on integer grids only, whose formats store free float scales (a GGUF block's are
+themselves quantized: there only v moves), and the scales are rounded to what the format stores at
+every step, so the codes stay exactly on the grid a format stores: integer grids and GGUF block types
+alike (not NF4/FP4, whose values are not evenly spaced: those linears keep GPTQ's codes).
 
-Measured (eval/results/stories260K-equal-layout-and-signround.md): on stories260K W3 g32 it lowers the
-KL from GPTQ-with-fp_targets-and-refit's 0.357 to 0.284; on llmq-ref-6m no layer kept a learned code, so
-the file is GPTQ's.  Scales are tuned afterwards by llmq.tune (end to end), not here.
+Measured (eval/results/signround.md): from RTN with learned scales, W3 on llmq-ref-6m has AutoRound's KL
+(0.00110); started from GPTQ's codes no step lowers a layer's error there (the STE's full-step flips
+undo GPTQ's optimum).  Scales are then tuned end to end by llmq.tune.
 
-Each step's gradient is a sum of per-window gradients added in float64 in window order, so the
-result does not depend on how windows are split between the processes of a distributed run.
+Each step takes ``batch`` consecutive windows and adds the gradients of the run's batches of windows in
+float64 in order, so the result does not depend on how windows are split between the processes of a
+distributed run.
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ from torch import nn
 from torch.func import functional_call
 
 from llmq.activations import LayerInputs, layer_hidden
+from llmq.dtypes import autocast_bf16
 from llmq.errors import LlmqError
+from llmq.grid import IntGrid
 from llmq.methods.base import LayerLog
 from llmq.methods.gptq import GPTQ, GPTQOptions
 from llmq.qtensor import QuantizedTensor
+from llmq.rounding import rtn_quantize
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,12 @@ class SignRoundOptions(GPTQOptions):
     iters: int = 200  # signed-gradient steps per decoder layer (0: plain GPTQ)
     lr: float = 0.0  # step of v per iteration at the start, decaying linearly to 0 (0: 1 / iters)
     batch: int = 8  # calibration windows per step
+    scales: bool = True  # learn each group's scale too, on integer grids (AutoRound learns its clip range)
+    # Where learning starts: GPTQ's codes (with fp_targets), or round-to-nearest as AutoRound starts.
+    start: str = "rtn"
+    # Products of the learning steps in bf16 (autocast; the accept test stays in the layer's dtype): auto where
+    # they run on bf16 units (a GPU, a CPU with AMX/AVX512-BF16), as AutoRound does by default.
+    learn_dtype: str = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -55,39 +68,79 @@ class SignRoundOptions(GPTQOptions):
             raise LlmqError(f"batch must be positive, got {self.batch}")
         if self.refit_scales:
             raise LlmqError("refit_scales is gptq's: signround learns its codes on the scales GPTQ rounded with")
+        if self.start not in ("gptq", "rtn"):
+            raise LlmqError(f"signround start must be gptq or rtn, got {self.start!r}")
+        if self.learn_dtype not in ("auto", "bfloat16", "float32"):
+            raise LlmqError(f"learn_dtype must be auto, bfloat16 or float32, got {self.learn_dtype!r}")
 
 
 @dataclass
 class Rounding:
-    """One linear's learnable rounding: code = nearest(base + v * step) on fixed grid parameters."""
+    """One linear's learnable rounding: code = nearest(base + v * step) on the grid, and on integer grids
+    (whose per-group scales the formats store as free floats) a learned log-factor t of each group's scale."""
 
     qt: QuantizedTensor  # the starting codes and the grid parameters, kept
     base: torch.Tensor  # (out, in) fp32: what the starting codes were rounded from
-    scale: torch.Tensor  # per column (out, in), on the layer's device
-    zero: torch.Tensor
+    scale0: torch.Tensor  # (out, groups) the starting scales, on the layer's device
+    zero: torch.Tensor  # per column (out, in)
     offset: torch.Tensor | None
-    step: torch.Tensor
+    step: torch.Tensor  # per column: the starting grid's spacing
     v: torch.Tensor  # (out, in) fp32
+    t: torch.Tensor | None  # (out, groups) fp32; None where scales stay (block grids: their scales are quantized)
 
     @staticmethod
-    def start(qt: QuantizedTensor, base: torch.Tensor, device: torch.device) -> "Rounding":
+    def start(qt: QuantizedTensor, base: torch.Tensor, device: torch.device, scales: bool = False) -> "Rounding":
         g = qt.g_idx.long()
         scale, zero = qt.scales[:, g].to(device), qt.zeros[:, g].float().to(device)
         offset = None if qt.offsets is None else qt.offsets[:, g].to(device)
         step = qt.grid.value(zero + 1, scale, zero, offset) - qt.grid.value(zero, scale, zero, offset)
         base = base.to(device=device, dtype=torch.float32)
-        return Rounding(qt, base, scale, zero, offset, step, torch.zeros_like(base))
+        scale0 = qt.scales.to(device=device, dtype=torch.float32)
+        t = torch.zeros_like(scale0) if scales and isinstance(qt.grid, IntGrid) and offset is None else None
+        return Rounding(qt, base, scale0, zero, offset, step, torch.zeros_like(base), t)
+
+    def scales(self) -> torch.Tensor:
+        """The group scales as the format stores them (t = 0: the starting ones, exactly)."""
+        if self.t is None:
+            return self.scale0
+        finfo = torch.finfo(self.qt.grid.scale_dtype)
+        return (self.scale0 * self.t.exp()).clamp(finfo.tiny, finfo.max).to(self.qt.grid.scale_dtype).float()
+
+    def _columns(self) -> torch.Tensor:
+        return self.scales()[:, self.qt.g_idx.long().to(self.scale0.device)]
 
     def codes(self) -> torch.Tensor:
-        return self.qt.grid.nearest(self.base + self.v * self.step, self.scale, self.zero, self.offset)
+        return self.qt.grid.nearest(self.base + self.v * self.step, self._columns(), self.zero, self.offset)
 
     def weight(self) -> torch.Tensor:
         """The quantized weight at the current v.  Rounding passes gradients straight through, so
         d loss / d v = d loss / d weight * step."""
-        return self.qt.grid.value(self.codes(), self.scale, self.zero, self.offset)
+        return self.qt.grid.value(self.codes(), self._columns(), self.zero, self.offset)
+
+    def scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """d loss / d t from ``grad`` = d loss / d weight.  w = s (q - z) with q = round(x / s) + z passed
+        straight through: dw/ds = q - z - x / s inside the grid's range, q - z where clamped; d/dt = s d/ds,
+        summed over each group's columns."""
+        s, q = self._columns(), self.codes()
+        x = self.base + self.v * self.step
+        unclamped = torch.round(x / s) + self.zero
+        inside = (unclamped >= 0) & (unclamped <= self.qt.grid.maxq)
+        dw_ds = torch.where(inside, q - self.zero - x / s, q - self.zero)
+        return torch.zeros_like(self.t).index_add_(1, self.qt.g_idx.long().to(grad.device), (grad * dw_ds * s).float())
+
+    def step_by_sign(self, grad: torch.Tensor, lr: float) -> None:
+        """One signed-gradient step of v (and t) from ``grad`` = d loss / d weight."""
+        if self.t is not None:  # (before v moves: the derivative is taken where grad was)
+            self.t.sub_(lr * torch.sign(self.scale_gradient(grad)))
+        self.v.sub_(lr * torch.sign(grad * self.step)).clamp_(-0.5, 0.5)
+
+    def reset(self) -> None:
+        self.v.zero_()
+        if self.t is not None:
+            self.t.zero_()
 
     def result(self) -> QuantizedTensor:
-        return QuantizedTensor.from_float_codes(self.codes().cpu(), self.qt.scales, self.qt.zeros, self.qt.g_idx,
+        return QuantizedTensor.from_float_codes(self.codes().cpu(), self.scales().cpu(), self.qt.zeros, self.qt.g_idx,
                                                 self.qt.grid, self.qt.offsets, self.qt.stored)
 
 
@@ -101,15 +154,13 @@ class SignRound(GPTQ):
     def quantize_layer(self, layer, arch, targets, inputs, log):
         if inputs is None:
             raise LlmqError("signround needs calibration data")
-        self.updated = {}
-        result = super().quantize_layer(layer, arch, targets, inputs, log)
+        result, base = self._start(layer, arch, targets, inputs, log)
         inputs.reuse = None  # (what GPTQ's passes kept is stale once the codes move)
-        wanted = self._fp_hidden  # (GPTQ leaves the unquantized layer's outputs there)
+        wanted = self._fp_hidden  # (the start leaves the unquantized layer's outputs there)
         t0 = time.perf_counter()
         device = next(layer.parameters()).device
-        learn = {n: Rounding.start(qt, self.updated[n], device) for n, qt in result.items()
-                 if qt.grid.uniform and n in self.updated}
-        self.updated = None
+        learn = {n: Rounding.start(qt, base[n], device, self.options.scales) for n, qt in result.items()
+                 if qt.grid.uniform and n in base}
         if self.options.iters == 0 or not learn:
             return result
         start, end = self._train(layer, learn, inputs, wanted, log)
@@ -119,16 +170,32 @@ class SignRound(GPTQ):
             linear = layer.get_submodule(name)
             linear.weight.data = qt.dequantize(linear.weight.dtype).to(linear.weight.device)
             changed = float((qt.codes != r.qt.codes).float().mean())
-            _annotate(log, name, codes_changed=round(changed, 6), layer_mse_start=start, layer_mse=end,
-                      rounding_seconds=round(seconds, 3))
+            _annotate(log, name, codes_changed=round(changed, 6), layer_mse_start=start, layer_mse_learned=end,
+                      layer_mse=min(start, end), rounding_seconds=round(seconds, 3))
             result[name] = qt
         return result
+
+    def _start(self, layer, arch, targets, inputs, log) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor]]:
+        """The starting codes, and per linear what they were rounded from; self._fp_hidden then holds
+        the unquantized layer's outputs.  Grids learning cannot move on (NF4/FP4) start, and stay, at GPTQ's."""
+        rtn = {n: g for n, g in targets.items() if g.uniform} if self.options.start == "rtn" else {}
+        self.updated = {}
+        # (GPTQ first: it copies the unquantized layer and leaves its outputs in _fp_hidden, with no targets too)
+        result = super().quantize_layer(layer, arch, {n: g for n, g in targets.items() if n not in rtn}, inputs, log)
+        base, self.updated = self.updated, None
+        for name, grid in rtn.items():
+            linear = layer.get_submodule(name)
+            base[name] = linear.weight.data.float().cpu()
+            result[name] = rtn_quantize(base[name], grid)
+            linear.weight.data = result[name].dequantize(linear.weight.dtype).to(linear.weight.device)
+            log.add(name, start="rtn")
+        return result, base
 
     @torch.no_grad()
     def _train(self, layer: nn.Module, learn: dict[str, Rounding], inputs: LayerInputs,
                wanted: list[torch.Tensor], log: LayerLog) -> tuple[float, float]:
         """Signed gradient descent on every v; leaves v in place if it lowered the layer's output MSE
-        over all windows (else v = 0).  Returns that MSE at the start (GPTQ's codes) and at the end.
+        over all windows (else v = 0).  Returns that MSE at the start (GPTQ's codes) and after learning.
 
         Steps draw their windows from the whole run's (every rank alike); a rank works on those it
         holds, and the gradients are summed over the ranks."""
@@ -139,21 +206,23 @@ class SignRound(GPTQ):
         lr0 = o.lr or 1.0 / o.iters
         rounds = list(learn.values())
         per_window = wanted[0].numel()
+        bf16 = autocast_bf16(o.learn_dtype, next(layer.parameters()).device)
         start = self._loss(layer, learn, inputs, wanted, n * per_window)
         for it in range(o.iters):
             if it % 10 == 0:
                 log.say(f"learned rounding step {it}/{o.iters}")
-            windows = torch.randperm(n, generator=gen)[: o.batch].sort().values.tolist()
-            grads = self._sum(self._gradient(layer, learn, inputs, wanted, [i - mine.start for i in windows if i in mine],
-                                             len(windows) * per_window))
+            block = int(torch.randint(-(-n // o.batch), (1,), generator=gen))  # (consecutive windows: batched below)
+            windows = range(block * o.batch, min(n, (block + 1) * o.batch))
+            grads = self._sum(self._gradient(layer, learn, inputs, wanted, [i for i in windows if i in mine],
+                                             len(windows) * per_window, bf16))
             lr = lr0 * (1 - it / o.iters)
             for r, g in zip(rounds, grads):
-                r.v.sub_(lr * torch.sign(g * r.step)).clamp_(-0.5, 0.5)
+                r.step_by_sign(g, lr)
         end = self._loss(layer, learn, inputs, wanted, n * per_window)
         if end >= start:  # (on all windows) learning did not pay off: keep the starting codes
             for r in rounds:
-                r.v.zero_()
-        return start, min(start, end)
+                r.reset()
+        return start, end
 
     def _loss(self, layer: nn.Module, learn: dict[str, Rounding], inputs: LayerInputs, wanted: list[torch.Tensor],
               numel: int) -> float:
@@ -175,17 +244,23 @@ class SignRound(GPTQ):
         flat = self.ranks.sum(torch.cat([g.flatten() for g in grads]))
         return [p.view_as(g) for p, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
-    def _gradient(self, layer: nn.Module, learn: dict[str, Rounding], inputs: LayerInputs,
-                  wanted: list[torch.Tensor], windows: list[int], numel: int) -> list[torch.Tensor]:
-        """d(mean squared output error)/d(weight) of every learned linear over ``windows``, each
-        window's gradient added in float64 in order."""
+    def _gradient(self, layer: nn.Module, learn: dict[str, Rounding], inputs: LayerInputs, wanted: list[torch.Tensor],
+                  windows: list[int], numel: int, bf16: bool) -> list[torch.Tensor]:
+        """d(mean squared output error)/d(weight) of every learned linear over ``windows`` (indices among
+        the run's).  They go through the layer in the batches the run numbers alike on every rank, each
+        batch's gradient added in float64 in order: the same sum however windows are shared out."""
         dtype = next(layer.parameters()).dtype
+        device = next(layer.parameters()).device
         weights = {f"{name}.weight": r.weight().to(dtype).requires_grad_() for name, r in learn.items()}
         total = [torch.zeros_like(r.v, dtype=torch.float64) for r in learn.values()]
+        batches: dict[int, list[int]] = {}
         for i in windows:
-            with torch.enable_grad():  # (callers switch gradients off)
-                out = layer_hidden(functional_call(layer, weights, (inputs.hidden[i],), inputs.kwargs))
-                err = (out.float() - wanted[i].float()).pow(2).sum() / numel
+            batches.setdefault(i // inputs.batch_size, []).append(i - inputs.offset)
+        for local in batches.values():
+            x = torch.cat([inputs.hidden[i] for i in local])
+            with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = layer_hidden(functional_call(layer, weights, (x,), inputs.kwargs))
+                err = (out.float() - torch.cat([wanted[i] for i in local]).float()).pow(2).sum() / numel
                 grads = torch.autograd.grad(err, list(weights.values()), allow_unused=True)
             for t, g in zip(total, grads):
                 if g is not None:
