@@ -84,7 +84,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, help="signround: signed-gradient steps per decoder layer (default 200)")
     p.add_argument("--lr", type=float, help="signround: first step of the rounding offsets (default 1/iters)")
     p.add_argument("--start", choices=["gptq", "rtn"],
-                   help="signround: learn from GPTQ's codes (default) or from round-to-nearest, as AutoRound does")
+                   help="signround: learn from round-to-nearest, as AutoRound does (default), or from GPTQ's codes")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--awq-clip", dest="awq_clip", action="store_const", const=True,
                    help="AWQ: search a clipping range per group after scaling" + _per_method("awq_clip"))

@@ -33,6 +33,7 @@ from llmq.distributed import Ranks
 from llmq.errors import LlmqError
 from llmq.formats import FORMATS
 from llmq.gguf.writer import GGUFSink
+from llmq.heap import LAYER_BUFFERS, pin_mmap_threshold
 from llmq.journal import Journal, LayerEntry
 from llmq.methods import LayerLog, Method
 from llmq.rounding import rtn_quantize
@@ -318,15 +319,6 @@ def _targets(linears: list[str] | tuple[str, ...], plan: RunPlan, layer_prefix: 
 def _release_freed_memory_to_os() -> None:
     """Keep layer-sized buffers in their own mmaps so freeing a layer returns its memory.
 
-    glibc raises its mmap threshold after each large free, after which layer-sized tensors
-    come from the heap and fragment it: RSS then grows by about one layer per layer
-    (measured by scripts/bench_memory.py).  Pinning the threshold stops that.  No-op off glibc.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass
+    Otherwise layer-sized tensors come from the heap once glibc has raised its threshold, and fragment
+    it: RSS then grows by about one layer per layer (measured by scripts/bench_memory.py)."""
+    pin_mmap_threshold(LAYER_BUFFERS)

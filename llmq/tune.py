@@ -39,6 +39,7 @@ from llmq.errors import LlmqError
 from llmq.export import previous_provenance, write_checkpoint
 from llmq.formats import format_for_config
 from llmq.grid import IntGrid
+from llmq.heap import step_buffers_from_heap
 from llmq.output import Output
 from llmq.pipeline import RunStats, calibration_ids, quantize_model
 from llmq.plan import resolve
@@ -260,7 +261,8 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
     s = student(source, qcfg, options.norms)
     _check_same_shapes(s, teacher, reference)
     s.model.to(device)
-    result = tune(s, teacher.to(device), ids, options, progress)
+    with step_buffers_from_heap():  # (after a streamed quantization here, each step's buffers would be fresh mmaps)
+        result = tune(s, teacher.to(device), ids, options, progress)
     del teacher
     recipe = {"tune": {"from": src_label or src, "reference": reference, **asdict(options), **drawn, "nsamples": ids.shape[0],
                        "seqlen": ids.shape[1], "first_kl": result.first_loss, "last_kl": result.last_loss,

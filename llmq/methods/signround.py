@@ -39,6 +39,7 @@ from llmq.activations import LayerInputs, layer_hidden
 from llmq.dtypes import autocast_bf16
 from llmq.errors import LlmqError
 from llmq.grid import IntGrid
+from llmq.heap import step_buffers_from_heap
 from llmq.methods.base import LayerLog
 from llmq.methods.gptq import GPTQ, GPTQOptions
 from llmq.qtensor import QuantizedTensor
@@ -48,7 +49,7 @@ from llmq.rounding import rtn_quantize
 @dataclass(frozen=True)
 class SignRoundOptions(GPTQOptions):
     fp_targets: float = 1.0  # GPTQ's start fitted to the unquantized model's outputs (lowered KL at every width measured)
-    iters: int = 200  # signed-gradient steps per decoder layer (0: plain GPTQ)
+    iters: int = 200  # signed-gradient steps per decoder layer (0: the start's codes)
     lr: float = 0.0  # step of v per iteration at the start, decaying linearly to 0 (0: 1 / iters)
     batch: int = 8  # calibration windows per step
     scales: bool = True  # learn each group's scale too, on integer grids (AutoRound learns its clip range)
@@ -163,7 +164,8 @@ class SignRound(GPTQ):
                  if qt.grid.uniform and n in base}
         if self.options.iters == 0 or not learn:
             return result
-        start, end = self._train(layer, learn, inputs, wanted, log)
+        with step_buffers_from_heap():  # (the pipeline gives buffers from 1 MiB fresh mmaps: a page fault storm per step)
+            start, end = self._train(layer, learn, inputs, wanted, log)
         seconds = time.perf_counter() - t0
         for name, r in learn.items():
             qt = r.result()
@@ -194,8 +196,8 @@ class SignRound(GPTQ):
     @torch.no_grad()
     def _train(self, layer: nn.Module, learn: dict[str, Rounding], inputs: LayerInputs,
                wanted: list[torch.Tensor], log: LayerLog) -> tuple[float, float]:
-        """Signed gradient descent on every v; leaves v in place if it lowered the layer's output MSE
-        over all windows (else v = 0).  Returns that MSE at the start (GPTQ's codes) and after learning.
+        """Signed gradient descent on every v and t; leaves them in place if they lowered the layer's output
+        MSE over all windows (else 0).  Returns that MSE at the start and after learning.
 
         Steps draw their windows from the whole run's (every rank alike); a rank works on those it
         holds, and the gradients are summed over the ranks."""
