@@ -124,6 +124,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="then tune the group scales end to end for N steps on the KL from the unquantized model "
                         "(as `llmq tune`; integer grids, one process; default 0: not)")
     p.add_argument("--tune-lr", type=float, help=f"the tuning's learning rate (default {cfg.tune_lr})")
+    p.add_argument("--tune-batch", type=int, help=f"the tuning's calibration windows per step (default {cfg.tune_batch})")
     p.add_argument("--save-recipe", help="also write the run's recipe (with an allocation's per-module rules) to this YAML file")
     p.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1)")
     p.add_argument("--revision", help="hub revision of --model")
@@ -378,7 +379,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                                                "dtype", "compute_dtype", "max_shard_size", "skip", "rules", "target_size", "target_bpw",
-                                               "tune_steps", "tune_lr")}
+                                               "tune_steps", "tune_lr", "tune_batch")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                          allow_nonfinite=args.allow_nonfinite)

@@ -135,6 +135,8 @@ def check_tune(cfg: QuantizeConfig) -> None:
         raise LlmqError(f"tune_steps must be a whole number >= 0, got {cfg.tune_steps!r}")
     if not isinstance(cfg.tune_lr, (int, float)) or isinstance(cfg.tune_lr, bool) or not cfg.tune_lr > 0:
         raise LlmqError(f"tune_lr must be positive, got {cfg.tune_lr!r}")
+    if not isinstance(cfg.tune_batch, int) or isinstance(cfg.tune_batch, bool) or cfg.tune_batch <= 0:
+        raise LlmqError(f"tune_batch must be a whole number > 0, got {cfg.tune_batch!r}")
     if cfg.tune_steps and (cfg.format in ("gguf", "bitsandbytes") or not method_class(cfg.method).quantizes):
         raise LlmqError("tune_steps tunes integer-grid scales: it needs a quantization method and a gptq, gptq_v2, awq "
                         f"or compressed-tensors file, not {cfg.format or cfg.method}")

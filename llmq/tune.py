@@ -308,7 +308,7 @@ def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.untuned-", dir=out.parent))
     try:
         stats = quantize_model(source, cfg, stage / "quantized", device=device, progress=progress, calib_ids=calib_ids)
-        options = TuneOptions(steps=cfg.tune_steps, lr=cfg.tune_lr)
+        options = TuneOptions(steps=cfg.tune_steps, lr=cfg.tune_lr, batch=cfg.tune_batch)
         t0 = time.perf_counter()
         stats.output, _ = tune_checkpoint(str(stats.output), out, reference=str(source.dir), ids=calib_ids,
                                           options=options, overwrite=overwrite, max_shard_size=cfg.max_shard_size,

@@ -124,7 +124,7 @@ def test_quantize_with_tune_steps_keeps_the_layerwise_codes(tmp_path):
             "--dataset", str(TINYSTORIES), "--nsamples", "8", "--seqlen", "128", "--quiet")
     p = run(*args, "--out", str(tmp_path / "plain"))
     assert p.returncode == 0, p.stderr
-    p = run(*args, "--tune-steps", "6", "--tune-lr", "0.005", "--out", str(tmp_path / "tuned"))
+    p = run(*args, "--tune-steps", "6", "--tune-lr", "0.005", "--tune-batch", "3", "--out", str(tmp_path / "tuned"))
     assert p.returncode == 0, p.stderr
     assert "scales tuned end to end (6 steps)" in p.stdout
     assert sorted(x.name for x in tmp_path.iterdir()) == ["plain", "tuned"]
@@ -132,12 +132,13 @@ def test_quantize_with_tune_steps_keeps_the_layerwise_codes(tmp_path):
     assert all(torch.equal(plain[n].codes, tuned[n].codes) for n in plain)
     assert any(not torch.equal(plain[n].scales, tuned[n].scales) for n in plain)
     recipe = json.loads((tmp_path / "tuned" / PROVENANCE_FILE).read_text())["recipe"]
-    assert recipe["tune"]["steps"] == 6 and recipe["tune"]["nsamples"] == 8
+    assert recipe["tune"]["steps"] == 6 and recipe["tune"]["batch"] == 3 and recipe["tune"]["nsamples"] == 8
     assert recipe["quantized_with"]["method"] == "gptq" and "untuned" not in json.dumps(recipe)  # (no staging path)
 
 
 @pytest.mark.parametrize("extra,needle", [(("--format", "gguf", "--gguf-type", "q4_k"), "tune_steps tunes integer-grid"),
-                                          (("--resume",), "--resume does not continue")])
+                                          (("--resume",), "--resume does not continue"),
+                                          (("--tune-batch", "0"), "tune_batch must be a whole number > 0")])
 def test_quantize_refuses_tuning_it_cannot_do(tmp_path, extra, needle):
     need(STORIES)
     p = run("quantize", "--model", str(STORIES), "--method", "rtn", "--tune-steps", "4", *extra,
