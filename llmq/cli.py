@@ -83,6 +83,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "(integer grids; best with --fp-targets 1)")
     p.add_argument("--iters", type=int, help="signround: signed-gradient steps per decoder layer (default 200)")
     p.add_argument("--lr", type=float, help="signround: first step of the rounding offsets (default 1/iters)")
+    p.add_argument("--momentum", type=float,
+                   help="signround: step on the sign of a running average of the gradients with this weight (default 0)")
     p.add_argument("--start", choices=["gptq", "rtn"],
                    help="signround: learn from round-to-nearest, as AutoRound does (default), or from GPTQ's codes")
     g = p.add_mutually_exclusive_group()
@@ -374,7 +376,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in ("method", "bits", "group_size", "sym", "grid_search", "damp", "block_size", "act_order",
                                                "static_groups", "true_sequential", "awq_clip", "search_tokens", "fp_targets", "refit_scales",
-                                               "iters", "lr", "start",
+                                               "iters", "lr", "start", "momentum",
                                                "dataset", "split", "nsamples",
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",

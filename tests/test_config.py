@@ -138,6 +138,8 @@ def test_refit_scales_is_a_gptq_switch_of_integer_grids():
         options_for("gptq", build_config({"method": "gptq", "refit_scales": 1}, {}).options)
     with pytest.raises(LlmqError, match="signround learns"):
         options_for("signround", {"refit_scales": True})
+    with pytest.raises(LlmqError, match="momentum must be in"):
+        options_for("signround", {"momentum": 1.0})
     with pytest.raises(LlmqError, match="does not take refit_scales"):
         options_for("awq", {"refit_scales": True})
     for fmt, extra in (("gguf", {"gguf_type": "Q4_K_M"}), ("bitsandbytes", {})):

@@ -133,15 +133,33 @@ def test_scale_gradient_is_the_straight_through_derivative():
     torch.testing.assert_close(r.scale_gradient(G), t.grad, rtol=2e-3, atol=1e-3)  # (s vs fp16(s) in ds/dt)
 
 
-def test_learning_from_rtn_lowers_the_layer_error_of_the_written_checkpoint(tmp_path):
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_learning_from_rtn_lowers_the_layer_error_of_the_written_checkpoint(tmp_path, momentum):
     src = save_tiny("llama", tmp_path / "src")
     ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
     recipe = {"bits": 3, "group_size": 32, "seqlen": 32, "nsamples": 16, "dtype": "float32"}
     quantize_model(ModelSource(str(src)), build_config({}, {**recipe, "method": "rtn"}), tmp_path / "rtn",
                    progress=False, calib_ids=ids)
     quantize_model(ModelSource(str(src)), build_config({}, {**recipe, "method": "signround", "iters": 40, "batch": 4,
-                                                            "start": "rtn"}), tmp_path / "sr", progress=False, calib_ids=ids)
+                                                            "start": "rtn", "momentum": momentum}),
+                   tmp_path / "sr", progress=False, calib_ids=ids)
     a, b = load_file(tmp_path / "rtn" / "model.safetensors"), load_file(tmp_path / "sr" / "model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".scales") and ".layers.0." in k)  # (scales learned)
     reference = load_model(str(src))[0]
     assert _layer0_error(tmp_path / "sr", reference, ids) < 0.8 * _layer0_error(tmp_path / "rtn", reference, ids)
+
+
+def test_momentum_steps_on_the_sign_of_the_running_average():
+    """A gradient that reverses for one step: plain signed steps go back, signum (momentum 0.9) keeps going
+    while the running average 0.09·g1 + 0.1·g2 still has g1's sign."""
+    W, _ = _problem(out=4, n=64)
+    qt = rtn_quantize(W, IntGrid(4, 64, True))
+    g1 = torch.ones_like(W)
+    moved = {}
+    for m in (0.0, 0.9):
+        r = Rounding.start(qt, W, torch.device("cpu"))
+        r.step_by_sign(g1, 0.01, m)
+        r.step_by_sign(-0.5 * g1, 0.01, m)
+        moved[m] = r.v
+    assert torch.allclose(moved[0.0], torch.zeros_like(W))  # (step and back)
+    assert torch.allclose(moved[0.9], torch.full_like(W, -0.02))  # (both steps against g1)

@@ -52,6 +52,10 @@ class SignRoundOptions(GPTQOptions):
     iters: int = 200  # signed-gradient steps per decoder layer (0: the start's codes)
     lr: float = 0.0  # step of v per iteration at the start, decaying linearly to 0 (0: 1 / iters)
     batch: int = 8  # calibration windows per step
+    # Step on the sign of a running average of the gradients (signum, this weight) instead of each step's own
+    # (0, AutoRound's).  0.9 lowered llmq-ref-6m's W3/W2 KL by 11-13% after tuning and raised stories260K's W4
+    # by 16% (eval/results/signround.md): not the default.
+    momentum: float = 0.0
     scales: bool = True  # learn each group's scale too, on integer grids (AutoRound learns its clip range)
     # Where learning starts: GPTQ's codes (with fp_targets), or round-to-nearest as AutoRound starts.
     start: str = "rtn"
@@ -67,6 +71,8 @@ class SignRoundOptions(GPTQOptions):
             raise LlmqError(f"lr must be >= 0, got {self.lr}")
         if self.batch <= 0:
             raise LlmqError(f"batch must be positive, got {self.batch}")
+        if not 0 <= self.momentum < 1:
+            raise LlmqError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.refit_scales:
             raise LlmqError("refit_scales is gptq's: signround learns its codes on the scales GPTQ rounded with")
         if self.start not in ("gptq", "rtn"):
@@ -88,6 +94,9 @@ class Rounding:
     step: torch.Tensor  # per column: the starting grid's spacing
     v: torch.Tensor  # (out, in) fp32
     t: torch.Tensor | None  # (out, groups) fp32; None where scales stay (block grids: their scales are quantized)
+    # Exponential averages of the gradients of v and t whose signs are stepped on (with momentum > 0)
+    avg_v: torch.Tensor | None = None
+    avg_t: torch.Tensor | None = None
 
     @staticmethod
     def start(qt: QuantizedTensor, base: torch.Tensor, device: torch.device, scales: bool = False) -> "Rounding":
@@ -129,16 +138,24 @@ class Rounding:
         dw_ds = torch.where(inside, q - self.zero - x / s, q - self.zero)
         return torch.zeros_like(self.t).index_add_(1, self.qt.g_idx.long().to(grad.device), (grad * dw_ds * s).float())
 
-    def step_by_sign(self, grad: torch.Tensor, lr: float) -> None:
-        """One signed-gradient step of v (and t) from ``grad`` = d loss / d weight."""
+    def step_by_sign(self, grad: torch.Tensor, lr: float, momentum: float = 0.0) -> None:
+        """One signed-gradient step of v (and t) from ``grad`` = d loss / d weight: on the sign of this
+        gradient, or with ``momentum`` of its running average (signum)."""
         if self.t is not None:  # (before v moves: the derivative is taken where grad was)
-            self.t.sub_(lr * torch.sign(self.scale_gradient(grad)))
-        self.v.sub_(lr * torch.sign(grad * self.step)).clamp_(-0.5, 0.5)
+            g = self.scale_gradient(grad)
+            if momentum:
+                g = self.avg_t = _average(self.avg_t, g, momentum)
+            self.t.sub_(lr * torch.sign(g))
+        g = (grad * self.step).float()
+        if momentum:
+            g = self.avg_v = _average(self.avg_v, g, momentum)
+        self.v.sub_(lr * torch.sign(g)).clamp_(-0.5, 0.5)
 
     def reset(self) -> None:
         self.v.zero_()
         if self.t is not None:
             self.t.zero_()
+        self.avg_v = self.avg_t = None
 
     def result(self) -> QuantizedTensor:
         return QuantizedTensor.from_float_codes(self.codes().cpu(), self.scales().cpu(), self.qt.zeros, self.qt.g_idx,
@@ -219,7 +236,7 @@ class SignRound(GPTQ):
                                              len(windows) * per_window, bf16))
             lr = lr0 * (1 - it / o.iters)
             for r, g in zip(rounds, grads):
-                r.step_by_sign(g, lr)
+                r.step_by_sign(g, lr, o.momentum)
         end = self._loss(layer, learn, inputs, wanted, n * per_window)
         if end >= start:  # (on all windows) learning did not pay off: keep the starting codes
             for r in rounds:
@@ -268,6 +285,11 @@ class SignRound(GPTQ):
                 if g is not None:
                     t += g.to(torch.float64)
         return total
+
+
+def _average(avg: torch.Tensor | None, g: torch.Tensor, momentum: float) -> torch.Tensor:
+    """The running average avg·m + g·(1 − m), from avg = 0."""
+    return (torch.zeros_like(g) if avg is None else avg).mul_(momentum).add_(g, alpha=1 - momentum)
 
 
 def _annotate(log, module: str, **info) -> None:
