@@ -170,10 +170,14 @@ class IntGrid(Grid):
             return self._range(wmin, wmax)
         return self._searched(w, wmin, wmax, importance)
 
+    def stored(self, scale: torch.Tensor) -> torch.Tensor:
+        """``scale`` as the formats store it: finite, positive and rounded to ``scale_dtype`` (as float32)."""
+        finfo = torch.finfo(self.scale_dtype)
+        return scale.clamp(min=finfo.tiny, max=finfo.max).to(self.scale_dtype).float()
+
     def _range(self, wmin: torch.Tensor, wmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid spanning [wmin, wmax] (each spans 0), its scale rounded to what is stored."""
-        finfo = torch.finfo(self.scale_dtype)
-        scale = ((wmax - wmin) / self.maxq).clamp(min=finfo.tiny, max=finfo.max).to(self.scale_dtype).float()
+        scale = self.stored((wmax - wmin) / self.maxq)
         if self.sym:
             return scale, torch.full_like(scale, (self.maxq + 1) / 2)
         return scale, torch.round(-wmin / scale).clamp(0, self.maxq)

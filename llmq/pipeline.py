@@ -85,7 +85,9 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     """Quantize ``source`` with ``cfg`` into ``out`` (a directory, or a .gguf file). See the module docstring.
     ``resume``: continue the interrupted run of the same settings into ``out`` (llmq.journal).
     ``ranks``: this process's place in a torchrun launch (llmq.distributed); every rank calls this alike."""
-    _release_freed_memory_to_os()
+    # Layer-sized buffers in their own mmaps, so that freeing a layer returns its memory: otherwise glibc
+    # raises its threshold and they fragment the heap, RSS growing by about a layer per layer (bench_memory.py).
+    pin_mmap_threshold(LAYER_BUFFERS)
     plan = resolve(cfg, source, device)
     model = _skeleton(source, plan)
     check_rules_on(plan, model)
@@ -314,11 +316,3 @@ def _emit_layer(run: _Run, layer: nn.Module, prefix: str, qts: dict[str, Quantiz
 def _targets(linears: list[str] | tuple[str, ...], plan: RunPlan, layer_prefix: str) -> list[str]:
     """The linears of a layer the plan quantizes (not skipped, no rule keeping them in float)."""
     return [n for n in linears if plan.quantizes_module(f"{layer_prefix}.{n}")]
-
-
-def _release_freed_memory_to_os() -> None:
-    """Keep layer-sized buffers in their own mmaps so freeing a layer returns its memory.
-
-    Otherwise layer-sized tensors come from the heap once glibc has raised its threshold, and fragment
-    it: RSS then grows by about one layer per layer (measured by scripts/bench_memory.py)."""
-    pin_mmap_threshold(LAYER_BUFFERS)

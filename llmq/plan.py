@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llmq.arch import arch_for, decoder_linears, get_module
-from llmq.config import QuantizeConfig, parse_size
+from llmq.config import CalibConfig, QuantizeConfig, parse_size
 from llmq.distributed import Ranks
 from llmq.dtypes import compute_dtype
 from llmq.errors import LlmqError
@@ -199,9 +199,14 @@ def recipe_grid(cfg: QuantizeConfig) -> Grid:
 
 
 def _calibration(cfg: QuantizeConfig, cls: type[Method], source: ModelSource) -> Calibration:
-    c = cfg.calibration
+    return resolve_calibration(cfg.calibration, source, cls.default_dataset, cls.default_seqlen)
+
+
+def resolve_calibration(c: CalibConfig, source: ModelSource, dataset: str, seqlen: int) -> Calibration:
+    """The windows ``c`` asks for, its unset dataset and window length taken from ``dataset`` and ``seqlen``
+    (the window capped by the model's context)."""
     context = getattr(source.config, "max_position_embeddings", None)
-    seqlen = c.seqlen or min(cls.default_seqlen, context or cls.default_seqlen)
-    if context is not None and seqlen > context:
-        raise LlmqError(f"--seqlen {seqlen} exceeds the model's context length {context}")
-    return Calibration(dataset=c.dataset or cls.default_dataset, split=c.split, nsamples=c.nsamples, seqlen=seqlen, seed=c.seed)
+    length = c.seqlen or min(seqlen, context or seqlen)
+    if context is not None and length > context:
+        raise LlmqError(f"--seqlen {length} exceeds the model's context length {context}")
+    return Calibration(dataset=c.dataset or dataset, split=c.split, nsamples=c.nsamples, seqlen=length, seed=c.seed)

@@ -117,17 +117,20 @@ def check(cfg: QuantizeConfig) -> None:
         raise LlmqError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {cfg.dtype!r}")
     if cfg.compute_dtype not in COMPUTE_DTYPES:
         raise LlmqError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {cfg.compute_dtype!r}")
-    c = cfg.calibration
-    if not isinstance(c.nsamples, int) or c.nsamples <= 0:
-        raise LlmqError(f"--nsamples must be positive, got {c.nsamples}")
-    if c.seqlen is not None and (not isinstance(c.seqlen, int) or c.seqlen <= 1):
-        raise LlmqError(f"--seqlen must be at least 2, got {c.seqlen}")
+    check_calibration(cfg.calibration)
     if not isinstance(cfg.skip, list):
         raise LlmqError("recipe key 'skip' must be a list of patterns")
     parse_size(cfg.max_shard_size)
     check_rules(cfg)
     check_target(cfg)
     check_tune(cfg)
+
+
+def check_calibration(c: CalibConfig) -> None:
+    if not isinstance(c.nsamples, int) or c.nsamples <= 0:
+        raise LlmqError(f"--nsamples must be positive, got {c.nsamples}")
+    if c.seqlen is not None and (not isinstance(c.seqlen, int) or c.seqlen <= 1):
+        raise LlmqError(f"--seqlen must be at least 2, got {c.seqlen}")
 
 
 def check_tune(cfg: QuantizeConfig) -> None:

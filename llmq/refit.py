@@ -67,8 +67,7 @@ def refit_scales(qt: QuantizedTensor, W: torch.Tensor, H: torch.Tensor,
     damped.diagonal(dim1=1, dim2=2).add_(lam[:, None])
     delta = torch.linalg.solve(damped, r.unsqueeze(2)).squeeze(2).nan_to_num_(0.0)
     grid: IntGrid = qt.grid  # type: ignore[assignment]
-    finfo = torch.finfo(grid.scale_dtype)
-    scales = (old * (1 + delta).clamp(0.5, 2.0)).clamp(finfo.tiny, finfo.max).to(grid.scale_dtype).to(dtype)
+    scales = grid.stored(old * (1 + delta).clamp(0.5, 2.0)).to(dtype)
     d = scales / old - 1  # the γ - 1 actually stored (grid scales are never 0)
     change = (d * (A @ d.unsqueeze(2)).squeeze(2)).sum(1) - 2 * (d * r).sum(1)  # loss(1 + d) - loss(1)
     keep = change < 0

@@ -42,8 +42,9 @@ from llmq.grid import IntGrid
 from llmq.heap import step_buffers_from_heap
 from llmq.output import Output
 from llmq.pipeline import RunStats, calibration_ids, quantize_model
-from llmq.plan import resolve
+from llmq.plan import resolve, resolve_calibration
 from llmq.qtensor import QuantizedTensor
+from llmq.recipe import check_calibration
 from llmq.source import ModelSource
 
 
@@ -93,8 +94,7 @@ class ScaledCodes(nn.Module):
 
     def stored_scales(self) -> torch.Tensor:
         """The scales as the format stores them (the grid's scale dtype), kept finite and positive."""
-        finfo = torch.finfo(self.qt.grid.scale_dtype)
-        return self.scales().detach().clamp(finfo.tiny, finfo.max).to(self.qt.grid.scale_dtype).float()
+        return self.qt.grid.stored(self.scales().detach())
 
     def round_to_stored(self) -> None:
         with torch.no_grad():
@@ -228,6 +228,7 @@ def _cached_teacher(teacher: nn.Module, ids: torch.Tensor, batch: int, bf16: boo
 
 
 DEFAULT_DATASET = "c4"  # calibration text when none is named (GPTQ's, whose checkpoints this tunes most)
+DEFAULT_SEQLEN = 2048  # window when none is named (capped by the model's context)
 
 
 def reference_of(source: ModelSource) -> str:
@@ -274,14 +275,9 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
 
 
 def _calibration_ids(source: ModelSource, calib: CalibConfig) -> torch.Tensor:
-    if calib.nsamples <= 0:
-        raise LlmqError(f"nsamples must be positive, got {calib.nsamples}")
-    context = getattr(source.config, "max_position_embeddings", None) or 2048
-    seqlen = calib.seqlen or min(2048, context)
-    if seqlen < 2 or seqlen > context:
-        raise LlmqError(f"--seqlen {seqlen} is outside 2..{context} (the model's context length)")
-    return calibration_tokens(source.tokenizer(), calib.dataset or DEFAULT_DATASET, calib.nsamples, seqlen, calib.seed,
-                              calib.split)
+    check_calibration(calib)
+    c = resolve_calibration(calib, source, DEFAULT_DATASET, DEFAULT_SEQLEN)
+    return calibration_tokens(source.tokenizer(), c.dataset, c.nsamples, c.seqlen, c.seed, c.split)
 
 
 def _check_same_shapes(s: Student, teacher: nn.Module, reference: str) -> None:

@@ -42,8 +42,8 @@ from llmq.grid import IntGrid
 from llmq.heap import step_buffers_from_heap
 from llmq.methods.base import LayerLog
 from llmq.methods.gptq import GPTQ, GPTQOptions
+from llmq.methods.rtn import RTN
 from llmq.qtensor import QuantizedTensor
-from llmq.rounding import rtn_quantize
 
 
 @dataclass(frozen=True)
@@ -113,26 +113,28 @@ class Rounding:
         """The group scales as the format stores them (t = 0: the starting ones, exactly)."""
         if self.t is None:
             return self.scale0
-        finfo = torch.finfo(self.qt.grid.scale_dtype)
-        return (self.scale0 * self.t.exp()).clamp(finfo.tiny, finfo.max).to(self.qt.grid.scale_dtype).float()
+        return self.qt.grid.stored(self.scale0 * self.t.exp())
 
-    def _columns(self) -> torch.Tensor:
-        return self.scales()[:, self.qt.g_idx.long().to(self.scale0.device)]
+    def _rounded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, s, q): the value rounded, each column's scale and the code, at the current v and t."""
+        x = self.base + self.v * self.step
+        s = self.scales()[:, self.qt.g_idx.long().to(self.scale0.device)]
+        return x, s, self.qt.grid.nearest(x, s, self.zero, self.offset)
 
     def codes(self) -> torch.Tensor:
-        return self.qt.grid.nearest(self.base + self.v * self.step, self._columns(), self.zero, self.offset)
+        return self._rounded()[2]
 
     def weight(self) -> torch.Tensor:
         """The quantized weight at the current v.  Rounding passes gradients straight through, so
         d loss / d v = d loss / d weight * step."""
-        return self.qt.grid.value(self.codes(), self._columns(), self.zero, self.offset)
+        _, s, q = self._rounded()
+        return self.qt.grid.value(q, s, self.zero, self.offset)
 
     def scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """d loss / d t from ``grad`` = d loss / d weight.  w = s (q - z) with q = round(x / s) + z passed
         straight through: dw/ds = q - z - x / s inside the grid's range, q - z where clamped; d/dt = s d/ds,
         summed over each group's columns."""
-        s, q = self._columns(), self.codes()
-        x = self.base + self.v * self.step
+        x, s, q = self._rounded()
         unclamped = torch.round(x / s) + self.zero
         inside = (unclamped >= 0) & (unclamped <= self.qt.grid.maxq)
         dw_ds = torch.where(inside, q - self.zero - x / s, q - self.zero)
@@ -202,12 +204,10 @@ class SignRound(GPTQ):
         # (GPTQ first: it copies the unquantized layer and leaves its outputs in _fp_hidden, with no targets too)
         result = super().quantize_layer(layer, arch, {n: g for n, g in targets.items() if n not in rtn}, inputs, log)
         base, self.updated = self.updated, None
-        for name, grid in rtn.items():
-            linear = layer.get_submodule(name)
-            base[name] = linear.weight.data.float().cpu()
-            result[name] = rtn_quantize(base[name], grid)
-            linear.weight.data = result[name].dequantize(linear.weight.dtype).to(linear.weight.device)
-            log.add(name, start="rtn")
+        base.update({name: layer.get_submodule(name).weight.data.float().cpu() for name in rtn})
+        result.update(RTN().quantize_layer(layer, arch, rtn, None, log))
+        for name in rtn:
+            _annotate(log, name, start="rtn")
         return result, base
 
     @torch.no_grad()
