@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import layer_inputs, save_tiny
+from llmq.activations import layer_hidden
 from llmq.methods.gptq import Hessian, Unquantized
 from llmq.pipeline import quantize_model
 from llmq.recipe import build_config
@@ -79,6 +80,42 @@ def test_feeder_pairs_every_token_and_skips_routed_experts():
     assert set(seen) == {"self_attn.q_proj", "self_attn.o_proj"}
     for n in seen:
         torch.testing.assert_close(seen[n], own[n])
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_unquantized_outputs_are_the_layers_forward(last):
+    """The unquantized outputs handed to the next layer are a plain forward of the layer as it was, whether
+    a pass of their own computes them or the last feeder's passes ran on to keep them (a pass of the
+    quantized layer, changed in place meanwhile, must not leak into either)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=96)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    from llmq.arch import get_module
+
+    arch, inputs = layer_inputs(model, torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0)))
+    inputs.batch_size = 4  # (two batches, the second short)
+    layer = get_module(model, arch.layers)[0]
+    with torch.no_grad():
+        want = [layer_hidden(layer(h, **inputs.kwargs)) for h in inputs.hidden]
+    unq = Unquantized.of(layer, inputs, None)
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.mul_(0.5)  # (the layer being quantized moves; its copy must not)
+    seen: dict[str, torch.Tensor] = {}
+    feed = unq.feeder(["mlp.down_proj"], seen, last=last)
+    for b in range(2):
+        feed(b)
+        assert "mlp.down_proj" in seen
+    passes = []
+    hook = unq.layer.register_forward_hook(lambda *a: passes.append(1))
+    got = unq.outputs()
+    hook.remove()
+    assert len(passes) == (0 if last else 2)  # (kept by the last feeder: no pass of its own)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_first_inputs_give_gptqs_codes_later_ones_move(tmp_path):

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
@@ -543,7 +543,8 @@ class GPTQ(Method):
             inputs.reuse = Reuse(layer, pending={layer.get_submodule(n) for n in wanted})
             inputs.reuse.learn(inputs.hidden[0], inputs.kwargs)
         result = {}
-        for step in steps:
+        final = max((k for k, step in enumerate(steps) if wanted.intersection(step)), default=-1)
+        for k, step in enumerate(steps):
             names = [n for n in step if n in wanted]
             if not names:
                 continue
@@ -551,7 +552,8 @@ class GPTQ(Method):
             hessians = InputHessians(modules)
             if unquantized is not None and cfg.fp_targets > 0:
                 seen: dict[str, torch.Tensor] = {}
-                inputs.run(layer, hessians.observers(seen), on_batch=unquantized.feeder(names, seen))
+                feed = unquantized.feeder(names, seen, last=k == final)
+                inputs.run(layer, hessians.observers(seen), on_batch=feed)
             else:
                 inputs.run(layer, hessians.observers())
             hessians.release()
@@ -626,6 +628,7 @@ class Unquantized:
     layer: nn.Module
     inputs: LayerInputs
     _tokens: int = 0  # of the batch being fed
+    _outputs: list[torch.Tensor] = field(default_factory=list)  # kept by the last feeder's passes
 
     @staticmethod
     def of(layer: nn.Module, inputs: LayerInputs, hidden: list[torch.Tensor] | None) -> "Unquantized":
@@ -641,11 +644,16 @@ class Unquantized:
         """``hidden``: the previous layer's unquantized outputs (None at the first layer: the model's own inputs)."""
         return LayerInputs(hidden if hidden is not None else inputs.hidden, inputs.kwargs, inputs.batch_size, inputs.offset)
 
-    def feeder(self, names: list[str], seen: dict[str, torch.Tensor]) -> Callable[[int], None]:
+    def feeder(self, names: list[str], seen: dict[str, torch.Tensor], last: bool = False) -> Callable[[int], None]:
         """A LayerInputs.run ``on_batch`` that puts into ``seen`` the named modules' unquantized inputs of each
-        batch.  Only inputs of every token are kept: a MoE expert's routed rows cannot be paired."""
+        batch.  Only inputs of every token are kept: a MoE expert's routed rows cannot be paired.
+
+        ``last``: no later feeder follows, so each batch's forward runs on to the layer's outputs, which
+        ``outputs`` then returns without a pass of its own (and nothing is kept for later passes)."""
         modules = {self.layer.get_submodule(n): n for n in names}
         bs = self.inputs.batch_size
+        if last and self.inputs.reuse is not None:
+            self.inputs.reuse.last_pass = True
 
         def store(name: str, x: torch.Tensor) -> None:
             if x.reshape(-1, x.shape[-1]).shape[0] == self._tokens:
@@ -657,13 +665,19 @@ class Unquantized:
             one = LayerInputs(self.inputs.hidden[i : i + bs], self.inputs.kwargs, bs, b * bs, self.inputs.reuse,
                               self.inputs._single_call)
             self._tokens = sum(h.shape[0] * h.shape[1] for h in one.hidden)
-            one.run(self.layer, {m: partial(store, n) for m, n in modules.items()})
+            y = one.run(self.layer, {m: partial(store, n) for m, n in modules.items()}, keep_outputs=last)
+            if last:
+                self._outputs.extend(y)
 
         return on_batch
 
     def outputs(self) -> list[torch.Tensor]:
-        """The unquantized layer's outputs: the next layer's unquantized inputs (its last pass)."""
-        outputs = self.inputs.run(self.layer, keep_outputs=True)
+        """The unquantized layer's outputs: the next layer's unquantized inputs (its last pass, unless the
+        last feeder's passes kept them)."""
+        if len(self._outputs) == len(self.inputs.hidden):
+            outputs, self._outputs = self._outputs, []
+        else:
+            outputs = self.inputs.run(self.layer, keep_outputs=True)
         if self.inputs.reuse is not None:
             self.inputs.reuse.close()  # (what it kept, spill file included, is not needed again)
         return outputs  # type: ignore[return-value]
