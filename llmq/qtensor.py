@@ -38,6 +38,16 @@ class QuantizedTensor:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
+    @property
+    def group_width(self) -> int:
+        """w if column j is in group j // w for every j (the natural column order), else 0 (act-order's
+        permutation): then per-group quantities broadcast over (out, groups, w) views instead of gathers."""
+        n, groups = self.shape[1], self.scales.shape[1]
+        if n % groups:
+            return 0
+        natural = torch.arange(n, device=self.g_idx.device) // (n // groups)
+        return n // groups if torch.equal(self.g_idx.long(), natural) else 0
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """w = scale * (q - zero) [+ offset] in fp32, then cast: the one definition every format must reproduce."""
         g = self.g_idx.long()

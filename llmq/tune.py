@@ -85,7 +85,7 @@ class ScaledCodes(nn.Module):
         self.register_buffer("g", g)
         # Groups of consecutive columns (no act-order permutation): scales broadcast over each group instead
         # of being gathered per column, whose backward is a slower scatter.
-        self.group = _group_width(g, qt.scales.shape[1])
+        self.group = qt.group_width
         self.t = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = bias
 
@@ -113,12 +113,6 @@ class ScaledCodes(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_now().to(x.dtype), self.bias)
-
-
-def _group_width(g: torch.Tensor, groups: int) -> int:
-    """w if column j is in group j // w for every j (no act-order permutation), else 0."""
-    n = len(g)
-    return n // groups if n % groups == 0 and torch.equal(g, torch.arange(n, device=g.device) // (n // groups)) else 0
 
 
 @dataclass

@@ -3,6 +3,8 @@ stores, and that it lowers the error of a layer as a plain forward of the writte
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -114,11 +116,17 @@ def test_rtn_start_and_learned_scales_stay_on_the_grid():
     assert Rounding.start(rtn_quantize(W, BLOCK_TYPES["Q4_K"]), W, torch.device("cpu"), scales=True).t is None
 
 
-def test_scale_gradient_is_the_straight_through_derivative():
-    """The hand-derived d loss / d t equals autograd's through a straight-through rounding (clamped codes included)."""
+@pytest.mark.parametrize("order", ["natural", "permuted"])
+def test_scale_gradient_is_the_straight_through_derivative(order):
+    """The hand-derived d loss / d t equals autograd's through a straight-through rounding (clamped codes
+    included), for groups of consecutive columns and for act-order's permuted ones."""
     W, _ = _problem()
     grid = IntGrid(3, 64, False)
-    r = Rounding.start(rtn_quantize(W, grid), W, torch.device("cpu"), scales=True)
+    qt = rtn_quantize(W, grid)
+    if order == "permuted":  # (the gradient needs no codes: only which group each column's scale is)
+        qt = dataclasses.replace(qt, g_idx=qt.g_idx[torch.randperm(W.shape[1], generator=torch.Generator().manual_seed(5))])
+    r = Rounding.start(qt, W, torch.device("cpu"), scales=True)
+    assert (r.group > 0) == (order == "natural")
     r.t.uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(3))  # (shrunk scales clamp some codes)
     G = torch.randn(W.shape, generator=torch.Generator().manual_seed(4))
     cols = r.qt.g_idx.long()

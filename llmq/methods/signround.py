@@ -97,6 +97,7 @@ class Rounding:
     # Exponential averages of the gradients of v and t whose signs are stepped on (with momentum > 0)
     avg_v: torch.Tensor | None = None
     avg_t: torch.Tensor | None = None
+    group: int = 0  # qt.group_width: groups of consecutive columns (0: act-order's permutation)
 
     @staticmethod
     def start(qt: QuantizedTensor, base: torch.Tensor, device: torch.device, scales: bool = False) -> "Rounding":
@@ -107,7 +108,7 @@ class Rounding:
         base = base.to(device=device, dtype=torch.float32)
         scale0 = qt.scales.to(device=device, dtype=torch.float32)
         t = torch.zeros_like(scale0) if scales and isinstance(qt.grid, IntGrid) and offset is None else None
-        return Rounding(qt, base, scale0, zero, offset, step, torch.zeros_like(base), t)
+        return Rounding(qt, base, scale0, zero, offset, step, torch.zeros_like(base), t, group=qt.group_width)
 
     def scales(self) -> torch.Tensor:
         """The group scales as the format stores them (t = 0: the starting ones, exactly)."""
@@ -118,8 +119,14 @@ class Rounding:
     def _rounded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x, s, q): the value rounded, each column's scale and the code, at the current v and t."""
         x = self.base + self.v * self.step
-        s = self.scales()[:, self.qt.g_idx.long().to(self.scale0.device)]
+        s = self._column_scales()
         return x, s, self.qt.grid.nearest(x, s, self.zero, self.offset)
+
+    def _column_scales(self) -> torch.Tensor:
+        """Each column's scale (out, in), from its group's."""
+        if self.group:
+            return self.scales().repeat_interleave(self.group, 1)
+        return self.scales()[:, self.qt.g_idx.long().to(self.scale0.device)]
 
     def codes(self) -> torch.Tensor:
         return self._rounded()[2]
@@ -134,21 +141,25 @@ class Rounding:
         """d loss / d t from ``grad`` = d loss / d weight.  w = s (q - z) with q = round(x / s) + z passed
         straight through: dw/ds = q - z - x / s inside the grid's range, q - z where clamped; d/dt = s d/ds,
         summed over each group's columns."""
-        x, s, q = self._rounded()
-        unclamped = torch.round(x / s) + self.zero
-        inside = (unclamped >= 0) & (unclamped <= self.qt.grid.maxq)
-        dw_ds = torch.where(inside, q - self.zero - x / s, q - self.zero)
-        return torch.zeros_like(self.t).index_add_(1, self.qt.g_idx.long().to(grad.device), (grad * dw_ds * s).float())
+        s = self._column_scales()
+        xs = (self.base + self.v * self.step) / s
+        unclamped = torch.round(xs) + self.zero  # (grid.nearest's code before its clamp)
+        q = unclamped.clamp(0, self.qt.grid.maxq)
+        dw_dt = (q - self.zero - torch.where(q == unclamped, xs, 0)).mul_(s).mul_(grad)
+        if self.group:  # (consecutive groups: a sum over a view, not a scatter)
+            return dw_dt.view(dw_dt.shape[0], -1, self.group).sum(-1)
+        return torch.zeros_like(self.t).index_add_(1, self.qt.g_idx.long().to(grad.device), dw_dt)
 
     def step_by_sign(self, grad: torch.Tensor, lr: float, momentum: float = 0.0) -> None:
         """One signed-gradient step of v (and t) from ``grad`` = d loss / d weight: on the sign of this
         gradient, or with ``momentum`` of its running average (signum)."""
+        grad = grad.float()  # (summed in float64 over batches and ranks; its signs need no more)
         if self.t is not None:  # (before v moves: the derivative is taken where grad was)
             g = self.scale_gradient(grad)
             if momentum:
                 g = self.avg_t = _average(self.avg_t, g, momentum)
             self.t.sub_(lr * torch.sign(g))
-        g = (grad * self.step).float()
+        g = grad * self.step
         if momentum:
             g = self.avg_v = _average(self.avg_v, g, momentum)
         self.v.sub_(lr * torch.sign(g)).clamp_(-0.5, 0.5)
