@@ -51,7 +51,7 @@ from llmq.source import ModelSource
 @dataclass(frozen=True)
 class TuneOptions:
     steps: int = 160  # Adam steps of ``batch`` windows (eval/results/tune.md: 80 gained about half of what 160 did)
-    lr: float = 1e-3  # on the log-scales and the norms' weights, decaying linearly to 0
+    lr: float = 2e-3  # on the log-scales and the norms' weights, decaying linearly to 0 (eval/results/tune.md)
     batch: int = 8  # calibration windows per step
     norms: bool = True  # tune the norms' weights too (a few parameters per layer; lowered KL where measured)
     seed: int = 0  # order of the windows
