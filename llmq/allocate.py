@@ -268,7 +268,7 @@ class GGUFSizing:
             return "F32" if gname in chosen else self.gplan.tensor_type(gname, shape, rule_types.get(gname))[0]
 
         as_f32 = sum(_gguf_bytes("F32", self.stored_shape(u.modules)) for u in units)
-        return file_bytes(self.source, self.model, self.plan.gguf.file_type, type_of) - as_f32
+        return file_bytes(self.source, self.model, self.plan.gguf.file_type, type_of, self.plan.recipe(targets=True)) - as_f32
 
 
 def _gguf_bytes(t: str, shape: tuple[int, ...]) -> int:

@@ -93,14 +93,15 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     check_rules_on(plan, model)
     method = plan.make_method(ranks)
     _check_distributed(plan, method, ranks, resume)
-    sink = open_sink(plan, source, model, out, overwrite, resume)  # (checks the output, and what a format can store, first)
+    recipe = plan.recipe(targets=True)  # (a GGUF file's own record: before an allocation turns its budget into rules)
+    sink = open_sink(plan, source, model, out, overwrite, resume, recipe)  # (checks the output, and what a format can store, first)
     stats = RunStats(grid=None if plan.grid is None else plan.grid.name)
     ids = calib_ids if calib_ids is not None or plan.calibration is None else calibration_ids(source, plan)
     if plan.target_size is not None or plan.target_bpw is not None:
         budget = budget_bytes(plan.target_size, plan.target_bpw, parameter_count(model))
         stats.allocation = allocate(source, plan, model, method, ids, budget, torch.device(device), progress)
         plan = dataclasses.replace(plan, rules=stats.allocation.rules() + plan.rules)
-        sink = open_sink(plan, source, model, out, overwrite, resume)
+        sink = open_sink(plan, source, model, out, overwrite, resume, recipe)
     if not ranks.leader:
         sink = Follower(sink)
     t0 = time.perf_counter()
@@ -175,11 +176,13 @@ def _resume(run: _Run, journal: Journal) -> int:
 
 
 def open_sink(plan: RunPlan, source: ModelSource, model: nn.Module, out: str | Path, overwrite: bool,
-              resume: bool = False) -> Sink:
+              resume: bool = False, recipe: dict | None = None) -> Sink:
+    """``recipe``: what a GGUF file records of how it was made (default ``plan.recipe(targets=True)``)."""
     inputs = [Path(plan.calibration.dataset)] if plan.calibration and Path(plan.calibration.dataset).exists() else []
     if plan.gguf is not None:
         return GGUFSink(source, model, out, plan.gguf.file_type, token_embedding_type=plan.gguf.token_embedding,
-                        output_type=plan.gguf.output, overwrite=overwrite, inputs=inputs, resume=resume, rules=plan.rules)
+                        output_type=plan.gguf.output, overwrite=overwrite, inputs=inputs, resume=resume, rules=plan.rules,
+                        recipe=plan.recipe(targets=True) if recipe is None else recipe)
     fmt = FORMATS[plan.format].for_dtype(plan.dtype) if plan.format else None
     if fmt is not None:
         fmt.check(plan.grid)

@@ -104,8 +104,9 @@ class RunPlan:
             facts["static_groups"] = o["static_groups"] or o["act_order"]
         return {**facts, "method": self.method}
 
-    def recipe(self) -> dict[str, Any]:
-        """Everything that determines the output, for the provenance record."""
+    def recipe(self, targets: bool = False) -> dict[str, Any]:
+        """Everything that determines the output, for the provenance record.  ``targets``: keep a size
+        budget's settings (else an allocation is recorded by the rules it made, and its own record)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "compute_dtype")}
         d.update(compute_dtype=str(self.compute_dtype).removeprefix("torch."),  # (what `auto` resolved to here)
                  options=dataclasses.asdict(self.options), grid=None if self.grid is None else self.grid.name,
@@ -113,7 +114,8 @@ class RunPlan:
                  calibration=None if self.calibration is None else dataclasses.asdict(self.calibration),
                  skip=list(self.skip), rules=[r.to_dict() for r in self.rules])
         for key in ("target_size", "target_bpw", "allocate_bits", "allocate_group_sizes", "allocate_gguf_types"):
-            del d[key]  # an allocation is recorded by the rules it made, and its own record
+            if not targets:
+                del d[key]
         if not self.rules:
             del d["rules"]  # (records of runs without rules read as before)
         return d

@@ -52,6 +52,15 @@ def record(source_name: str, source_revision: str | None, source_files: dict[str
     }
 
 
+def embedded(source_name: str, source_revision: str | None, source_files: dict[str, str],
+             recipe: dict[str, Any]) -> dict[str, Any]:
+    """The record a single-file format keeps inside the file (GGUF's metadata): no creation time, so that a
+    rerun or a resumed run writes the same bytes, and no hash of the file that holds it."""
+    r = record(source_name, source_revision, source_files, recipe, {})
+    del r["created"], r["files_sha256"]
+    return r
+
+
 def verify(root: Path) -> list[str]:
     """Problems found when re-hashing a checkpoint against its provenance record (empty: intact).
     Every file is read and hashed once."""

@@ -26,7 +26,7 @@ from llmq.experts import ExpertLinears
 from llmq.formats.base import Format, natural_g_idx, refuse
 from llmq.grid import Grid, IntGrid
 from llmq.output import Output
-from llmq.provenance import PROVENANCE_FILE, hash_tree, record, sha256_file
+from llmq.provenance import PROVENANCE_FILE, hash_tree, record
 from llmq.qtensor import QuantizedTensor
 from llmq.safetensors_stream import ShardedWriter
 from llmq.source import ModelSource
@@ -225,7 +225,7 @@ class CheckpointSink(Sink):
                 for r in records:
                     f.write(json.dumps(r) + "\n")
         prov = record(self.origin, self.source.revision if self.origin == self.source.name else None,
-                      {str(p.relative_to(self.source.dir)): sha256_file(p) for p in self.source.files()},
+                      self.source.file_hashes(),
                       recipe, hash_tree(self.dir))
         (self.dir / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
 

@@ -20,6 +20,7 @@ from torch import nn
 from llmq.dtypes import FLOAT_DTYPES
 from llmq.errors import LlmqError
 from llmq.experts import unfuse_experts
+from llmq.provenance import sha256_file
 
 log = logging.getLogger("llmq")
 
@@ -69,6 +70,7 @@ class ModelSource:
         self._module_map: dict[str, str] = {}  # module name -> its tensors' checkpoint prefix, likewise
         self.tied: dict[str, str] = {}  # parameter stored under another name (tied embeddings)
         self.transposed: set[str] = set()  # weights of Conv1D modules, stored (in, out) on disk
+        self._hashes: dict[str, str] | None = None  # file_hashes(), once computed
 
     @property
     def display_name(self) -> str:
@@ -109,6 +111,13 @@ class ModelSource:
         if idx.is_file():
             out.add(idx)
         return sorted(out)
+
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of each of ``files()`` by its path in the source (read once per source: a GGUF run with a
+        size budget needs them for its sizing and for its file)."""
+        if self._hashes is None:
+            self._hashes = {str(p.relative_to(self.dir)): sha256_file(p) for p in self.files()}
+        return self._hashes
 
     def checkpoint_key(self, name: str) -> str | None:
         """Map a module state-dict name to the key stored on disk (prefix differences, tied heads)."""

@@ -179,6 +179,30 @@ def test_gptq_values_survive_gguf_dequantizer(tmp_path, monkeypatch, gtype):
     assert fields["general.name"].contents() == "llmq-ref-6m"  # the model's name, not a staging directory's
 
 
+def test_gguf_file_records_its_provenance(tmp_path):
+    """The file carries where it came from (the source's files, hashed here independently) and how it was
+    made, with nothing that changes between runs: a second run writes the same bytes."""
+    import hashlib
+    import json
+
+    import gguf
+
+    import llmq
+
+    need(REF6M)
+    cfg = build_config({}, {"method": "rtn", "format": "gguf", "gguf_type": "Q8_0"})
+    for name in ("a.gguf", "b.gguf"):
+        quantize_model(ModelSource(str(REF6M)), cfg, tmp_path / name, progress=False)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    prov = json.loads(gguf.GGUFReader(str(tmp_path / "a.gguf")).fields["llmq.provenance"].contents())
+    weights = {p.name for p in REF6M.glob("*.safetensors")}
+    assert prov["source"]["model"] == str(REF6M) and prov["llmq_version"] == llmq.__version__
+    assert prov["source"]["files_sha256"] == {n: hashlib.sha256((REF6M / n).read_bytes()).hexdigest()
+                                              for n in ["config.json", *weights]}
+    assert prov["recipe"]["method"] == "rtn" and prov["recipe"]["gguf"]["file_type"] == "Q8_0"
+    assert "created" not in prov and "files_sha256" not in prov
+
+
 @pytest.mark.parametrize("gtype", LEGACY)
 def test_rtn_is_byte_identical_to_gguf_reference(tmp_path, gtype):
     import gguf

@@ -11,6 +11,7 @@ stay byte-identical).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -30,10 +31,16 @@ from llmq.gguf.types import BLOCK_TYPES, FLOAT_TYPES, BlockType, check_type
 from llmq.gguf.vocab import add_tokenizer, load_vocab
 from llmq.grid import Grid
 from llmq.output import Output
+from llmq.provenance import embedded
 from llmq.qtensor import QuantizedTensor
 from llmq.rules import Rule, first_match
 from llmq.sinks import Sink, require_finite
 from llmq.source import ModelSource
+
+
+# The metadata key of the file's provenance (llmq.provenance.embedded, as JSON): where it came from and how
+# it was made, which a checkpoint directory keeps in llmq_provenance.json beside its weights.
+PROVENANCE_KEY = "llmq.provenance"
 
 
 @dataclass
@@ -53,9 +60,13 @@ ROWS_AT_ONCE = 1 << 22  # values encoded per step
 class GGUFSink(Sink):
     def __init__(self, source: ModelSource, model: nn.Module, out: str | Path, gguf_type: str, *,
                  token_embedding_type: str | None = None, output_type: str | None = None, overwrite: bool = False,
-                 inputs: list[Path] = (), resume: bool = False, rules: tuple[Rule, ...] = ()):
+                 inputs: list[Path] = (), resume: bool = False, rules: tuple[Rule, ...] = (),
+                 recipe: dict[str, Any] | None = None):
+        """``recipe``: what the file's provenance records (PROVENANCE_KEY), known before the run: a size
+        budget's sizing (file_bytes) must find the header the file will have."""
         self.source = source
         self.rules = rules
+        self.recipe = recipe or {}
         self.cfg = gguf_config(source.config)
         check_arch(self.cfg)
         load_vocab(source.dir, self.cfg["vocab_size"])  # a tokenizer GGUF cannot hold fails now, not after the calibration
@@ -176,7 +187,7 @@ class GGUFSink(Sink):
         extra = rope_tensors(self.cfg)
         w = _header(self.tmp, self.source, self.cfg, self.gguf_type,
                     [(gname, arr.shape, arr.dtype, arr.nbytes, None) for gname, arr in extra]
-                    + [(e.gname, e.shape, e.dtype, e.nbytes, e.raw) for e in entries])
+                    + [(e.gname, e.shape, e.dtype, e.nbytes, e.raw) for e in entries], self.recipe)
         out = w.fout[0]
         w.write_padding(out, out.tell())
         for _, arr in extra:
@@ -190,13 +201,16 @@ class GGUFSink(Sink):
         w.close()
 
 
-def _header(path: Path, source: ModelSource, cfg: dict[str, Any], gguf_type: str, infos: list[tuple]):
-    """A GGUFWriter at ``path`` that has written the header, metadata and tensor infos ((name, shape, dtype,
-    nbytes, raw type) each); the tensor data follow, each aligned."""
+def _header(path: Path, source: ModelSource, cfg: dict[str, Any], gguf_type: str, infos: list[tuple],
+            recipe: dict[str, Any]):
+    """A GGUFWriter at ``path`` that has written the header, metadata (with the provenance of ``recipe``) and
+    tensor infos ((name, shape, dtype, nbytes, raw type) each); the tensor data follow, each aligned."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), GGUF_ARCHS[cfg["model_type"]])
     add_metadata(w, cfg, source.display_name, gguf_type)
+    prov = embedded(source.name, source.revision, source.file_hashes(), recipe)
+    w.add_string(PROVENANCE_KEY, json.dumps(prov, sort_keys=True))
     add_tokenizer(w, source.dir, cfg["vocab_size"])
     for gname, shape, dtype, nbytes, raw in infos:
         w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=raw)
@@ -214,10 +228,11 @@ def rope_tensors(cfg: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
     return [("rope_freqs.weight", llama3_rope_factors(rope, head_dim(cfg), float(rope["rope_theta"])).numpy())]
 
 
-def file_bytes(source: ModelSource, model: nn.Module, gguf_type: str, type_of: Callable[[str, tuple[int, ...]], str]) -> int:
+def file_bytes(source: ModelSource, model: nn.Module, gguf_type: str, type_of: Callable[[str, tuple[int, ...]], str],
+               recipe: dict[str, Any]) -> int:
     """The exact size of the GGUF file of ``model`` whose tensors get the types ``type_of(gguf name, shape)``
-    gives (experts stacked, as the sink writes them): the header is built as the sink builds it, and
-    only the tensor bytes depend on the types."""
+    gives (experts stacked, as the sink writes them) and whose provenance records ``recipe``: the header
+    is built as the sink builds it, and only the tensor bytes depend on the types."""
     cfg = gguf_config(source.config)
     namer, (n_expert, _) = tensor_namer(cfg), expert_counts(cfg)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -230,7 +245,7 @@ def file_bytes(source: ModelSource, model: nn.Module, gguf_type: str, type_of: C
     with tempfile.TemporaryDirectory() as d:
         w = _header(Path(d) / "h.gguf", source, cfg, gguf_type,
                     [(g, a.shape, a.dtype, a.nbytes, None) for g, a in extra]
-                    + [(g, s, np.float32, 4 * math.prod(s), None) for g, s in shapes.items()])
+                    + [(g, s, np.float32, 4 * math.prod(s), None) for g, s in shapes.items()], recipe)
         w.fout[0].flush()
         header = w.fout[0].tell()
         w.close()
