@@ -114,7 +114,7 @@ class RunPlan:
                  calibration=None if self.calibration is None else dataclasses.asdict(self.calibration),
                  skip=list(self.skip), rules=[r.to_dict() for r in self.rules])
         for key in ("target_size", "target_bpw", "allocate_bits", "allocate_group_sizes", "allocate_gguf_types"):
-            if not targets:
+            if not targets:  # (an allocation is then recorded by the rules it made, and its own record)
                 del d[key]
         if not self.rules:
             del d["rules"]  # (records of runs without rules read as before)
