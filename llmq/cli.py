@@ -298,11 +298,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_push(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("push", help="upload a checkpoint to the Hugging Face Hub with a generated model card",
-                       description="Uploads DIR in one commit with a generated model card as its README.md (DIR itself is "
-                                   "not written to). The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects "
-                                   "another hub.")
-    p.add_argument("dir")
+    p = sub.add_parser("push", help="upload a checkpoint or GGUF file to the Hugging Face Hub with a generated model card",
+                       description="Uploads DIR (a checkpoint directory, or one .gguf file) in one commit with a generated "
+                                   "model card as its README.md (DIR itself is not written to). The token comes from "
+                                   "HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another hub.")
+    p.add_argument("dir", help="checkpoint directory or .gguf file")
     p.add_argument("--repo-id", required=True, help="user/name")
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list the files, upload nothing")

@@ -106,15 +106,16 @@ class RunPlan:
 
     def recipe(self, targets: bool = False) -> dict[str, Any]:
         """Everything that determines the output, for the provenance record.  ``targets``: keep a size
-        budget's settings (else an allocation is recorded by the rules it made, and its own record)."""
+        budget's settings, if there is one."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "compute_dtype")}
         d.update(compute_dtype=str(self.compute_dtype).removeprefix("torch."),  # (what `auto` resolved to here)
                  options=dataclasses.asdict(self.options), grid=None if self.grid is None else self.grid.name,
                  gguf=None if self.gguf is None else dataclasses.asdict(self.gguf),
                  calibration=None if self.calibration is None else dataclasses.asdict(self.calibration),
                  skip=list(self.skip), rules=[r.to_dict() for r in self.rules])
+        budget = self.target_size is not None or self.target_bpw is not None
         for key in ("target_size", "target_bpw", "allocate_bits", "allocate_group_sizes", "allocate_gguf_types"):
-            if not targets:  # (an allocation is then recorded by the rules it made, and its own record)
+            if not (targets and budget):  # (else an allocation is recorded by the rules it made, and its own record)
                 del d[key]
         if not self.rules:
             del d["rules"]  # (records of runs without rules read as before)

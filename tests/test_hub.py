@@ -86,17 +86,30 @@ class _Hub(BaseHTTPRequestHandler):
         return self._reply(404, {"error": f"unexpected {self.path}"})
 
 
-def test_upload_to_local_endpoint(ckpt):
+def _push_to_local_hub(*args: str) -> subprocess.CompletedProcess:
+    """`llmq push ARGS` against a local recording endpoint (what it received: _Hub.log)."""
     _Hub.log = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_TOKEN": TOKEN,
                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
-        p = subprocess.run([sys.executable, "-m", "llmq", "push", str(ckpt), "--repo-id", "someone/stories-w4", "--private"],
-                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        return subprocess.run([sys.executable, "-m", "llmq", "push", *args], capture_output=True, text=True, cwd=ROOT,
+                              env=env, timeout=120)
     finally:
         server.shutdown()
+
+
+def _sent_files() -> dict[str, bytes]:
+    """The files of the one commit the local endpoint received."""
+    commits = [r for r in _Hub.log if "/commit/" in r[1]]
+    assert len(commits) == 1
+    lines = [json.loads(l) for l in commits[0][3].decode().splitlines() if l.strip()]
+    return {l["value"]["path"]: base64.b64decode(l["value"]["content"]) for l in lines if l["key"] == "file"}
+
+
+def test_upload_to_local_endpoint(ckpt):
+    p = _push_to_local_hub(str(ckpt), "--repo-id", "someone/stories-w4", "--private")
     assert p.returncode == 0, p.stdout + p.stderr
     assert TOKEN not in p.stdout + p.stderr
     create = [r for r in _Hub.log if r[1] == "/api/repos/create"]
@@ -105,10 +118,8 @@ def test_upload_to_local_endpoint(ckpt):
     assert create[0][2].get("authorization") == f"Bearer {TOKEN}"
     validated = [json.loads(r[3]) for r in _Hub.log if r[1] == "/api/validate-yaml"]
     assert validated and "quantized_by: llmq" in validated[0]["content"]
-    commits = [r for r in _Hub.log if "/commit/" in r[1]]
-    assert len(commits) == 1 and "someone/stories-w4" in commits[0][1]
-    lines = [json.loads(l) for l in commits[0][3].decode().splitlines() if l.strip()]
-    sent = {l["value"]["path"]: base64.b64decode(l["value"]["content"]) for l in lines if l["key"] == "file"}
+    assert any("/commit/" in r[1] and "someone/stories-w4" in r[1] for r in _Hub.log)
+    sent = _sent_files()
     expected = sorted(str(f.relative_to(ckpt)) for f in ckpt.rglob("*") if f.is_file())
     assert sorted(sent) == sorted([*expected, "README.md"]) and not (ckpt / "README.md").exists()
     assert sent["model.safetensors"] == (ckpt / "model.safetensors").read_bytes()
@@ -144,3 +155,58 @@ def test_verify_reads_every_file_once(ckpt, monkeypatch):
     monkeypatch.setattr(provenance, "sha256_file", lambda p, *a: read.append(p.name) or real(p, *a))
     assert verify(ckpt) == []
     assert len(read) == len(set(read)) and "model.safetensors" in read
+
+
+def test_gguf_file_is_pushed_alone_with_a_card_from_its_metadata(tmp_path):
+    """A GGUF file goes up as it is, beside a card built from the provenance in its metadata; nothing beside
+    it in its directory goes along, and the file is not touched."""
+    import hashlib
+
+    from huggingface_hub import ModelCard
+
+    from conftest import REF6M
+
+    need(REF6M)
+    gguf_file = tmp_path / "ref-q8.gguf"
+    quantize_model(ModelSource(str(REF6M)), build_config({}, {"method": "rtn", "format": "gguf", "gguf_type": "Q8_0"}),
+                   gguf_file, progress=False)
+    (tmp_path / "notes.txt").write_text("not part of the upload")
+    before = hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    p = _push_to_local_hub(str(gguf_file), "--repo-id", "someone/ref-gguf", "--base-model", "someone/ref",
+                           "--card", str(tmp_path / "card.md"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    sent = _sent_files()
+    assert sorted(sent) == ["README.md", "ref-q8.gguf"] and sent["ref-q8.gguf"] == gguf_file.read_bytes()
+    assert hashlib.sha256(gguf_file.read_bytes()).hexdigest() == before
+    card = ModelCard.load(tmp_path / "card.md")
+    assert card.text.strip() in sent["README.md"].decode()
+    assert {"llmq", "gguf", "rtn", "Q8_0"} <= set(card.data.tags) and card.data.base_model == "someone/ref"
+    assert f"`{REF6M}`" in card.text and "--hf-file ref-q8.gguf" in card.text and 'gguf_file="ref-q8.gguf"' in card.text
+
+
+def test_push_refuses_what_is_no_checkpoint(tmp_path, capsys):
+    from llmq.cli import main
+
+    (tmp_path / "x.bin").write_bytes(b"0")
+    assert main(["push", str(tmp_path / "x.bin"), "--repo-id", "someone/x", "--dry-run"]) != 0
+    err = capsys.readouterr().err
+    assert "neither a checkpoint directory" in err and "Traceback" not in err
+
+
+def test_card_of_a_gguf_file_llmq_did_not_write_claims_nothing(tmp_path):
+    import gguf
+    import numpy as np
+    from huggingface_hub import ModelCard
+
+    from llmq.hub import gguf_card
+
+    w = gguf.GGUFWriter(str(tmp_path / "other.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    (tmp_path / "card.md").write_text(gguf_card(tmp_path / "other.gguf"))
+    card = ModelCard.load(tmp_path / "card.md")
+    assert set(card.data.tags) == {"gguf"} and "quantized_by" not in card.data.to_dict()
+    assert "llmq did not write it" in card.text and "Quantized with" not in card.text

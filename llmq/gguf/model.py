@@ -174,6 +174,11 @@ def _file_type(gguf_type: str) -> int:
     return special[gguf_type] if gguf_type in special else LlamaFileType[f"MOSTLY_{gguf_type}"]
 
 
+# The metadata key of a file's provenance (llmq.provenance.embedded, as JSON): where it came from and how it
+# was made, which a checkpoint directory keeps in llmq_provenance.json beside its weights.
+PROVENANCE_KEY = "llmq.provenance"
+
+
 def add_metadata(w, cfg: dict[str, Any], name: str, gguf_type: str) -> None:
     hidden, heads, hd = cfg["hidden_size"], cfg["num_attention_heads"], head_dim(cfg)
     rope_params = rope_of(cfg)

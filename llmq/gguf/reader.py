@@ -8,13 +8,14 @@ reader skips (see _config) and reads the MoE layout it does not know.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmq.errors import LlmqError
-from llmq.gguf.model import LINEAR_TENSORS, LLAMA_CPP_27B_LAYERS, MOE_ROUTING, llama_cpp_attention_scalar
+from llmq.gguf.model import LINEAR_TENSORS, LLAMA_CPP_27B_LAYERS, MOE_ROUTING, PROVENANCE_KEY, llama_cpp_attention_scalar
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -49,6 +50,17 @@ def measure(path: Path, model_params: int, linear_weights: int) -> dict[str, Any
     lin = sum(b for k, b in tensors.items() if k.startswith("blk.") and _is_linear(k.split(".")[2]))
     return {"file_bytes": path.stat().st_size, "tensor_bytes": sum(tensors.values()),
             "bits_per_weight": 8 * sum(tensors.values()) / model_params, "bits_per_linear_weight": 8 * lin / linear_weights}
+
+
+def provenance(path: Path) -> dict[str, Any]:
+    """The provenance record llmq wrote into a GGUF file's metadata (empty for a file llmq did not write)."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get(PROVENANCE_KEY)
+    except Exception as e:  # (not a GGUF file, or a damaged one)
+        raise LlmqError(f"cannot read GGUF file {str(path)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return {} if field is None else json.loads(field.contents())
 
 
 def _is_linear(kind: str) -> bool:

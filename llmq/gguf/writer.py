@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from llmq.errors import LlmqError
-from llmq.gguf.model import (GGUF_ARCHS, add_metadata, check_arch, expert_counts, gguf_config, head_dim,
+from llmq.gguf.model import (GGUF_ARCHS, PROVENANCE_KEY, add_metadata, check_arch, expert_counts, gguf_config, head_dim,
                              llama3_rope_factors, rope_of, row_order, stored_float)
 from llmq.gguf.plan import GGUFPlan, expert_index, tensor_namer
 from llmq.gguf.types import BLOCK_TYPES, FLOAT_TYPES, BlockType, check_type
@@ -36,11 +36,6 @@ from llmq.qtensor import QuantizedTensor
 from llmq.rules import Rule, first_match
 from llmq.sinks import Sink, require_finite
 from llmq.source import ModelSource
-
-
-# The metadata key of the file's provenance (llmq.provenance.embedded, as JSON): where it came from and how
-# it was made, which a checkpoint directory keeps in llmq_provenance.json beside its weights.
-PROVENANCE_KEY = "llmq.provenance"
 
 
 @dataclass
