@@ -346,6 +346,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     d = Path(args.dir)
+    if d.is_file() and d.suffix == ".gguf":
+        raise LlmqError(f"{args.dir!r} is a GGUF file: its provenance is in its metadata (llmq.provenance) and holds no "
+                        f"hash of the file itself to re-check; `llmq push {args.dir} --repo-id ID --dry-run --card CARD` shows it")
     if not d.is_dir():
         raise LlmqError(f"{args.dir!r} is not a directory")
     problems = verify(d)

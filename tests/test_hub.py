@@ -184,13 +184,17 @@ def test_gguf_file_is_pushed_alone_with_a_card_from_its_metadata(tmp_path):
     assert f"`{REF6M}`" in card.text and "--hf-file ref-q8.gguf" in card.text and 'gguf_file="ref-q8.gguf"' in card.text
 
 
-def test_push_refuses_what_is_no_checkpoint(tmp_path, capsys):
+def test_push_refuses_what_is_no_checkpoint_and_verify_explains_gguf(tmp_path, capsys):
     from llmq.cli import main
 
     (tmp_path / "x.bin").write_bytes(b"0")
     assert main(["push", str(tmp_path / "x.bin"), "--repo-id", "someone/x", "--dry-run"]) != 0
     err = capsys.readouterr().err
     assert "neither a checkpoint directory" in err and "Traceback" not in err
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    assert main(["verify", str(tmp_path / "x.gguf")]) != 0
+    err = capsys.readouterr().err
+    assert "is a GGUF file" in err and "llmq.provenance" in err and "Traceback" not in err
 
 
 def test_card_of_a_gguf_file_llmq_did_not_write_claims_nothing(tmp_path):
