@@ -176,13 +176,13 @@ def _resume(run: _Run, journal: Journal) -> int:
 
 
 def open_sink(plan: RunPlan, source: ModelSource, model: nn.Module, out: str | Path, overwrite: bool,
-              resume: bool = False, recipe: dict | None = None) -> Sink:
-    """``recipe``: what a GGUF file records of how it was made (default ``plan.recipe(targets=True)``)."""
+              resume: bool, recipe: dict) -> Sink:
+    """``recipe``: what a GGUF file records of how it was made (the plan's before any allocation)."""
     inputs = [Path(plan.calibration.dataset)] if plan.calibration and Path(plan.calibration.dataset).exists() else []
     if plan.gguf is not None:
         return GGUFSink(source, model, out, plan.gguf.file_type, token_embedding_type=plan.gguf.token_embedding,
                         output_type=plan.gguf.output, overwrite=overwrite, inputs=inputs, resume=resume, rules=plan.rules,
-                        recipe=plan.recipe(targets=True) if recipe is None else recipe)
+                        recipe=recipe)
     fmt = FORMATS[plan.format].for_dtype(plan.dtype) if plan.format else None
     if fmt is not None:
         fmt.check(plan.grid)

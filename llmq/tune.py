@@ -51,8 +51,9 @@ from llmq.source import ModelSource
 @dataclass(frozen=True)
 class TuneOptions:
     steps: int = 160  # Adam steps of ``batch`` windows (eval/results/tune.md: 80 gained about half of what 160 did)
-    lr: float = 2e-3  # on the log-scales and the norms' weights, decaying linearly to 0 (eval/results/tune.md)
-    batch: int = 8  # calibration windows per step
+    # (lr and batch: the recipe keys' defaults, tune_lr and tune_batch, so that both ways of tuning agree)
+    lr: float = QuantizeConfig.tune_lr  # on the log-scales and the norms' weights, decaying linearly to 0
+    batch: int = QuantizeConfig.tune_batch  # calibration windows per step
     norms: bool = True  # tune the norms' weights too (a few parameters per layer; lowered KL where measured)
     seed: int = 0  # order of the windows
     # Products in bf16 (autocast; fp32 parameters, Adam and loss).  auto: where they run on bf16 units (a GPU,

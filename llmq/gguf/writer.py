@@ -56,12 +56,12 @@ class GGUFSink(Sink):
     def __init__(self, source: ModelSource, model: nn.Module, out: str | Path, gguf_type: str, *,
                  token_embedding_type: str | None = None, output_type: str | None = None, overwrite: bool = False,
                  inputs: list[Path] = (), resume: bool = False, rules: tuple[Rule, ...] = (),
-                 recipe: dict[str, Any] | None = None):
+                 recipe: dict[str, Any]):
         """``recipe``: what the file's provenance records (PROVENANCE_KEY), known before the run: a size
         budget's sizing (file_bytes) must find the header the file will have."""
         self.source = source
         self.rules = rules
-        self.recipe = recipe or {}
+        self.recipe = recipe
         self.cfg = gguf_config(source.config)
         check_arch(self.cfg)
         load_vocab(source.dir, self.cfg["vocab_size"])  # a tokenizer GGUF cannot hold fails now, not after the calibration
