@@ -127,6 +127,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "(as `llmq tune`; integer grids, one process; default 0: not)")
     p.add_argument("--tune-lr", type=float, help=f"the tuning's learning rate (default {cfg.tune_lr})")
     p.add_argument("--tune-batch", type=int, help=f"the tuning's calibration windows per step (default {cfg.tune_batch})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tune-head", dest="tune_head", action="store_const", const=True,
+                   help="the tuning trains the output head's weights too, where stored in float" + _default(cfg.tune_head))
+    g.add_argument("--no-tune-head", dest="tune_head", action="store_const", const=False,
+                   help="the tuning leaves the output head as the source has it" + _default(not cfg.tune_head))
     p.add_argument("--save-recipe", help="also write the run's recipe (with an allocation's per-module rules) to this YAML file")
     p.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1)")
     p.add_argument("--revision", help="hub revision of --model")
@@ -173,6 +178,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=t.lr, help=f"learning rate, decaying linearly to 0 (default {t.lr})")
     p.add_argument("--batch", type=int, default=t.batch, help=f"windows per step (default {t.batch})")
     p.add_argument("--no-norms", dest="norms", action="store_false", help="leave the norms' weights as they are")
+    p.add_argument("--no-head", dest="head", action="store_false",
+                   help="leave the output head as it is (default: trained too, where stored in float)")
     p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1)")
     p.add_argument("--compute-dtype", default=t.compute_dtype, choices=["auto", "bfloat16", "float32"],
                    help="dtype of the products (autocast); auto: bfloat16 on a GPU or a CPU with bf16 units, else float32")
@@ -186,7 +193,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     calib = CalibConfig(args.dataset, args.split, args.nsamples, args.seqlen, args.seed)
-    options = TuneOptions(args.steps, args.lr, args.batch, args.norms, args.seed, args.compute_dtype)
+    options = TuneOptions(args.steps, args.lr, args.batch, args.norms, args.head, args.seed, args.compute_dtype)
     out, r = tune_checkpoint(args.model, args.out, reference=args.reference, calib=calib, options=options,
                              overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
                              progress=not args.quiet, trust_remote_code=args.trust_remote_code)
@@ -384,7 +391,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                                                "dtype", "compute_dtype", "max_shard_size", "skip", "rules", "target_size", "target_bpw",
-                                               "tune_steps", "tune_lr", "tune_batch")}
+                                               "tune_steps", "tune_lr", "tune_batch", "tune_head")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                          allow_nonfinite=args.allow_nonfinite)

@@ -9,7 +9,9 @@ windows:
     w = s0 * exp(t) * (q - z),   t = 0 at the start,
 
 Adam on the log-scale step t (one learning rate suits every layer's scale magnitude), its rate
-decaying linearly to zero.  The tuned scales are rounded to what the format stores before the file is
+decaying linearly to zero.  The output head, where it stays in float, is trained too, at a quarter of
+that rate: it can absorb part of the error the quantized layers leave in the last hidden state, and the
+file stores it in float either way (eval/results/tune.md).  The tuned scales are rounded to what the format stores before the file is
 written, so the file computes what was evaluated.
 
 Unlike quantize this does not stream layers: it holds both models in float32 and one batch's
@@ -51,10 +53,11 @@ from llmq.source import ModelSource
 @dataclass(frozen=True)
 class TuneOptions:
     steps: int = 160  # Adam steps of ``batch`` windows (eval/results/tune.md: 80 gained about half of what 160 did)
-    # (lr and batch: the recipe keys' defaults, tune_lr and tune_batch, so that both ways of tuning agree)
+    # (lr, batch, head: the recipe keys' defaults, tune_lr, tune_batch, tune_head: both ways of tuning agree)
     lr: float = QuantizeConfig.tune_lr  # on the log-scales and the norms' weights, decaying linearly to 0
     batch: int = QuantizeConfig.tune_batch  # calibration windows per step
     norms: bool = True  # tune the norms' weights too (a few parameters per layer; lowered KL where measured)
+    head: bool = QuantizeConfig.tune_head  # the output head's weights too, where stored in float (HEAD_LR_FACTOR)
     seed: int = 0  # order of the windows
     # Products in bf16 (autocast; fp32 parameters, Adam and loss).  auto: where they run on bf16 units (a GPU,
     # a CPU with AMX/AVX512-BF16): 1.5x faster here at the same KL (eval/results/tune.md); else float32.
@@ -123,14 +126,32 @@ class Student:
     model: nn.Module
     linears: dict[str, ScaledCodes]
     norms: dict[str, nn.Parameter]  # parameter name -> a norm's weight
+    head: dict[str, nn.Parameter]  # the output head's weight under its stored name (a tied one: the embedding's), or {}
 
     def parameters(self) -> list[nn.Parameter]:
-        return [m.t for m in self.linears.values()] + list(self.norms.values())
+        return [m.t for m in self.linears.values()] + list(self.norms.values()) + list(self.head.values())
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Adam's groups: the scales and norms at ``lr``, the head at HEAD_LR_FACTOR of it."""
+        groups = [{"params": [m.t for m in self.linears.values()] + list(self.norms.values()), "lr": lr}]
+        if self.head:
+            groups.append({"params": list(self.head.values()), "lr": lr * HEAD_LR_FACTOR})
+        return groups
+
+    def floats(self) -> dict[str, torch.Tensor]:
+        """The trained float tensors, by the names the checkpoint stores them under."""
+        return {name: w.detach().cpu() for name, w in {**self.norms, **self.head}.items()}
 
 
-def student(source: ModelSource, qcfg: dict, norms: bool) -> Student:
+# The head's learning rate relative to the scales': 0.1-0.5 gave the same KL within 1% on both models measured,
+# and the input embeddings (an untied model's) overfit the calibration text at any of them (eval/results/tune.md).
+HEAD_LR_FACTOR = 0.25
+
+
+def student(source: ModelSource, qcfg: dict, norms: bool, head: bool = False) -> Student:
     """The quantized checkpoint as a float32 model whose packed linears are ScaledCodes (everything else as
-    stored), every parameter frozen but the log-scales and, with ``norms``, the norms' weights."""
+    stored), every parameter frozen but the log-scales and, with ``norms``, the norms' weights and, with
+    ``head``, the output head's if it is not packed."""
     model = source.skeleton(torch.float32)
     packed = dict(iter_quantized(model, source, qcfg))
     if not packed:
@@ -149,10 +170,19 @@ def student(source: ModelSource, qcfg: dict, norms: bool) -> Student:
         p.requires_grad_(False)
     tuned = {f"{n}.weight": m.weight for n, m in model.named_modules()
              if norms and "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)}
-    s = Student(model.eval(), linears, tuned)
+    s = Student(model.eval(), linears, tuned, _float_head(model) if head else {})
     for p in s.parameters():
         p.requires_grad_(True)
     return s
+
+
+def _float_head(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The output head's weight by its stored name, if it stays in float (a packed head's scales are tuned as
+    any linear's).  A tied head is the input embedding: the model's first name for it is what is stored."""
+    out = model.get_output_embeddings()
+    if out is None or isinstance(out, ScaledCodes) or not isinstance(getattr(out, "weight", None), nn.Parameter):
+        return {}
+    return {next(n for n, p in model.named_parameters() if p is out.weight): out.weight}
 
 
 @dataclass
@@ -184,7 +214,7 @@ TEACHER_CACHE_BYTES = 2 * 2**30
 def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, progress: bool = True) -> TuneResult:
     """``o.steps`` Adam steps on batches of calibration windows (epochs of a seeded shuffle), then every
     scale rounded to what is stored."""
-    opt = torch.optim.Adam(s.parameters(), lr=o.lr, fused=True)  # (one kernel for all parameters)
+    opt = torch.optim.Adam(s.param_groups(o.lr), fused=True)  # (one kernel for all parameters)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / o.steps)
     gen = torch.Generator().manual_seed(o.seed)
     batches: list[torch.Tensor] = []
@@ -254,7 +284,7 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
         ids = _calibration_ids(source, calib)
     reference = reference or reference_of(source)
     teacher, ref_source = load_model(reference, trust_remote_code=trust_remote_code)
-    s = student(source, qcfg, options.norms)
+    s = student(source, qcfg, options.norms, options.head)
     _check_same_shapes(s, teacher, reference)
     s.model.to(device)
     with step_buffers_from_heap():  # (after a streamed quantization here, each step's buffers would be fresh mmaps)
@@ -263,9 +293,8 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
     recipe = {"tune": {"from": src_label or src, "reference": reference, **asdict(options), **drawn, "nsamples": ids.shape[0],
                        "seqlen": ids.shape[1], "first_kl": result.first_loss, "last_kl": result.last_loss,
                        "seconds": round(result.seconds, 1)}}
-    floats = {name: w.detach().cpu() for name, w in s.norms.items()}
     path = write_checkpoint(source, qcfg, fmt, out, ((n, m.quantized()) for n, m in s.linears.items()), recipe,
-                            floats=floats, max_shard_size=max_shard_size, overwrite=overwrite, inputs=[ref_source.dir])
+                            floats=s.floats(), max_shard_size=max_shard_size, overwrite=overwrite, inputs=[ref_source.dir])
     return path, result
 
 
@@ -299,7 +328,7 @@ def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.untuned-", dir=out.parent))
     try:
         stats = quantize_model(source, cfg, stage / "quantized", device=device, progress=progress, calib_ids=calib_ids)
-        options = TuneOptions(steps=cfg.tune_steps, lr=cfg.tune_lr, batch=cfg.tune_batch)
+        options = TuneOptions(steps=cfg.tune_steps, lr=cfg.tune_lr, batch=cfg.tune_batch, head=cfg.tune_head)
         t0 = time.perf_counter()
         stats.output, _ = tune_checkpoint(str(stats.output), out, reference=str(source.dir), ids=calib_ids,
                                           options=options, overwrite=overwrite, max_shard_size=cfg.max_shard_size,

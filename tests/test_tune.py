@@ -4,10 +4,12 @@ unquantized model (a plain forward of both, on text it was not tuned on) is lowe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 import llmq.tune
 from conftest import REF6M, STORIES, TINYSTORIES, need
@@ -91,6 +93,40 @@ def test_provenance_names_the_source_model_and_the_tuning(tuned):
     assert prov["recipe"]["tune"]["steps"] == 24 and prov["recipe"]["quantized_with"]["method"] == "rtn"
 
 
+def _stored(path) -> dict[str, torch.Tensor]:
+    """Every tensor the checkpoint's safetensors files hold, by name."""
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def test_a_tied_head_is_tuned_as_the_embedding_it_is(rtn_w3, tuned):
+    """stories260K ties its head to the input embedding: the tuning moves that one stored tensor and the file
+    stays tied (no lm_head tensor appears)."""
+    before, after = _stored(rtn_w3), _stored(tuned)
+    assert "lm_head.weight" not in after and after.keys() == before.keys()
+    assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+
+
+def test_an_untied_head_is_tuned_and_the_input_embedding_kept(tmp_path):
+    """llmq-ref-6m has its own head: it moves, the input embedding does not; with head=False neither does."""
+    need(REF6M), need(TINYSTORIES)
+    cfg = build_config({}, {"method": "rtn", "bits": 3, "group_size": 128, "dtype": "float32"})
+    quantize_model(ModelSource(str(REF6M)), cfg, tmp_path / "rtn", progress=False)
+    calib = CalibConfig(dataset=str(TINYSTORIES), nsamples=4, seqlen=64)
+    for head in (True, False):
+        tune_checkpoint(str(tmp_path / "rtn"), tmp_path / f"head-{head}", calib=calib,
+                        options=TuneOptions(steps=3, lr=5e-3, batch=2, head=head), progress=False)
+    src, on, off = _stored(REF6M), _stored(tmp_path / "head-True"), _stored(tmp_path / "head-False")
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert torch.equal(off[name], src[name]), name
+    assert torch.equal(on["model.embed_tokens.weight"], src["model.embed_tokens.weight"])
+    assert not torch.equal(on["lm_head.weight"], src["lm_head.weight"])
+    assert json.loads((tmp_path / "head-False" / PROVENANCE_FILE).read_text())["recipe"]["tune"]["head"] is False
+
+
 def test_refuses_a_reference_of_another_shape(rtn_w3, tmp_path):
     need(REF6M)
     with pytest.raises(LlmqError, match="does not match"):
@@ -124,7 +160,8 @@ def test_quantize_with_tune_steps_keeps_the_layerwise_codes(tmp_path):
             "--dataset", str(TINYSTORIES), "--nsamples", "8", "--seqlen", "128", "--quiet")
     p = run(*args, "--out", str(tmp_path / "plain"))
     assert p.returncode == 0, p.stderr
-    p = run(*args, "--tune-steps", "6", "--tune-lr", "0.005", "--tune-batch", "3", "--out", str(tmp_path / "tuned"))
+    p = run(*args, "--tune-steps", "6", "--tune-lr", "0.005", "--tune-batch", "3", "--no-tune-head",
+            "--out", str(tmp_path / "tuned"))
     assert p.returncode == 0, p.stderr
     assert "scales tuned end to end (6 steps)" in p.stdout
     assert sorted(x.name for x in tmp_path.iterdir()) == ["plain", "tuned"]
@@ -133,6 +170,9 @@ def test_quantize_with_tune_steps_keeps_the_layerwise_codes(tmp_path):
     assert any(not torch.equal(plain[n].scales, tuned[n].scales) for n in plain)
     recipe = json.loads((tmp_path / "tuned" / PROVENANCE_FILE).read_text())["recipe"]
     assert recipe["tune"]["steps"] == 6 and recipe["tune"]["batch"] == 3 and recipe["tune"]["nsamples"] == 8
+    assert recipe["tune"]["head"] is False  # (--no-tune-head: the tied embedding as GPTQ's file has it)
+    head = "model.embed_tokens.weight"
+    assert torch.equal(_stored(tmp_path / "tuned")[head], _stored(tmp_path / "plain")[head])
     assert recipe["quantized_with"]["method"] == "gptq" and "untuned" not in json.dumps(recipe)  # (no staging path)
 
 
@@ -145,6 +185,12 @@ def test_quantize_refuses_tuning_it_cannot_do(tmp_path, extra, needle):
             "--out", str(tmp_path / "o"))
     assert_user_error(p, needle)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_recipe_says_tune_head_as_true_or_false():
+    assert build_config({"tune_head": False}, {}).tune_head is False
+    with pytest.raises(LlmqError, match="tune_head must be true or false, got 'yes'"):
+        build_config({"tune_head": "yes"}, {})
 
 
 def test_a_method_without_calibration_is_tuned_on_the_recipes_windows(tmp_path):
