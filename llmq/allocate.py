@@ -120,10 +120,11 @@ def budget_bytes(target_size: int | None, target_bpw: float | None, n_params: in
 
 
 def allocate(source: ModelSource, plan: RunPlan, model: nn.Module, method: Method, ids: torch.Tensor,
-             budget: int, device: torch.device, progress: bool = True) -> Allocation:
-    """The allocation of ``budget`` bytes for ``plan`` on ``model`` (a skeleton), probing with ``ids``."""
+             budget: int, device: torch.device, recipe: dict[str, Any], progress: bool = True) -> Allocation:
+    """The allocation of ``budget`` bytes for ``plan`` on ``model`` (a skeleton), probing with ``ids``.
+    ``recipe``: what the file records of the run (a GGUF file's header holds it, so it counts in the size)."""
     arch = arch_for(model)
-    sizing = GGUFSizing(source, plan, model) if plan.gguf is not None else CheckpointSizing(source, plan, model)
+    sizing = GGUFSizing(source, plan, model, recipe) if plan.gguf is not None else CheckpointSizing(source, plan, model)
     units = sizing.units(arch)
     if not units:
         raise LlmqError("nothing left to allocate: the rules and --skip fix every module")
@@ -213,8 +214,8 @@ class CheckpointSizing:
 class GGUFSizing:
     """Bytes of a GGUF file, exactly: the header as the sink writes it, each tensor at its type's block size."""
 
-    def __init__(self, source: ModelSource, plan: RunPlan, model: nn.Module):
-        self.source, self.plan, self.model = source, plan, model
+    def __init__(self, source: ModelSource, plan: RunPlan, model: nn.Module, recipe: dict[str, Any]):
+        self.source, self.plan, self.model, self.recipe = source, plan, model, recipe
         cfg = gguf_config(source.config)
         self.namer = tensor_namer(cfg)
         tied = bool(getattr(source.config, "tie_word_embeddings", False))
@@ -268,7 +269,7 @@ class GGUFSizing:
             return "F32" if gname in chosen else self.gplan.tensor_type(gname, shape, rule_types.get(gname))[0]
 
         as_f32 = sum(_gguf_bytes("F32", self.stored_shape(u.modules)) for u in units)
-        return file_bytes(self.source, self.model, self.plan.gguf.file_type, type_of, self.plan.recipe(targets=True)) - as_f32
+        return file_bytes(self.source, self.model, self.plan.gguf.file_type, type_of, self.recipe) - as_f32
 
 
 def _gguf_bytes(t: str, shape: tuple[int, ...]) -> int:

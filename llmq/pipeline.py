@@ -93,13 +93,14 @@ def quantize_model(source: ModelSource, cfg: QuantizeConfig, out: str | Path, *,
     check_rules_on(plan, model)
     method = plan.make_method(ranks)
     _check_distributed(plan, method, ranks, resume)
-    recipe = plan.recipe(targets=True)  # (a GGUF file's own record: before an allocation turns its budget into rules)
+    # (a GGUF file records it, and a budget sizes its header with it: taken before an allocation adds its rules)
+    recipe = plan.recipe(targets=True)
     sink = open_sink(plan, source, model, out, overwrite, resume, recipe)  # (checks the output, and what a format can store, first)
     stats = RunStats(grid=None if plan.grid is None else plan.grid.name)
     ids = calib_ids if calib_ids is not None or plan.calibration is None else calibration_ids(source, plan)
     if plan.target_size is not None or plan.target_bpw is not None:
         budget = budget_bytes(plan.target_size, plan.target_bpw, parameter_count(model))
-        stats.allocation = allocate(source, plan, model, method, ids, budget, torch.device(device), progress)
+        stats.allocation = allocate(source, plan, model, method, ids, budget, torch.device(device), recipe, progress)
         plan = dataclasses.replace(plan, rules=stats.allocation.rules() + plan.rules)
         sink = open_sink(plan, source, model, out, overwrite, resume, recipe)
     if not ranks.leader:
