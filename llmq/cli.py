@@ -164,9 +164,9 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     t, c = TuneOptions(), CalibConfig(dataset=DEFAULT_DATASET)
     p = sub.add_parser("tune", help="tune a quantized checkpoint's scales end to end on the KL from the unquantized model",
                        description="Keep every integer code of a GPTQ/AWQ/compressed-tensors checkpoint and train its group "
-                                   "scales (and the norms' and the head's weights) through the whole model on the KL divergence from the "
-                                   "unquantized model over calibration windows; writes the same format. Holds both models "
-                                   "in memory (it does not stream layers).")
+                                   "scales (and the norms' and the head's weights) through the whole model on the KL "
+                                   "divergence from the unquantized model over calibration windows; writes the same format. "
+                                   "Holds both models in memory (it does not stream layers).")
     p.add_argument("--model", required=True, help="the quantized checkpoint (directory or hub id)")
     p.add_argument("--reference", help="the unquantized model it was made from (default: the source its provenance names)")
     p.add_argument("--dataset", default=c.dataset, help=f"calibration text, as for quantize (default {c.dataset})")

@@ -216,7 +216,7 @@ TEACHER_CACHE_BYTES = 2 * 2**30
 def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, progress: bool = True) -> TuneResult:
     """``o.steps`` Adam steps on batches of calibration windows (epochs of a seeded shuffle), then every
     scale rounded to what is stored."""
-    opt = torch.optim.Adam(s.param_groups(o.lr), fused=True)  # (one kernel for all parameters)
+    opt = torch.optim.Adam(s.param_groups(o.lr), fused=True)  # (one kernel per group of parameters)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / o.steps)
     gen = torch.Generator().manual_seed(o.seed)
     batches: list[torch.Tensor] = []
