@@ -180,10 +180,18 @@ def student(source: ModelSource, qcfg: dict, norms: bool, head: bool = False) ->
 
 def _float_head(model: nn.Module) -> dict[str, nn.Parameter]:
     """The output head's weight by its stored name, if it stays in float (a packed head's scales are tuned as
-    any linear's).  A tied head is the input embedding: the model's first name for it is what is stored."""
+    any linear's).  A tied head is the input embedding: the model's first name for it is what is stored,
+    and it learns from its head role alone (below)."""
     out = model.get_output_embeddings()
     if out is None or isinstance(out, ScaledCodes) or not isinstance(getattr(out, "weight", None), nn.Parameter):
         return {}
+    embedding = model.get_input_embeddings()
+    if embedding is not None and getattr(embedding, "weight", None) is out.weight:
+        # The lookup passes no gradient: a row then learns only from the softmax, which every row takes part
+        # in at every token, not from the few tokens that look it up.  Trained as an input embedding too,
+        # llmq-ref-6m's (untied) overfit the calibration text, and a large vocabulary sees most rows rarely
+        # (eval/results/tune.md).  The forward still uses the moved rows, so the loss sees their effect.
+        embedding.register_forward_hook(lambda module, args, output: output.detach())
     return {next(n for n, p in model.named_parameters() if p is out.weight): out.weight}
 
 

@@ -110,6 +110,16 @@ def test_a_tied_head_is_tuned_as_the_embedding_it_is(rtn_w3, tuned):
     assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
 
 
+def test_a_tied_head_learns_from_its_head_role_alone(rtn_w3):
+    """The tied tensor's lookup passes no gradient, its head product does."""
+    s = llmq.tune.student(*open_quantized(str(rtn_w3)), norms=True, head=True)
+    ids = torch.tensor([[1, 2, 3]])
+    assert not s.model.get_input_embeddings()(ids).requires_grad
+    (weight,) = s.head.values()
+    s.model(input_ids=ids).logits.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
 def test_an_untied_head_is_tuned_and_the_input_embedding_kept(tmp_path):
     """llmq-ref-6m has its own head: it moves, the input embedding does not; with head=False neither does."""
     need(REF6M), need(TINYSTORIES)
