@@ -26,6 +26,7 @@ from llmq.eval import evaluate
 from llmq.export import PLAIN, export_checkpoint, export_gguf
 from llmq.formats import FORMATS
 from llmq.gguf.check import check_gguf
+from llmq.gguf.reader import is_gguf_file
 from llmq.gguf.types import BLOCK_TYPES, FLOAT_TYPES, MIXES
 from llmq.grid import SUPPORTED_BITS
 from llmq.hub import push
@@ -353,7 +354,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     d = Path(args.dir)
-    if d.is_file() and d.suffix == ".gguf":
+    if is_gguf_file(d):
         raise LlmqError(f"{args.dir!r} is a GGUF file: its provenance is in its metadata (llmq.provenance) and holds no "
                         f"hash of the file itself to re-check; `llmq push {args.dir} --repo-id ID --dry-run --card CARD` shows it")
     if not d.is_dir():

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from llmq.errors import LlmqError
-from llmq.gguf.reader import provenance as gguf_provenance
+from llmq.gguf.reader import is_gguf_file, provenance as gguf_provenance
 from llmq.provenance import PROVENANCE_FILE
 
 CARD = "README.md"  # the model card; documentation, so provenance hashes leave it out
@@ -122,7 +122,7 @@ def push(ckpt: str | Path, repo_id: str, *, private: bool = False, dry_run: bool
     """Upload a checkpoint directory, or one GGUF file, with a generated model card as its README.md.  The
     card goes into the upload only (and to ``card_out`` when given): the checkpoint is never written to."""
     d = Path(ckpt)
-    single = d.is_file() and d.suffix == ".gguf"
+    single = is_gguf_file(d)
     if not single and (not d.is_dir() or not (d / "config.json").is_file()):
         raise LlmqError(f"{str(ckpt)!r} is neither a checkpoint directory (with a config.json) nor a .gguf file")
     if not _looks_like_repo_id(repo_id):

@@ -130,7 +130,7 @@ class Student:
     head: dict[str, nn.Parameter]  # the output head's weight under its stored name (a tied one: the embedding's), or {}
 
     def parameters(self) -> list[nn.Parameter]:
-        return [m.t for m in self.linears.values()] + list(self.norms.values()) + list(self.head.values())
+        return [p for group in self.param_groups(1.0) for p in group["params"]]
 
     def param_groups(self, lr: float) -> list[dict]:
         """Adam's groups: the scales and norms at ``lr``, the head at HEAD_LR_FACTOR of it."""
@@ -173,6 +173,8 @@ def student(source: ModelSource, qcfg: dict, norms: bool, head: bool = False) ->
     tuned = {f"{n}.weight": m.weight for n, m in model.named_modules()
              if norms and "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)}
     s = Student(model.eval(), linears, tuned, _float_head(model) if head else {})
+    if s.head:
+        _head_role_alone(model)
     for p in s.parameters():
         p.requires_grad_(True)
     return s
@@ -180,19 +182,22 @@ def student(source: ModelSource, qcfg: dict, norms: bool, head: bool = False) ->
 
 def _float_head(model: nn.Module) -> dict[str, nn.Parameter]:
     """The output head's weight by its stored name, if it stays in float (a packed head's scales are tuned as
-    any linear's).  A tied head is the input embedding: the model's first name for it is what is stored,
-    and it learns from its head role alone (below)."""
+    any linear's).  A tied head is the input embedding: the model's first name for it is what is stored."""
     out = model.get_output_embeddings()
     if out is None or isinstance(out, ScaledCodes) or not isinstance(getattr(out, "weight", None), nn.Parameter):
         return {}
-    embedding = model.get_input_embeddings()
-    if embedding is not None and getattr(embedding, "weight", None) is out.weight:
-        # The lookup passes no gradient: a row then learns only from the softmax, which every row takes part
-        # in at every token, not from the few tokens that look it up.  Trained as an input embedding too,
-        # llmq-ref-6m's (untied) overfit the calibration text, and a large vocabulary sees most rows rarely
-        # (eval/results/tune.md).  The forward still uses the moved rows, so the loss sees their effect.
-        embedding.register_forward_hook(lambda module, args, output: output.detach())
     return {next(n for n, p in model.named_parameters() if p is out.weight): out.weight}
+
+
+def _head_role_alone(model: nn.Module) -> None:
+    """A head tied to the input embedding learns from its head role alone: the lookup passes no gradient.
+    A row then learns only from the softmax, which every row takes part in at every token, not from the few
+    tokens that look it up.  Trained as an input embedding too, llmq-ref-6m's (untied) overfit the calibration
+    text, and a large vocabulary sees most rows rarely (eval/results/tune.md).  The forward still uses the
+    moved rows, so the loss sees their effect."""
+    embedding = model.get_input_embeddings()
+    if embedding is not None and getattr(embedding, "weight", None) is model.get_output_embeddings().weight:
+        embedding.register_forward_hook(lambda module, args, output: output.detach())
 
 
 @dataclass

@@ -52,6 +52,11 @@ def measure(path: Path, model_params: int, linear_weights: int) -> dict[str, Any
             "bits_per_weight": 8 * sum(tensors.values()) / model_params, "bits_per_linear_weight": 8 * lin / linear_weights}
 
 
+def is_gguf_file(path: Path) -> bool:
+    """Whether ``path`` names a GGUF file (by its suffix, as llama.cpp's tools name them), not a directory."""
+    return path.is_file() and path.suffix == ".gguf"
+
+
 def provenance(path: Path) -> dict[str, Any]:
     """The provenance record llmq wrote into a GGUF file's metadata (empty for a file llmq did not write)."""
     import gguf

@@ -543,8 +543,8 @@ class GPTQ(Method):
             inputs.reuse = Reuse(layer, pending={layer.get_submodule(n) for n in wanted})
             inputs.reuse.learn(inputs.hidden[0], inputs.kwargs)
         result = {}
-        final = max((k for k, step in enumerate(steps) if wanted.intersection(step)), default=-1)
-        for k, step in enumerate(steps):
+        final = max((at for at, step in enumerate(steps) if wanted.intersection(step)), default=-1)
+        for at, step in enumerate(steps):  # (``at``: the joint solves below number theirs ``k``)
             names = [n for n in step if n in wanted]
             if not names:
                 continue
@@ -552,7 +552,7 @@ class GPTQ(Method):
             hessians = InputHessians(modules)
             if unquantized is not None and cfg.fp_targets > 0:
                 seen: dict[str, torch.Tensor] = {}
-                feed = unquantized.feeder(names, seen, last=k == final)
+                feed = unquantized.feeder(names, seen, last=at == final)
                 inputs.run(layer, hessians.observers(seen), on_batch=feed)
             else:
                 inputs.run(layer, hessians.observers())
