@@ -124,7 +124,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--target-size", help="allocate each linear's bits (and GGUF types) so the weight files fit this size, e.g. 3.9GB")
     g.add_argument("--target-bpw", type=float, help="the same, as bits per parameter of the whole model (embeddings and head included)")
     p.add_argument("--tune-steps", type=int, metavar="N",
-                   help="then tune the group scales end to end for N steps on the KL from the unquantized model "
+                   help="then tune the group scales (and codes) end to end for N steps on the KL from the unquantized model "
                         "(as `llmq tune`; integer grids, one process; default 0: not)")
     p.add_argument("--tune-lr", type=float, help=f"the tuning's learning rate (default {cfg.tune_lr})")
     p.add_argument("--tune-batch", type=int, help=f"the tuning's calibration windows per step (default {cfg.tune_batch})")
@@ -133,6 +133,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="the tuning trains the output head's weights too, where stored in float" + _default(cfg.tune_head))
     g.add_argument("--no-tune-head", dest="tune_head", action="store_const", const=False,
                    help="the tuning leaves the output head as the source has it" + _default(not cfg.tune_head))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tune-codes", dest="tune_codes", action="store_const", const=True,
+                   help="the tuning may move each integer code by one step" + _default(cfg.tune_codes))
+    g.add_argument("--no-tune-codes", dest="tune_codes", action="store_const", const=False,
+                   help="the tuning keeps every code the quantization wrote" + _default(not cfg.tune_codes))
     p.add_argument("--save-recipe", help="also write the run's recipe (with an allocation's per-module rules) to this YAML file")
     p.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1)")
     p.add_argument("--revision", help="hub revision of --model")
@@ -163,11 +168,11 @@ def _method_defaults(attr: str) -> str:
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
     t, c = TuneOptions(), CalibConfig(dataset=DEFAULT_DATASET)
-    p = sub.add_parser("tune", help="tune a quantized checkpoint's scales end to end on the KL from the unquantized model",
-                       description="Keep every integer code of a GPTQ/AWQ/compressed-tensors checkpoint and train its group "
-                                   "scales (and the norms' and the head's weights) through the whole model on the KL "
-                                   "divergence from the unquantized model over calibration windows; writes the same format. "
-                                   "Holds both models in memory (it does not stream layers).")
+    p = sub.add_parser("tune", help="tune a quantized checkpoint's scales and codes end to end on the KL from the unquantized model",
+                       description="Train a GPTQ/AWQ/compressed-tensors checkpoint's group scales (and the norms' and the "
+                                   "head's weights, and each integer code by at most one step) through the whole model on "
+                                   "the KL divergence from the unquantized model over calibration windows; writes the same "
+                                   "format. Holds both models in memory (it does not stream layers).")
     p.add_argument("--model", required=True, help="the quantized checkpoint (directory or hub id)")
     p.add_argument("--reference", help="the unquantized model it was made from (default: the source its provenance names)")
     p.add_argument("--dataset", default=c.dataset, help=f"calibration text, as for quantize (default {c.dataset})")
@@ -181,6 +186,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-norms", dest="norms", action="store_false", help="leave the norms' weights as they are")
     p.add_argument("--no-head", dest="head", action="store_false",
                    help="leave the output head as it is (default: trained too, where stored in float)")
+    p.add_argument("--no-codes", dest="codes", action="store_false",
+                   help="keep every integer code (default: each may move one step where the gradients agree)")
     p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1)")
     p.add_argument("--compute-dtype", default=t.compute_dtype, choices=["auto", "bfloat16", "float32"],
                    help="dtype of the products (autocast); auto: bfloat16 on a GPU or a CPU with bf16 units, else float32")
@@ -194,11 +201,12 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     calib = CalibConfig(args.dataset, args.split, args.nsamples, args.seqlen, args.seed)
-    options = TuneOptions(args.steps, args.lr, args.batch, args.norms, args.head, args.seed, args.compute_dtype)
+    options = TuneOptions(args.steps, args.lr, args.batch, args.norms, args.head, args.codes, args.seed, args.compute_dtype)
     out, r = tune_checkpoint(args.model, args.out, reference=args.reference, calib=calib, options=options,
                              overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
                              progress=not args.quiet, trust_remote_code=args.trust_remote_code)
-    print(f"wrote {out} in {r.seconds:.1f}s: calibration KL {r.first_loss:.4g} at the start, {r.last_loss:.4g} at the end")
+    print(f"wrote {out} in {r.seconds:.1f}s: calibration KL {r.first_loss:.4g} at the start, {r.last_loss:.4g} at the end"
+          + (f"; {r.codes_moved} codes moved one step" if options.codes else ""))
     return 0
 
 
@@ -392,7 +400,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                                                "dtype", "compute_dtype", "max_shard_size", "skip", "rules", "target_size", "target_bpw",
-                                               "tune_steps", "tune_lr", "tune_batch", "tune_head")}
+                                               "tune_steps", "tune_lr", "tune_batch", "tune_head", "tune_codes")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                          allow_nonfinite=args.allow_nonfinite)

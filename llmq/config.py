@@ -51,6 +51,7 @@ class QuantizeConfig:
     tune_lr: float = 2e-3  # its learning rate (1e-3 left 2-4% more KL: eval/results/tune.md)
     tune_batch: int = 8  # and calibration windows per step
     tune_head: bool = True  # and the output head's weights too, where stored in float (eval/results/tune.md)
+    tune_codes: bool = True  # and each integer code, by at most one step (eval/results/tune.md)
     calibration: CalibConfig = field(default_factory=CalibConfig)
     options: dict[str, Any] = field(default_factory=dict)  # the method's own keys, as given
 

@@ -140,8 +140,9 @@ def check_tune(cfg: QuantizeConfig) -> None:
         raise LlmqError(f"tune_lr must be positive, got {cfg.tune_lr!r}")
     if not isinstance(cfg.tune_batch, int) or isinstance(cfg.tune_batch, bool) or cfg.tune_batch <= 0:
         raise LlmqError(f"tune_batch must be a whole number > 0, got {cfg.tune_batch!r}")
-    if not isinstance(cfg.tune_head, bool):
-        raise LlmqError(f"tune_head must be true or false, got {cfg.tune_head!r}")
+    for key in ("tune_head", "tune_codes"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise LlmqError(f"{key} must be true or false, got {getattr(cfg, key)!r}")
     if cfg.tune_steps and (cfg.format in ("gguf", "bitsandbytes") or not method_class(cfg.method).quantizes):
         raise LlmqError("tune_steps tunes integer-grid scales: it needs a quantization method and a gptq, gptq_v2, awq "
                         f"or compressed-tensors file, not {cfg.format or cfg.method}")

@@ -1,23 +1,27 @@
-"""End-to-end tuning of a quantized checkpoint's scales (EfficientQAT's E2E-QP, Chen et al., 2024).
+"""End-to-end tuning of a quantized checkpoint's scales and codes (EfficientQAT's E2E-QP, Chen et al., 2024,
+with AutoRound's learned rounding carried to the whole model).
 
 The layer-wise methods fit each linear (GPTQ) or decoder layer (signround) to its own outputs; how
-their errors add up through the model is seen by none of them.  Here the integer codes stay exactly
-as written and only the per-group scales (and the norms' weights) are trained through the whole
-model, on the KL divergence from the unquantized model's next-token distribution over calibration
-windows:
+their errors add up through the model is seen by none of them.  Here the per-group scales, the norms'
+weights and (optionally) each integer code are trained through the whole model, on the KL divergence from
+the unquantized model's next-token distribution over calibration windows:
 
-    w = s0 * exp(t) * (q - z),   t = 0 at the start,
+    w = s0 * exp(t) * (q + round(v) - z),   t = 0 and v = 0 at the start,
 
 Adam on the log-scale step t (one learning rate suits every layer's scale magnitude), its rate
 decaying linearly to zero.  The output head, where it stays in float, is trained too, at a quarter of
 that rate: it can absorb part of the error the quantized layers leave in the last hidden state, and the
-file stores it in float either way (eval/results/tune.md).  The tuned scales are rounded to what the
-format stores before the file is written, so the file computes what was evaluated.
+file stores it in float either way (eval/results/tune.md).  With ``codes``, each weight's offset v is
+trained by signed gradient descent (rounding passed straight through, as AutoRound does per layer) within
+[-1, 1]: a code moves by at most one step from where the layer-wise method put it, and only where the
+signs of many batches' gradients agree.  The tuned scales are rounded to what the format stores before
+the file is written, so the file computes what was evaluated.
 
 Unlike quantize this does not stream layers: it holds both models in float32 and one batch's
-activations with their gradients (and, training the head, its gradient and Adam's two moments: three
-more copies of it in float32).  Integer-grid checkpoints only (GPTQ, AWQ, compressed-tensors):
-a GGUF K-quant's or bitsandbytes' scales are themselves quantized.
+activations with their gradients (training the head, its gradient and Adam's two moments: three more
+copies of it in float32; learning codes, each weight's offset and its gradient: 8 bytes a weight).
+Integer-grid checkpoints only (GPTQ, AWQ, compressed-tensors): a GGUF K-quant's or bitsandbytes' scales are
+themselves quantized.
 """
 
 from __future__ import annotations
@@ -54,11 +58,12 @@ from llmq.source import ModelSource
 @dataclass(frozen=True)
 class TuneOptions:
     steps: int = 160  # Adam steps of ``batch`` windows (eval/results/tune.md: 80 gained about half of what 160 did)
-    # (lr, batch, head: the recipe keys' defaults, tune_lr, tune_batch, tune_head: both ways of tuning agree)
+    # (lr, batch, head, codes: the recipe keys' defaults, tune_lr, ...: both ways of tuning agree)
     lr: float = QuantizeConfig.tune_lr  # on the log-scales and the norms' weights, decaying linearly to 0
     batch: int = QuantizeConfig.tune_batch  # calibration windows per step
     norms: bool = True  # tune the norms' weights too (a few parameters per layer; lowered KL where measured)
     head: bool = QuantizeConfig.tune_head  # the output head's weights too, where stored in float (HEAD_LR_FACTOR)
+    codes: bool = QuantizeConfig.tune_codes  # each code too, by at most one step (CODE_SPREAD)
     seed: int = 0  # order of the windows
     # Products in bf16 (autocast; fp32 parameters, Adam and loss).  auto: where they run on bf16 units (a GPU,
     # a CPU with AMX/AVX512-BF16): 1.5x faster here at the same KL (eval/results/tune.md); else float32.
@@ -76,9 +81,10 @@ class TuneOptions:
 
 
 class ScaledCodes(nn.Module):
-    """A packed linear as fixed codes times trainable group scales: w = s0·exp(t)·(q − z)."""
+    """A packed linear as codes times trainable group scales: w = s0·exp(t)·(q + round(v) − z), where the
+    code offsets v (with ``codes``; else the codes are fixed) move a code by at most one step."""
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None):
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, codes: bool = False):
         super().__init__()
         if not isinstance(qt.grid, IntGrid) or qt.offsets is not None:
             raise LlmqError(f"scale tuning needs integer grids; this checkpoint has {qt.grid.name}")
@@ -93,6 +99,10 @@ class ScaledCodes(nn.Module):
         self.group = qt.group_width
         self.t = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = bias
+        self.v: nn.Parameter | None = None
+        if codes:
+            self.register_buffer("q", qt.codes.to(torch.uint8))
+            self.v = nn.Parameter(torch.zeros(self.qz.shape))
 
     def scales(self) -> torch.Tensor:
         return self.s0 * self.t.exp()
@@ -105,16 +115,28 @@ class ScaledCodes(nn.Module):
         with torch.no_grad():
             self.t.copy_((self.stored_scales() / self.s0).log())
 
+    def code_shift(self) -> torch.Tensor:
+        """How far each code has moved: round(v), kept on the grid, with the rounding passed straight through
+        (d shift / d v = 1 where the code is not clamped)."""
+        r = self.v + (self.v.round() - self.v).detach()
+        return (self.q + r).clamp(0, self.qt.grid.maxq) - self.q
+
+    def codes(self) -> torch.Tensor:
+        if self.v is None:
+            return self.qt.codes
+        return (self.q + self.code_shift().detach().round()).to(self.qt.codes.dtype).cpu()
+
     def quantized(self) -> QuantizedTensor:
         qt = self.qt
-        return QuantizedTensor(qt.codes, self.stored_scales().cpu(), qt.zeros, qt.g_idx, qt.grid, None, qt.stored)
+        return QuantizedTensor(self.codes(), self.stored_scales().cpu(), qt.zeros, qt.g_idx, qt.grid, None, qt.stored)
 
     def weight_now(self) -> torch.Tensor:
-        """s·(q − z) at the current scales, in float32."""
+        """s·(q + shift − z) at the current scales and codes, in float32."""
         s, (out, n) = self.scales(), self.qz.shape
+        qz = self.qz if self.v is None else self.qz + self.code_shift()
         if self.group:
-            return (self.qz.view(out, -1, self.group) * s.unsqueeze(-1)).view(out, n)
-        return self.qz * s[:, self.g]
+            return (qz.view(out, -1, self.group) * s.unsqueeze(-1)).view(out, n)
+        return qz * s[:, self.g]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_now().to(x.dtype), self.bias)
@@ -130,7 +152,11 @@ class Student:
     head: dict[str, nn.Parameter]  # the output head's weight under its stored name (a tied one: the embedding's), or {}
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for group in self.param_groups(1.0) for p in group["params"]]
+        return [p for group in self.param_groups(1.0) for p in group["params"]] + self.code_offsets()
+
+    def code_offsets(self) -> list[nn.Parameter]:
+        """Each packed linear's v, where codes are learned (SignedSteps moves them, not Adam)."""
+        return [m.v for m in self.linears.values() if m.v is not None]
 
     def param_groups(self, lr: float) -> list[dict]:
         """Adam's groups: the scales and norms at ``lr``, the head at HEAD_LR_FACTOR of it."""
@@ -149,11 +175,33 @@ class Student:
 # (eval/results/tune.md), so only the head is trained.
 HEAD_LR_FACTOR = 0.25
 
+# The spread of a code offset whose gradient's signs are coin flips, at the end of the tuning: the signed steps
+# start at CODE_SPREAD·√(3 / steps) and decay linearly to 0, so that such an offset ends past ±½, moving its
+# code, with probability 2Φ(−½ / CODE_SPREAD) ≈ 0.06% whatever the number of steps, while an offset whose
+# signs mostly agree travels up to CODE_SPREAD·√(3·steps) / 2 (1.6 at 160 steps).  0.146 (0.02 a step at 160
+# steps) lowered KL by 3-21% on llmq-ref-6m and stories260K at W4-W2; twice it (a 9% chance of moving on noise
+# alone) made llmq-ref-6m's W3 worse than keeping every code (eval/results/tune.md).
+CODE_SPREAD = 0.146
 
-def student(source: ModelSource, qcfg: dict, norms: bool, head: bool = False) -> Student:
+
+class SignedSteps(torch.optim.Optimizer):
+    """Signed gradient descent (AutoRound's) on code offsets, each kept within [-1, 1]."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(p.grad.sign(), alpha=group["lr"]).clamp_(-1, 1)
+
+
+def student(source: ModelSource, qcfg: dict, norms: bool, head: bool = False, codes: bool = False) -> Student:
     """The quantized checkpoint as a float32 model whose packed linears are ScaledCodes (everything else as
-    stored), every parameter frozen but the log-scales and, with ``norms``, the norms' weights and, with
-    ``head``, the output head's if it is not packed."""
+    stored), every parameter frozen but the log-scales and, with ``norms``, the norms' weights, with
+    ``head``, the output head's if it is not packed, and with ``codes``, the code offsets."""
     model = source.skeleton(torch.float32)
     packed = dict(iter_quantized(model, source, qcfg))
     if not packed:
@@ -164,7 +212,7 @@ def student(source: ModelSource, qcfg: dict, norms: bool, head: bool = False) ->
     linears = {}
     for name, qt in packed.items():
         parent, _, child = name.rpartition(".")
-        linears[name] = ScaledCodes(qt, model.get_submodule(name).bias)
+        linears[name] = ScaledCodes(qt, model.get_submodule(name).bias, codes)
         setattr(model.get_submodule(parent), child, linears[name])
     if getattr(source.config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -205,6 +253,7 @@ class TuneResult:
     first_loss: float  # KL of the first step's batch, before any update
     last_loss: float  # mean KL of the last tenth of the steps' batches
     seconds: float
+    codes_moved: int = 0  # codes one step away from where the checkpoint had them
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -227,10 +276,12 @@ TEACHER_CACHE_BYTES = 2 * 2**30
 
 
 def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, progress: bool = True) -> TuneResult:
-    """``o.steps`` Adam steps on batches of calibration windows (epochs of a seeded shuffle), then every
-    scale rounded to what is stored."""
-    opt = torch.optim.Adam(s.param_groups(o.lr), fused=True)  # (one kernel per group of parameters)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / o.steps)
+    """``o.steps`` steps on batches of calibration windows (epochs of a seeded shuffle): Adam's on the scales,
+    norms and head, signed ones on the code offsets; then every scale rounded to what is stored."""
+    opts = [torch.optim.Adam(s.param_groups(o.lr), fused=True)]  # (one kernel per group of parameters)
+    if s.code_offsets():
+        opts.append(SignedSteps(s.code_offsets(), CODE_SPREAD * (3 / o.steps) ** 0.5))
+    decays = [torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / o.steps) for opt in opts]
     gen = torch.Generator().manual_seed(o.seed)
     batches: list[torch.Tensor] = []
     losses = []
@@ -247,16 +298,19 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
         target = teacher_logits(teacher, x, bf16) if cached is None else cached[which.to(cached.device)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = kl_loss(s.model(input_ids=x, use_cache=False).logits, target)
-        opt.zero_grad()
+        for opt in opts:
+            opt.zero_grad()
         loss.backward()
-        opt.step()
-        decay.step()
+        for opt, decay in zip(opts, decays):
+            opt.step()
+            decay.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{losses[-1]:.3g}")
     for m in s.linears.values():
         m.round_to_stored()
     tail = losses[-max(1, o.steps // 10):]
-    return TuneResult(losses[0], sum(tail) / len(tail), time.perf_counter() - t0)
+    moved = sum(int((m.codes() != m.qt.codes).sum()) for m in s.linears.values())
+    return TuneResult(losses[0], sum(tail) / len(tail), time.perf_counter() - t0, moved)
 
 
 def _cached_teacher(teacher: nn.Module, ids: torch.Tensor, batch: int, bf16: bool, device: torch.device) -> torch.Tensor | None:
@@ -299,7 +353,7 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
         ids = _calibration_ids(source, calib)
     reference = reference or reference_of(source)
     teacher, ref_source = load_model(reference, trust_remote_code=trust_remote_code)
-    s = student(source, qcfg, options.norms, options.head)
+    s = student(source, qcfg, options.norms, options.head, options.codes)
     _check_same_shapes(s, teacher, reference)
     s.model.to(device)
     with step_buffers_from_heap():  # (after a streamed quantization here, each step's buffers would be fresh mmaps)
@@ -307,6 +361,7 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
     del teacher
     recipe = {"tune": {"from": src_label or src, "reference": reference, **asdict(options), **drawn, "nsamples": ids.shape[0],
                        "seqlen": ids.shape[1], "first_kl": result.first_loss, "last_kl": result.last_loss,
+                       "codes_moved": result.codes_moved,
                        "seconds": round(result.seconds, 1)}}
     path = write_checkpoint(source, qcfg, fmt, out, ((n, m.quantized()) for n, m in s.linears.items()), recipe,
                             floats=s.floats(), max_shard_size=max_shard_size, overwrite=overwrite, inputs=[ref_source.dir])
@@ -321,7 +376,7 @@ def _calibration_ids(source: ModelSource, calib: CalibConfig) -> torch.Tensor:
 
 def _check_same_shapes(s: Student, teacher: nn.Module, reference: str) -> None:
     """The reference must be the quantized model's unquantized twin: the same parameters, of the same shapes."""
-    learned = {id(m.t) for m in s.linears.values()}
+    learned = {id(p) for m in s.linears.values() for p in (m.t, m.v) if p is not None}
     theirs = {n: p.shape for n, p in teacher.named_parameters()}
     for name, p in s.model.named_parameters():
         if id(p) not in learned and theirs.get(name) != p.shape:
@@ -343,7 +398,8 @@ def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.untuned-", dir=out.parent))
     try:
         stats = quantize_model(source, cfg, stage / "quantized", device=device, progress=progress, calib_ids=calib_ids)
-        options = TuneOptions(steps=cfg.tune_steps, lr=cfg.tune_lr, batch=cfg.tune_batch, head=cfg.tune_head)
+        options = TuneOptions(steps=cfg.tune_steps, lr=cfg.tune_lr, batch=cfg.tune_batch, head=cfg.tune_head,
+                              codes=cfg.tune_codes)
         t0 = time.perf_counter()
         stats.output, _ = tune_checkpoint(str(stats.output), out, reference=str(source.dir), ids=calib_ids,
                                           options=options, overwrite=overwrite, max_shard_size=cfg.max_shard_size,
