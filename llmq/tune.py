@@ -19,7 +19,8 @@ the file is written, so the file computes what was evaluated.
 
 Unlike quantize this does not stream layers: it holds both models in float32 and one batch's
 activations with their gradients (training the head, its gradient and Adam's two moments: three more
-copies of it in float32; learning codes, each weight's offset and its gradient: 8 bytes a weight).
+copies of it in float32; learning codes, each weight's offset and its gradient, 8 bytes a weight, and the
+weight-sized float32 temporaries the backward keeps).
 Integer-grid checkpoints only (GPTQ, AWQ, compressed-tensors): a GGUF K-quant's or bitsandbytes' scales are
 themselves quantized.
 """
