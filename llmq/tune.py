@@ -19,8 +19,8 @@ the file is written, so the file computes what was evaluated.
 
 Unlike quantize this does not stream layers: it holds both models in float32 and one batch's
 activations with their gradients (training the head, its gradient and Adam's two moments: three more
-copies of it in float32; learning codes, each weight's offset and its gradient, 8 bytes a weight, and the
-weight-sized float32 temporaries the backward keeps).
+copies of it in float32; learning codes, each weight's offset: 4 bytes a weight, see SignedSteps and
+_MovedCodes).
 Integer-grid checkpoints only (GPTQ, AWQ, compressed-tensors): a GGUF K-quant's or bitsandbytes' scales are
 themselves quantized.
 """
@@ -117,10 +117,21 @@ class ScaledCodes(nn.Module):
             self.t.copy_((self.stored_scales() / self.s0).log())
 
     def code_shift(self) -> torch.Tensor:
-        """How far each code has moved: round(v), kept on the grid, with the rounding passed straight through
-        (d shift / d v = 1 where the code is not clamped)."""
-        r = self.v + (self.v.round() - self.v).detach()
-        return (self.q + r).clamp(0, self.qt.grid.maxq) - self.q
+        """How far each code has moved: round(v), kept on the grid."""
+        return (self.q + self.v.detach().round()).clamp(0, self.qt.grid.maxq) - self.q
+
+    def by_column(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x (out, in) times each column's group scale from s (out, groups)."""
+        out, n = x.shape
+        if self.group:  # (consecutive groups: a broadcast over a view, not a gather)
+            return (x.view(out, -1, self.group) * s.unsqueeze(-1)).view(out, n)
+        return x * s[:, self.g]
+
+    def group_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x (out, in) summed over each group's columns: (out, groups)."""
+        if self.group:
+            return x.view(x.shape[0], -1, self.group).sum(-1)
+        return torch.zeros_like(self.s0).index_add_(1, self.g, x)
 
     def codes(self) -> torch.Tensor:
         if self.v is None:
@@ -133,14 +144,34 @@ class ScaledCodes(nn.Module):
 
     def weight_now(self) -> torch.Tensor:
         """s·(q + shift − z) at the current scales and codes, in float32."""
-        s, (out, n) = self.scales(), self.qz.shape
-        qz = self.qz if self.v is None else self.qz + self.code_shift()
-        if self.group:
-            return (qz.view(out, -1, self.group) * s.unsqueeze(-1)).view(out, n)
-        return qz * s[:, self.g]
+        if self.v is None:
+            return self.by_column(self.qz, self.scales())
+        return _MovedCodes.apply(self.v, self.scales(), self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_now().to(x.dtype), self.bias)
+
+
+class _MovedCodes(torch.autograd.Function):
+    """ScaledCodes' weight s·(q + shift − z) with the rounding in shift passed straight through: d w / d v is
+    the column's scale where the code stays inside the grid, 0 where clamped.  Autograd would keep two
+    weight-sized float32 tensors of each linear for the backward; this keeps none and recomputes them."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, s: torch.Tensor, m: ScaledCodes) -> torch.Tensor:
+        ctx.m = m
+        ctx.save_for_backward(v, s)
+        return m.by_column(m.qz + m.code_shift(), s)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        v, s = ctx.saved_tensors
+        m = ctx.m
+        unclamped = m.q + v.round()
+        inside = (unclamped >= 0) & (unclamped <= m.qt.grid.maxq)
+        grad_v = m.by_column(grad, s).mul_(inside)
+        grad_s = m.group_sum(grad * (m.qz + m.code_shift()))
+        return grad_v, grad_s, None
 
 
 @dataclass
@@ -186,17 +217,25 @@ CODE_SPREAD = 0.146
 
 
 class SignedSteps(torch.optim.Optimizer):
-    """Signed gradient descent (AutoRound's) on code offsets, each kept within [-1, 1]."""
+    """Signed gradient descent (AutoRound's) on code offsets, each kept within [-1, 1].  Each offset steps as
+    soon as its gradient is complete, during the backward, and drops it: one linear's gradient lives at a
+    time, not every linear's until the step (4 bytes a weight, the size of the offsets themselves)."""
 
     def __init__(self, params: list[nn.Parameter], lr: float):
         super().__init__(params, {"lr": lr})
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._step_one)
 
     @torch.no_grad()
+    def _step_one(self, p: nn.Parameter) -> None:
+        p.sub_(p.grad.sign(), alpha=self.param_groups[0]["lr"]).clamp_(-1, 1)
+        p.grad = None
+
     def step(self, closure=None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.sub_(p.grad.sign(), alpha=group["lr"]).clamp_(-1, 1)
+        """Steps what the backward left (gradients set by hand)."""
+        for p in self.param_groups[0]["params"]:
+            if p.grad is not None:
+                self._step_one(p)
 
 
 def student(source: ModelSource, qcfg: dict, norms: bool, head: bool = False, codes: bool = False) -> Student:

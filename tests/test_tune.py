@@ -91,6 +91,11 @@ def test_code_offsets_move_a_code_by_their_rounding_within_the_grid():
     inside = (qt.codes.float() + m.v.detach().round()).eq(wanted)
     assert torch.allclose(m.v.grad, torch.where(inside, up * qt.scales[:, qt.g_idx.long()], 0))
     assert not inside.all()  # (some codes were clamped: the test saw both cases)
+    # The scales' gradient, against autograd through a plain product with the moved codes held fixed.
+    t = m.t.detach().clone().requires_grad_(True)
+    s = (qt.scales * t.exp())[:, qt.g_idx.long()]
+    (s * (wanted - qt.zeros[:, qt.g_idx.long()]) * up).sum().backward()
+    assert torch.allclose(m.t.grad, t.grad, atol=1e-5)
 
 
 def test_signed_steps_move_by_the_sign_and_stay_within_one():
@@ -98,6 +103,9 @@ def test_signed_steps_move_by_the_sign_and_stay_within_one():
     p.grad = torch.tensor([2e-9, -5.0, 0.0, 3.0])
     SignedSteps([p], lr=0.1).step()
     assert torch.allclose(p.detach(), torch.tensor([-0.1, 1.0, -0.3, 0.1]))
+    # In a backward, each offset steps as its gradient completes, and keeps no gradient.
+    (p * torch.tensor([1.0, 1.0, -1.0, 0.0])).sum().backward()
+    assert p.grad is None and torch.allclose(p.detach(), torch.tensor([-0.2, 0.9, -0.2, 0.1]))
 
 
 def test_tuning_moves_codes_one_step_at_most_and_stores_fp16_scales(rtn_w3, tuned):
