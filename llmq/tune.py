@@ -136,7 +136,7 @@ class ScaledCodes(nn.Module):
     def codes(self) -> torch.Tensor:
         if self.v is None:
             return self.qt.codes
-        return (self.q + self.code_shift().detach().round()).to(self.qt.codes.dtype).cpu()
+        return (self.q + self.code_shift()).to(self.qt.codes.dtype).cpu()
 
     def quantized(self) -> QuantizedTensor:
         qt = self.qt
@@ -167,10 +167,10 @@ class _MovedCodes(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         v, s = ctx.saved_tensors
         m = ctx.m
-        unclamped = m.q + v.round()
+        unclamped = m.q + v.round()  # (the saved v: the offsets of this forward)
         inside = (unclamped >= 0) & (unclamped <= m.qt.grid.maxq)
         grad_v = m.by_column(grad, s).mul_(inside)
-        grad_s = m.group_sum(grad * (m.qz + m.code_shift()))
+        grad_s = m.group_sum(grad * (m.qz + (unclamped.clamp(0, m.qt.grid.maxq) - m.q)))
         return grad_v, grad_s, None
 
 
