@@ -201,7 +201,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     calib = CalibConfig(args.dataset, args.split, args.nsamples, args.seqlen, args.seed)
-    options = TuneOptions(args.steps, args.lr, args.batch, args.norms, args.head, args.codes, args.seed, args.compute_dtype)
+    options = TuneOptions(steps=args.steps, lr=args.lr, batch=args.batch, norms=args.norms, head=args.head,
+                          codes=args.codes, seed=args.seed, compute_dtype=args.compute_dtype)
     out, r = tune_checkpoint(args.model, args.out, reference=args.reference, calib=calib, options=options,
                              overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
                              progress=not args.quiet, trust_remote_code=args.trust_remote_code)

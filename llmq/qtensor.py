@@ -82,3 +82,11 @@ class QuantizedTensor:
             offsets=None if offsets is None else offsets.float().contiguous(),
             stored={k: v.cpu() for k, v in (stored or {}).items()},
         )
+
+
+def group_sum(x: torch.Tensor, group_width: int, g_idx: torch.Tensor, groups: int) -> torch.Tensor:
+    """x (out, in) summed over each group's columns: (out, groups).  ``group_width`` as QuantizedTensor's: with
+    consecutive groups a sum over a view, else (act-order's permutation) a scatter by ``g_idx``."""
+    if group_width:
+        return x.view(x.shape[0], -1, group_width).sum(-1)
+    return x.new_zeros(x.shape[0], groups).index_add_(1, g_idx.long().to(x.device), x)

@@ -51,7 +51,7 @@ from llmq.heap import step_buffers_from_heap
 from llmq.output import Output
 from llmq.pipeline import RunStats, calibration_ids, quantize_model
 from llmq.plan import resolve, resolve_calibration
-from llmq.qtensor import QuantizedTensor
+from llmq.qtensor import QuantizedTensor, group_sum
 from llmq.recipe import check_calibration
 from llmq.source import ModelSource
 
@@ -116,9 +116,10 @@ class ScaledCodes(nn.Module):
         with torch.no_grad():
             self.t.copy_((self.stored_scales() / self.s0).log())
 
-    def code_shift(self) -> torch.Tensor:
-        """How far each code has moved: round(v), kept on the grid."""
-        return (self.q + self.v.detach().round()).clamp(0, self.qt.grid.maxq) - self.q
+    def code_shift(self, v: torch.Tensor | None = None) -> torch.Tensor:
+        """How far each code has moved at offsets ``v`` (default: the current ones): round(v), kept on the grid."""
+        v = self.v.detach() if v is None else v
+        return (self.q + v.round()).clamp(0, self.qt.grid.maxq) - self.q
 
     def by_column(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """x (out, in) times each column's group scale from s (out, groups)."""
@@ -126,12 +127,6 @@ class ScaledCodes(nn.Module):
         if self.group:  # (consecutive groups: a broadcast over a view, not a gather)
             return (x.view(out, -1, self.group) * s.unsqueeze(-1)).view(out, n)
         return x * s[:, self.g]
-
-    def group_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """x (out, in) summed over each group's columns: (out, groups)."""
-        if self.group:
-            return x.view(x.shape[0], -1, self.group).sum(-1)
-        return torch.zeros_like(self.s0).index_add_(1, self.g, x)
 
     def codes(self) -> torch.Tensor:
         if self.v is None:
@@ -161,16 +156,15 @@ class _MovedCodes(torch.autograd.Function):
     def forward(ctx, v: torch.Tensor, s: torch.Tensor, m: ScaledCodes) -> torch.Tensor:
         ctx.m = m
         ctx.save_for_backward(v, s)
-        return m.by_column(m.qz + m.code_shift(), s)
+        return m.by_column(m.qz + m.code_shift(v), s)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         v, s = ctx.saved_tensors
         m = ctx.m
-        unclamped = m.q + v.round()  # (the saved v: the offsets of this forward)
-        inside = (unclamped >= 0) & (unclamped <= m.qt.grid.maxq)
-        grad_v = m.by_column(grad, s).mul_(inside)
-        grad_s = m.group_sum(grad * (m.qz + (unclamped.clamp(0, m.qt.grid.maxq) - m.q)))
+        shift = m.code_shift(v)  # (the saved v: the offsets of this forward)
+        grad_v = m.by_column(grad, s).mul_(shift == v.round())  # (0 where the grid clamped the code)
+        grad_s = group_sum(grad * (m.qz + shift), m.group, m.g, s.shape[1])
         return grad_v, grad_s, None
 
 

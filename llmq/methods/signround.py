@@ -43,7 +43,7 @@ from llmq.heap import step_buffers_from_heap
 from llmq.methods.base import LayerLog
 from llmq.methods.gptq import GPTQ, GPTQOptions
 from llmq.methods.rtn import RTN
-from llmq.qtensor import QuantizedTensor
+from llmq.qtensor import QuantizedTensor, group_sum
 
 
 @dataclass(frozen=True)
@@ -146,9 +146,7 @@ class Rounding:
         unclamped = torch.round(xs) + self.zero  # (grid.nearest's code before its clamp)
         q = unclamped.clamp(0, self.qt.grid.maxq)
         dw_dt = (q - self.zero - torch.where(q == unclamped, xs, 0)).mul_(s).mul_(grad)
-        if self.group:  # (consecutive groups: a sum over a view, not a scatter)
-            return dw_dt.view(dw_dt.shape[0], -1, self.group).sum(-1)
-        return torch.zeros_like(self.t).index_add_(1, self.qt.g_idx.long().to(grad.device), dw_dt)
+        return group_sum(dw_dt, self.group, self.qt.g_idx, self.t.shape[1])
 
     def step_by_sign(self, grad: torch.Tensor, lr: float, momentum: float = 0.0) -> None:
         """One signed-gradient step of v (and t) from ``grad`` = d loss / d weight: on the sign of this
