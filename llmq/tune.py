@@ -17,8 +17,9 @@ trained by signed gradient descent (rounding passed straight through, as AutoRou
 signs of many batches' gradients agree.  The tuned scales are rounded to what the format stores before
 the file is written, so the file computes what was evaluated.
 
-Unlike quantize this does not stream layers: it holds both models in float32 and one batch's
-activations with their gradients (training the head, its gradient and Adam's two moments: three more
+Unlike quantize this does not stream layers: it holds both models in float32 and one pass's
+activations with their gradients (a batch goes through in parts where its logits would be large:
+PASS_LOGITS_BYTES; training the head, its gradient and Adam's two moments: three more
 copies of it in float32; learning codes, each weight's offset: 4 bytes a weight, see SignedSteps and
 _MovedCodes).
 Integer-grid checkpoints only (GPTQ, AWQ, compressed-tensors): a GGUF K-quant's or bitsandbytes' scales are
@@ -213,15 +214,20 @@ CODE_SPREAD = 0.146
 class SignedSteps(torch.optim.Optimizer):
     """Signed gradient descent (AutoRound's) on code offsets, each kept within [-1, 1].  Each offset steps as
     soon as its gradient is complete, during the backward, and drops it: one linear's gradient lives at a
-    time, not every linear's until the step (4 bytes a weight, the size of the offsets themselves)."""
+    time, not every linear's until the step (4 bytes a weight, the size of the offsets themselves).
+    While ``hold`` is set, backwards only add to the gradients (a batch in parts, whose every offset's gradient
+    then lives until the last part): the first backward after it is cleared steps on the sum."""
 
     def __init__(self, params: list[nn.Parameter], lr: float):
         super().__init__(params, {"lr": lr})
+        self.hold = False
         for p in params:
             p.register_post_accumulate_grad_hook(self._step_one)
 
     @torch.no_grad()
     def _step_one(self, p: nn.Parameter) -> None:
+        if self.hold:
+            return
         p.sub_(p.grad.sign(), alpha=self.param_groups[0]["lr"]).clamp_(-1, 1)
         p.grad = None
 
@@ -312,9 +318,8 @@ TEACHER_CACHE_BYTES = 2 * 2**30
 def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, progress: bool = True) -> TuneResult:
     """``o.steps`` steps on batches of calibration windows (epochs of a seeded shuffle): Adam's on the scales,
     norms and head, signed ones on the code offsets; then every scale rounded to what is stored."""
-    opts = [torch.optim.Adam(s.param_groups(o.lr), fused=True)]  # (one kernel per group of parameters)
-    if s.code_offsets():
-        opts.append(SignedSteps(s.code_offsets(), CODE_SPREAD * (3 / o.steps) ** 0.5))
+    signed = SignedSteps(s.code_offsets(), CODE_SPREAD * (3 / o.steps) ** 0.5) if s.code_offsets() else None
+    opts = [torch.optim.Adam(s.param_groups(o.lr), fused=True)] + ([signed] if signed else [])  # (Adam: one kernel per group)
     decays = [torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / o.steps) for opt in opts]
     gen = torch.Generator().manual_seed(o.seed)
     batches: list[torch.Tensor] = []
@@ -322,29 +327,57 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     t0 = time.perf_counter()
     device = s.model.device
     bf16 = autocast_bf16(o.compute_dtype, device)
-    cached = _cached_teacher(teacher, ids, o.batch, bf16, device)
+    per_pass = windows_per_pass(teacher, ids.shape[1], o.batch)
+    cached = _cached_teacher(teacher, ids, per_pass, bf16, device)
     bar = tqdm(range(o.steps), desc="tuning scales end to end", unit="step", disable=not progress)
     for _ in bar:
         if not batches:
             batches = list(torch.randperm(len(ids), generator=gen).split(o.batch))[::-1]
-        which = batches.pop()
-        x = ids[which].to(device)
-        target = teacher_logits(teacher, x, bf16) if cached is None else cached[which.to(cached.device)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = kl_loss(s.model(input_ids=x, use_cache=False).logits, target)
         for opt in opts:
             opt.zero_grad()
-        loss.backward()
+        losses.append(_backward(s, teacher, ids, batches.pop().split(per_pass), cached, bf16, signed))
         for opt, decay in zip(opts, decays):
             opt.step()
             decay.step()
-        losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{losses[-1]:.3g}")
     for m in s.linears.values():
         m.round_to_stored()
     tail = losses[-max(1, o.steps // 10):]
     moved = sum(int((m.codes() != m.qt.codes).sum()) for m in s.linears.values())
     return TuneResult(losses[0], sum(tail) / len(tail), time.perf_counter() - t0, moved)
+
+
+# A batch goes through the models in parts of at most this many bytes of float32 logits (at least a window),
+# their gradients summed: the KL's softmaxes keep several logit-sized tensors for the backward, and a large
+# vocabulary's batch would not fit (4 windows of 2048 tokens at Llama-3's 128k: 4 GiB a tensor).  A window of
+# 2048 tokens is enough work for each product to run at full speed; llmq-ref-6m's and stories260K's batches
+# go through whole.
+PASS_LOGITS_BYTES = 2**28
+
+
+def windows_per_pass(model: nn.Module, seqlen: int, batch: int) -> int:
+    """How many of a batch's windows go through at once (PASS_LOGITS_BYTES); at least one."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max(1, min(batch, PASS_LOGITS_BYTES // (seqlen * vocab * 4)))
+
+
+def _backward(s: Student, teacher: nn.Module, ids: torch.Tensor, parts: tuple[torch.Tensor, ...],
+              cached: torch.Tensor | None, bf16: bool, signed: SignedSteps | None) -> float:
+    """The mean KL of a batch of windows (indices into ``ids``) that goes through in ``parts``, its gradient
+    added to the parameters'; ``signed`` steps the code offsets on the whole batch's, in the last backward."""
+    device = s.model.device
+    windows = sum(len(part) for part in parts)
+    loss = 0.0
+    for k, part in enumerate(parts):
+        x = ids[part].to(device)
+        target = teacher_logits(teacher, x, bf16) if cached is None else cached[part.to(cached.device)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # (each part weighted by its windows)
+            part_loss = kl_loss(s.model(input_ids=x, use_cache=False).logits, target) * (len(part) / windows)
+        if signed is not None:
+            signed.hold = k < len(parts) - 1
+        part_loss.backward()
+        loss += float(part_loss.detach())
+    return loss
 
 
 def _cached_teacher(teacher: nn.Module, ids: torch.Tensor, batch: int, bf16: bool, device: torch.device) -> torch.Tensor | None:

@@ -269,3 +269,31 @@ def test_cached_teacher_logits_tune_as_the_per_step_teacher(rtn_w3, tmp_path, mo
     assert any(not torch.equal(a[n].scales, q.scales) for n, q in _packed(rtn_w3).items())  # (it did tune)
     for n in a:
         torch.testing.assert_close(a[n].scales, b[n].scales, rtol=2e-3, atol=0)
+
+
+def test_signed_steps_held_add_up_the_parts_and_step_once_on_their_sum():
+    p = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.5]))
+    steps = SignedSteps([p], lr=0.1)
+    steps.hold = True
+    (p * torch.tensor([1.0, -2.0, 0.0])).sum().backward()
+    (p * torch.tensor([-3.0, 1.0, 1.0])).sum().backward()
+    assert torch.equal(p.detach(), torch.tensor([0.0, 0.0, 0.5])) and torch.equal(p.grad, torch.tensor([-2.0, -1.0, 1.0]))
+    steps.hold = False
+    (p * torch.tensor([0.0, 0.0, -2.0])).sum().backward()  # (the sum: -2, -1, -1)
+    assert p.grad is None and torch.allclose(p.detach(), torch.tensor([0.1, 0.1, 0.6]))
+
+
+def test_a_batch_in_parts_tunes_as_the_whole_batch(rtn_w3, tmp_path, monkeypatch):
+    """Windows through one at a time, their gradients summed (a large vocabulary's batch), give the scales and
+    moved codes of the whole batch at once; stepping the codes on each part instead would move many more."""
+    options = TuneOptions(steps=24, lr=5e-3, batch=4, codes=True, compute_dtype="float32")
+    assert llmq.tune.windows_per_pass(load_model(str(STORIES))[0], CALIB.seqlen, 4) == 4
+    tune_checkpoint(str(rtn_w3), tmp_path / "whole", calib=CALIB, options=options, progress=False)
+    monkeypatch.setattr(llmq.tune, "PASS_LOGITS_BYTES", 0)
+    tune_checkpoint(str(rtn_w3), tmp_path / "parts", calib=CALIB, options=options, progress=False)
+    start, a, b = _packed(rtn_w3), _packed(tmp_path / "whole"), _packed(tmp_path / "parts")
+    moved = sum(int((a[n].codes != q.codes).sum()) for n, q in start.items())
+    differ = sum(int((a[n].codes != b[n].codes).sum()) for n in a)
+    assert moved > 0 and differ <= moved // 20
+    for n in a:
+        torch.testing.assert_close(a[n].scales, b[n].scales, rtol=2e-3, atol=0)
