@@ -319,7 +319,8 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     """``o.steps`` steps on batches of calibration windows (epochs of a seeded shuffle): Adam's on the scales,
     norms and head, signed ones on the code offsets; then every scale rounded to what is stored."""
     signed = SignedSteps(s.code_offsets(), CODE_SPREAD * (3 / o.steps) ** 0.5) if s.code_offsets() else None
-    opts = [torch.optim.Adam(s.param_groups(o.lr), fused=True)] + ([signed] if signed else [])  # (Adam: one kernel per group)
+    adam = torch.optim.Adam(s.param_groups(o.lr), fused=True)  # (one kernel per group of parameters)
+    opts = [adam] + ([signed] if signed else [])
     decays = [torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / o.steps) for opt in opts]
     gen = torch.Generator().manual_seed(o.seed)
     batches: list[torch.Tensor] = []
