@@ -65,7 +65,10 @@ def refit_scales(qt: QuantizedTensor, W: torch.Tensor, H: torch.Tensor,
     lam = ridge * A.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(dtype).tiny)
     damped = A.clone()
     damped.diagonal(dim1=1, dim2=2).add_(lam[:, None])
-    delta = torch.linalg.solve(damped, r.unsqueeze(2)).squeeze(2).nan_to_num_(0.0)
+    delta, singular = torch.linalg.solve_ex(damped, r.unsqueeze(2))
+    # A row whose system is singular in floating point even so (inputs of lower rank than its groups: every
+    # token alike, say) keeps its scales: the ridge is too small to lift it, and no larger one is right.
+    delta = delta.squeeze(2).nan_to_num_(0.0).masked_fill_((singular != 0)[:, None], 0.0)
     grid: IntGrid = qt.grid  # type: ignore[assignment]
     scales = grid.stored(old * (1 + delta).clamp(0.5, 2.0)).to(dtype)
     d = scales / old - 1  # the γ - 1 actually stored (grid scales are never 0)

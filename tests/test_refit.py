@@ -8,6 +8,7 @@ import torch
 
 from llmq.grid import IntGrid
 from llmq.methods.gptq import Hessian, gptq_quantize
+from llmq.methods.rtn import rtn_quantize
 from llmq.refit import refit_scales
 
 
@@ -69,6 +70,20 @@ def test_refit_keeps_rows_and_groups_it_cannot_improve():
     twice, change = refit_scales(once, W, H)
     settled = change == 0
     assert settled.float().mean() > 0.5 and torch.equal(twice.scales[settled], once.scales[settled])
+
+
+def test_refit_of_inputs_all_alike_lowers_rows_and_keeps_the_rest():
+    """Every token the same (H of rank 1): some rows' G x G systems are singular in float32 despite the ridge
+    (torch.linalg.solve raised on them); those rows keep their scales, and no row's loss rises."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(768, 256, generator=g) * 0.02
+    x = torch.randn(1, 256, generator=g).expand(64, 256)
+    H = x.T @ x
+    qt = rtn_quantize(W, IntGrid(4, 128, True))
+    new, change = refit_scales(qt, W, H)
+    before, after = _loss(W, qt.dequantize(), H), _loss(W, new.dequantize(), H)
+    assert torch.all(after <= before * (1 + 1e-5) + 1e-12)
+    assert (after < before * 0.99).any() and torch.equal(new.codes, qt.codes)
 
 
 def test_gptq_reports_the_refitted_loss():
