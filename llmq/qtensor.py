@@ -84,6 +84,15 @@ class QuantizedTensor:
         )
 
 
+def group_scale(x: torch.Tensor, s: torch.Tensor, group_width: int, g_idx: torch.Tensor) -> torch.Tensor:
+    """x (out, in) times each column's group value from s (out, groups); group_sum is its adjoint.  With
+    consecutive groups a broadcast over a view, else (act-order's permutation) a gather by ``g_idx``."""
+    if group_width:
+        out, n = x.shape
+        return (x.view(out, -1, group_width) * s.unsqueeze(-1)).view(out, n)
+    return x * s[:, g_idx.long().to(x.device)]
+
+
 def group_sum(x: torch.Tensor, group_width: int, g_idx: torch.Tensor, groups: int) -> torch.Tensor:
     """x (out, in) summed over each group's columns: (out, groups).  ``group_width`` as QuantizedTensor's: with
     consecutive groups a sum over a view, else (act-order's permutation) a scatter by ``g_idx``."""

@@ -52,7 +52,7 @@ from llmq.heap import step_buffers_from_heap
 from llmq.output import Output
 from llmq.pipeline import RunStats, calibration_ids, quantize_model
 from llmq.plan import resolve, resolve_calibration
-from llmq.qtensor import QuantizedTensor, group_sum
+from llmq.qtensor import QuantizedTensor, group_scale, group_sum
 from llmq.recipe import check_calibration
 from llmq.source import ModelSource
 
@@ -124,10 +124,7 @@ class ScaledCodes(nn.Module):
 
     def by_column(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """x (out, in) times each column's group scale from s (out, groups)."""
-        out, n = x.shape
-        if self.group:  # (consecutive groups: a broadcast over a view, not a gather)
-            return (x.view(out, -1, self.group) * s.unsqueeze(-1)).view(out, n)
-        return x * s[:, self.g]
+        return group_scale(x, s, self.group, self.g)
 
     def codes(self) -> torch.Tensor:
         if self.v is None:
