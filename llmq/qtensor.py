@@ -93,6 +93,15 @@ def group_scale(x: torch.Tensor, s: torch.Tensor, group_width: int, g_idx: torch
     return x * s[:, g_idx.long().to(x.device)]
 
 
+def group_dot(a: torch.Tensor, b: torch.Tensor, group_width: int, g_idx: torch.Tensor, groups: int) -> torch.Tensor:
+    """group_sum(a * b): with consecutive groups one batched dot product per group, without a * b formed
+    (several times faster on a CPU for the refit's (out, in) operands)."""
+    if group_width:
+        shape = (a.shape[0], -1, group_width)
+        return torch.einsum("rgk,rgk->rg", a.reshape(shape), b.reshape(shape))
+    return group_sum(a * b, group_width, g_idx, groups)
+
+
 def group_sum(x: torch.Tensor, group_width: int, g_idx: torch.Tensor, groups: int) -> torch.Tensor:
     """x (out, in) summed over each group's columns: (out, groups).  ``group_width`` as QuantizedTensor's: with
     consecutive groups a sum over a view, else (act-order's permutation) a scatter by ``g_idx``."""

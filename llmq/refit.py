@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from llmq.grid import IntGrid
-from llmq.qtensor import QuantizedTensor
+from llmq.qtensor import QuantizedTensor, group_dot
 
 
 def refits(qt: QuantizedTensor) -> bool:
@@ -31,21 +31,25 @@ def refits(qt: QuantizedTensor) -> bool:
 
 
 def normal_equations(D: torch.Tensor, R: torch.Tensor, H: torch.Tensor, g_idx: torch.Tensor,
-                     groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     groups: int, group_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A (rows, G, G) above and r = b - A·1 (rows, G), r_g = c_g H (w - q)ᵀ, for dequantized values D and
     residuals R = W - D (rows x n): one product of (rows x |g|) by (|g| x n) per group, about the work
     of one D H.  r is summed from the residuals themselves: b and A·1 nearly cancel, and their
-    difference in float32 would be mostly rounding."""
+    difference in float32 would be mostly rounding.  ``group_width`` as QuantizedTensor's (0: groups
+    found by g_idx): the rows' sums over each group are then batched dot products."""
     rows = D.shape[0]
     A = torch.zeros(rows, groups, groups, dtype=H.dtype, device=H.device)
     r = torch.zeros(rows, groups, dtype=H.dtype, device=H.device)
     for g in range(groups):
-        cols = (g_idx == g).nonzero().squeeze(1)
-        if cols.numel() == 0:
-            continue
+        if group_width:
+            cols = slice(g * group_width, (g + 1) * group_width)
+        else:
+            cols = (g_idx == g).nonzero().squeeze(1)
+            if cols.numel() == 0:
+                continue
         T = D[:, cols] @ H[cols]  # (rows, n): c_g H for every row
-        r[:, g] = (T * R).sum(1)
-        A[:, g] = torch.zeros(rows, groups, dtype=H.dtype, device=H.device).index_add_(1, g_idx, T.mul_(D))
+        r[:, g] = torch.einsum("rn,rn->r", T, R)
+        A[:, g] = group_dot(T, D, group_width, g_idx, groups)
     return A, r
 
 
@@ -59,7 +63,7 @@ def refit_scales(qt: QuantizedTensor, W: torch.Tensor, H: torch.Tensor,
     g_idx = qt.g_idx.long().to(device)
     old = qt.scales.to(device=device, dtype=dtype)
     D = qt.dequantize(dtype).to(device)
-    A, r = normal_equations(D, W.to(device=device, dtype=dtype) - D, H, g_idx, old.shape[1])
+    A, r = normal_equations(D, W.to(device=device, dtype=dtype) - D, H, g_idx, old.shape[1], qt.group_width)
     del D
     # Solved for γ - 1:  A (γ - 1) = r.
     lam = ridge * A.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(dtype).tiny)

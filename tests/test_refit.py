@@ -44,9 +44,11 @@ def _naive_best(W: torch.Tensor, qt, H: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits,gs,sym", [(3, 32, True), (2, 32, False), (4, 40, True)])
 def test_refit_reaches_the_least_squares_scales(bits, gs, sym):
-    """(Groups of 40 in 96 columns: a short last group.)"""
+    """(Groups of 40 in 96 columns: a short last group, which the refit finds by g_idx; groups of 32 it sums
+    over by views.)"""
     W, H = _problem()
     qt, _ = gptq_quantize(W, H, IntGrid(bits, gs, sym), act_order=True)
+    assert bool(qt.group_width) == (gs == 32)
     new, change = refit_scales(qt, W, H)
     before, after, best = _loss(W, qt.dequantize(), H), _loss(W, new.dequantize(), H), _naive_best(W, qt, H)
     assert torch.all(after <= before * (1 + 1e-6))

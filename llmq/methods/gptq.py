@@ -182,15 +182,21 @@ class Hessian:
         """The weights W' whose GPTQ loss Σ|(Q - W') x|² is, up to a constant, the loss
         (1 - weight) Σ|Q x - W x|² + weight Σ|Q x - W x0|²  (x0: the unquantized model's inputs):
         by the normal equations  W' = W + weight W (Σ x0 xᵀ - Σ x xᵀ)(Σ x xᵀ)⁻¹,  Σ x xᵀ damped as GPTQ
-        damps H (written as a correction, so W' = W exactly where x0 = x).  W where inputs were not paired."""
+        damps H (written as a correction, so W' = W exactly where x0 = x).  W where inputs were not paired.
+
+        The sums' difference is taken in float64 (they nearly cancel), the solve in H's dtype, as GPTQ's own:
+        its products are out x n x n, and in float64 they took longer than the GPTQ solve itself."""
         if weight == 0 or self._cross is None or not self.paired or self.count == 0:
             return W
         S = symmetric(self._sum)
-        L, info = torch.linalg.cholesky_ex(damped(S, damp))
+        drift = (self._cross - S).to(self.dtype)  # Σ (x0 - x) xᵀ
+        S = damped(S, damp).to(self.dtype)
+        L, info = torch.linalg.cholesky_ex(S)
+        del S
         if info != 0:
             return W
-        delta = torch.cholesky_solve((self._cross - S).T @ W.T.to(torch.float64), L).T
-        return (W.double() + weight * delta).to(W.dtype)
+        delta = torch.cholesky_solve(drift.T @ W.T.to(self.dtype), L).T
+        return (W.to(self.dtype) + weight * delta).to(W.dtype)
 
     def reduce(self, ranks: Ranks, device: torch.device | None = None, to: int | None = None,
                counted: tuple[int, bool] | None = None) -> None:
