@@ -31,7 +31,7 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time, torch
 from importlib.metadata import version
-tool, method, src, out, ids_path, bits, gs = sys.argv[1:8]
+tool, method, src, out, ids_path, bits, gs, fast_recipe = sys.argv[1:9]
 bits, gs = int(bits), int(gs)
 ids = torch.load(ids_path)
 nsamples, seqlen = ids.shape
@@ -45,9 +45,12 @@ if tool == "llmq":
     from llmq.recipe import build_config
     from llmq.pipeline import quantize_model
     from llmq.source import ModelSource
-    cfg = build_config({}, {"method": method.split("-")[0], "bits": bits, "group_size": gs, "nsamples": nsamples,
-                            "seqlen": seqlen, "dtype": dtype, "sym": sym,
-                            **({"act_order": act_order} if method.startswith("gptq") else {})})
+    from llmq.recipe import load_recipe
+    # "fast": the fast-w4g128 recipe (GPTQ, act-order, fp_targets, grid search, refit) at these bits and groups
+    recipe = load_recipe(fast_recipe) if method == "fast" else {"method": method.split("-")[0]}
+    cfg = build_config(recipe, {"bits": bits, "group_size": gs, "nsamples": nsamples,
+                                "seqlen": seqlen, "dtype": dtype, "sym": sym,
+                                **({"act_order": act_order} if method.startswith("gptq") else {})})
     quantize_model(ModelSource(src), cfg, out, progress=False, calib_ids=ids)
 elif tool == "llmcompressor":
     from datasets import Dataset
@@ -86,6 +89,8 @@ print(json.dumps({"seconds": seconds, "versions": versions,
 """
 
 OTHER_TOOLS = ("llmcompressor", "gptqmodel")
+PEER_METHODS = ("gptq", "gptq-act", "awq")  # (the peers have no "fast": llmq's alone)
+FAST_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "fast-w4g128.yaml"
 
 
 def child_env(tool: str) -> dict[str, str]:
@@ -111,7 +116,7 @@ def run(tool: str, method: str, python: str, src: str, out: Path, ids_path: Path
     by a signal (the kernel's out-of-memory killer sends SIGKILL) is reported with ``killed``: its peak memory
     so far (sampled every few seconds; VmHWM is a high-water mark) is a lower bound, its time is none."""
     proc = subprocess.Popen([python, "-c", CHILD, tool, method, src, str(out), str(ids_path), str(args.bits),
-                             str(args.group_size)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             str(args.group_size), str(FAST_RECIPE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(tool))
     limit = None if tool == "llmq" else args.peer_timeout
     start, peak = time.monotonic(), 0.0
@@ -185,7 +190,7 @@ def main() -> None:
     ap.add_argument("--random-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="dtype of the random Llama (default bfloat16, as most checkpoints ship; each tool computes in it "
                          "or as it chooses: GPTQModel in bf16 on CPU whatever the source)")
-    ap.add_argument("--methods", default="gptq,gptq-act", help="comma-separated, of gptq, gptq-act, awq (rtn runs always)")
+    ap.add_argument("--methods", default="gptq,gptq-act", help="comma-separated, of gptq, gptq-act, awq, fast (llmq's fast-* recipe; rtn runs always)")
     ap.add_argument("--peer", action="append", default=[], metavar="TOOL=PYTHON",
                     help="run TOOL (llmcompressor, gptqmodel) with this Python (e.g. its own virtualenv's)")
     ap.add_argument("--nsamples", type=int, default=32)
@@ -214,7 +219,7 @@ def main() -> None:
         methods = args.methods.split(",")
         others = peers(args)
         pythons = {"llmq": sys.executable, **others}
-        runs = [("llmq", "rtn")] + [(t, m) for m in methods for t in ("llmq", *others)]
+        runs = [("llmq", "rtn")] + [(t, m) for m in methods for t in ("llmq", *(others if m in PEER_METHODS else ()))]
         results = {}
         for tool, method in runs:
             out = Path(tmp) / f"{tool}-{method}"
@@ -254,6 +259,10 @@ def main() -> None:
                          if timed else "no peer finished")
                 print(f"{method}: {speed}; peak RSS / lowest peer's {at_most(theirs)} "
                       f"{mine['peak_rss_mib'] / min(r['peak_rss_mib'] for r in theirs):.2f}")
+        fast, gptq = results.get(("llmq", "fast")), results.get(("llmq", "gptq-act"))
+        if fast and gptq:  # (the issue's bar for the fast preset: at most twice GPTQ's time)
+            print(f"fast: time / llmq gptq-act's = {fast['seconds'] / gptq['seconds']:.2f}; "
+                  f"peak RSS / llmq gptq-act's = {fast['peak_rss_mib'] / gptq['peak_rss_mib']:.2f}")
         missing = [t for t in OTHER_TOOLS if t not in others]
         if missing:
             print(f"(not installed, skipped: {', '.join(missing)})")
