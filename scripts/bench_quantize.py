@@ -42,10 +42,9 @@ from transformers import AutoConfig
 dtype = str(getattr(AutoConfig.from_pretrained(src), "dtype", None) or "float32").removeprefix("torch.")
 t0 = time.perf_counter()
 if tool == "llmq":
-    from llmq.recipe import build_config
+    from llmq.recipe import build_config, load_recipe
     from llmq.pipeline import quantize_model
     from llmq.source import ModelSource
-    from llmq.recipe import load_recipe
     # "fast": the fast-w4g128 recipe (GPTQ, act-order, fp_targets, grid search, refit) at these bits and groups
     recipe = load_recipe(fast_recipe) if method == "fast" else {"method": method.split("-")[0]}
     cfg = build_config(recipe, {"bits": bits, "group_size": gs, "nsamples": nsamples,
