@@ -188,13 +188,18 @@ class Hessian:
         its products are out x n x n, and in float64 they took longer than the GPTQ solve itself."""
         if weight == 0 or self._cross is None or not self.paired or self.count == 0:
             return W
+        # One n x n float64 buffer for the damped Σ x xᵀ and then the difference (at a 7B's down projection
+        # each is 1 GB, beside the two sums).
         S = symmetric(self._sum)
-        drift = (self._cross - S).to(self.dtype)  # Σ (x0 - x) xᵀ
-        S = damped(S, damp).to(self.dtype)
-        L, info = torch.linalg.cholesky_ex(S)
-        del S
+        shift = damp * S.diagonal().mean()
+        S.diagonal().add_(shift)  # (damped as GPTQ damps H)
+        L, info = torch.linalg.cholesky_ex(S.to(self.dtype))
         if info != 0:
             return W
+        torch.sub(self._cross, S, out=S)
+        S.diagonal().add_(shift)  # S = Σ x0 xᵀ - Σ x xᵀ = Σ (x0 - x) xᵀ
+        drift = S.to(self.dtype)
+        del S
         delta = torch.cholesky_solve(drift.T @ W.T.to(self.dtype), L).T
         return (W.to(self.dtype) + weight * delta).to(W.dtype)
 
@@ -295,14 +300,6 @@ class SolveInfo:
         """The same for output rows start:stop (one linear of a stacked solve)."""
         num, den = self.row_error[start:stop].sum(), self.row_energy[start:stop].sum()
         return float(num / den) if den > 0 else float(num)
-
-
-def damped(H: torch.Tensor, frac: float) -> torch.Tensor:
-    """H + frac·mean(diag H)·I: GPTQ's damping, here of fp_targets' normal equations (the solve damps its
-    permuted copy in place, _inverse_factor)."""
-    out = H.clone()
-    out.diagonal().add_(frac * H.diagonal().mean())
-    return out
 
 
 def _inverse_factor(owned: list[torch.Tensor], mean: torch.Tensor, damp: float
