@@ -43,18 +43,21 @@ def test_target_turns_the_mixed_loss_into_gptqs(weight):
         torch.testing.assert_close(target, ls, rtol=1e-8, atol=1e-8)
 
 
-def test_float32_target_matches_the_float64_one():
-    """H's default dtype solves in float32 (the sums stay float64): the correction agrees with a float64
-    solve of the same sums to float32's precision, not to a coarser one."""
+def test_float32_target_matches_the_damped_normal_equations():
+    """H's default dtype solves in float32 (the sums stay float64): the correction agrees with the damped normal
+    equations written out here in float64, W + W (Σ x0 xᵀ - Σ x xᵀ)(Σ x xᵀ + damp·mean diag·I)⁻¹, to float32's
+    precision, not to a coarser one."""
     x, x0, W, _ = _paired(n=64, tokens=2000)
-    h32, h64 = Hessian(64), Hessian(64, torch.float64)
+    x, x0 = x.float().double(), x0.float().double()  # (the values the float32 Hessian sees)
+    h = Hessian(64)
     for a, b in zip(x.split(500), x0.split(500)):
-        h32.add(a.float(), b.float())
-        h64.add(a.float().double(), b.float().double())
-    t32, t64 = h32.target(W.float(), 1.0, 0.01), h64.target(W, 1.0, 0.01)
-    assert t32.dtype == torch.float32
-    assert float((t32.double() - t64).norm()) < 1e-4 * float((t64 - W).norm())
-    assert float((t64 - W).norm()) > 0.05 * float(W.norm())  # (the correction is not negligible)
+        h.add(a.float(), b.float())
+    S = x.T @ x
+    ref = W + W @ (x0.T @ x - S) @ torch.linalg.inv(S + 0.01 * S.diagonal().mean() * torch.eye(64, dtype=S.dtype))
+    target = h.target(W.float(), 1.0, 0.01)
+    assert target.dtype == torch.float32
+    assert float((target.double() - ref).norm()) < 1e-4 * float((ref - W).norm())
+    assert float((ref - W).norm()) > 0.05 * float(W.norm())  # (the correction is not negligible)
 
 
 def test_unpaired_or_unweighted_targets_are_the_weights():
