@@ -21,7 +21,7 @@ Unlike quantize this does not stream layers: it holds both models in float32 and
 activations with their gradients (a batch goes through in parts where its logits would be large:
 PASS_LOGITS_BYTES; training the head, its gradient and Adam's two moments: three more
 copies of it in float32; learning codes, each weight's offset: 4 bytes a weight, see SignedSteps and
-_MovedCodes).
+_CodesLinear).
 Integer-grid checkpoints only (GPTQ, AWQ, compressed-tensors): a GGUF K-quant's or bitsandbytes' scales are
 themselves quantized.
 """
@@ -84,27 +84,25 @@ class TuneOptions:
 
 class ScaledCodes(nn.Module):
     """A packed linear as codes times trainable group scales: w = s0·exp(t)·(q + round(v) − z), where the
-    code offsets v (with ``codes``; else the codes are fixed) move a code by at most one step."""
+    code offsets v (with ``codes``; else the codes are fixed) move a code by at most one step.  It keeps the
+    codes (1 byte a weight) and, with ``codes``, the offsets (4), never w: each forward and backward forms it
+    again (_CodesLinear)."""
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, codes: bool = False):
         super().__init__()
         if not isinstance(qt.grid, IntGrid) or qt.offsets is not None:
             raise LlmqError(f"scale tuning needs integer grids; this checkpoint has {qt.grid.name}")
         self.qt = qt  # (codes, zeros, grid: what the file keeps)
-        g = qt.g_idx.long()
-        # q − z once, in bf16: exact for every integer grid up to 8 bits (|q − z| ≤ 255), half of float32's memory.
-        self.register_buffer("qz", (qt.codes.float() - qt.zeros[:, g].float()).to(torch.bfloat16))
+        self.register_buffer("q", qt.codes.to(torch.uint8))  # (qt's own codes, not a copy, where they are uint8)
+        self.register_buffer("z", qt.zeros.float())
         self.register_buffer("s0", qt.scales.float())
-        self.register_buffer("g", g)
+        self.register_buffer("g", qt.g_idx.long())
         # Groups of consecutive columns (no act-order permutation): scales broadcast over each group instead
         # of being gathered per column, whose backward is a slower scatter.
         self.group = qt.group_width
         self.t = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = bias
-        self.v: nn.Parameter | None = None
-        if codes:
-            self.register_buffer("q", qt.codes.to(torch.uint8))
-            self.v = nn.Parameter(torch.zeros(self.qz.shape))
+        self.v: nn.Parameter | None = nn.Parameter(torch.zeros(self.q.shape)) if codes else None
 
     def scales(self) -> torch.Tensor:
         return self.s0 * self.t.exp()
@@ -122,6 +120,13 @@ class ScaledCodes(nn.Module):
         v = self.v.detach() if v is None else v
         return (self.q + v.round()).clamp(0, self.qt.grid.maxq) - self.q
 
+    def centred(self, shift: torch.Tensor | None) -> torch.Tensor:
+        """q + shift − z per weight, in float32 (integers: exact)."""
+        c = self.q.float() if shift is None else self.q + shift
+        if self.group:
+            return c.view(c.shape[0], -1, self.group).sub_(self.z.unsqueeze(-1)).view(c.shape)
+        return c.sub_(self.z[:, self.g])
+
     def by_column(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """x (out, in) times each column's group scale from s (out, groups)."""
         return group_scale(x, s, self.group, self.g)
@@ -135,35 +140,40 @@ class ScaledCodes(nn.Module):
         qt = self.qt
         return QuantizedTensor(self.codes(), self.stored_scales().cpu(), qt.zeros, qt.g_idx, qt.grid, None, qt.stored)
 
-    def weight_now(self) -> torch.Tensor:
-        """s·(q + shift − z) at the current scales and codes, in float32."""
-        if self.v is None:
-            return self.by_column(self.qz, self.scales())
-        return _MovedCodes.apply(self.v, self.scales(), self)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_now().to(x.dtype), self.bias)
+        return _CodesLinear.apply(x, self.v, self.scales(), self)
 
 
-class _MovedCodes(torch.autograd.Function):
-    """ScaledCodes' weight s·(q + shift − z) with the rounding in shift passed straight through: d w / d v is
-    the column's scale where the code stays inside the grid, 0 where clamped.  Autograd would keep two
-    weight-sized float32 tensors of each linear for the backward; this keeps none and recomputes them."""
+class _CodesLinear(torch.autograd.Function):
+    """F.linear(x, w) for ScaledCodes' w = s·(q + shift − z), in the products' dtype (autocast's where it is
+    on), with the rounding in shift = round(v) passed straight through: d w / d v is the column's scale where
+    the code stays inside the grid, 0 where clamped.  Autograd would keep each linear's w from the forward to
+    the backward (2 bytes a weight in bf16, every linear of the model at once) and two float32 tensors of its
+    shape for d w / d v; this keeps x, v and s, and forms w again in the backward: the same arithmetic."""
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, s: torch.Tensor, m: ScaledCodes) -> torch.Tensor:
-        ctx.m = m
-        ctx.save_for_backward(v, s)
-        return m.by_column(m.qz + m.code_shift(v), s)
+    def forward(ctx, x: torch.Tensor, v: torch.Tensor | None, s: torch.Tensor, m: ScaledCodes) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        xc = x.to(dtype)
+        ctx.m, ctx.x_dtype = m, x.dtype
+        ctx.save_for_backward(xc, v, s)
+        w = m.by_column(m.centred(None if v is None else m.code_shift(v)), s).to(dtype)
+        return F.linear(xc, w, None if m.bias is None else m.bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        v, s = ctx.saved_tensors
+        xc, v, s = ctx.saved_tensors
         m = ctx.m
-        shift = m.code_shift(v)  # (the saved v: the offsets of this forward)
-        grad_v = m.by_column(grad, s).mul_(shift == v.round())  # (0 where the grid clamped the code)
-        grad_s = group_sum(grad * (m.qz + shift), m.group, m.g, s.shape[1])
-        return grad_v, grad_s, None
+        shift = None if v is None else m.code_shift(v)  # (the saved v: the offsets of this forward)
+        c = m.centred(shift)
+        w = m.by_column(c, s).to(grad.dtype)
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), xc.reshape(-1, xc.shape[-1])
+        grad_x = g2.mm(w).view(xc.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = g2.t().mm(x2).float()  # (contiguous, as autograd's own: the same bits)
+        grad_v = None if v is None else m.by_column(grad_w, s).mul_(shift == v.round())  # (0 where clamped)
+        grad_s = group_sum(grad_w.mul_(c), m.group, m.g, s.shape[1])
+        return grad_x, grad_v, grad_s, None
 
 
 @dataclass

@@ -6,7 +6,12 @@ it at W4 g128 by RTN, and tunes it for a few steps in a fresh process twice: as 
 logits within tune.PASS_LOGITS_BYTES) and with that limit lifted (the whole batch in one pass).  Prints
 each run's peak RSS and seconds, and their ratios.
 
+With ``--weights`` a wide model instead (a 7B layer's width, a small vocabulary: the weights dominate), tuned
+once as llmq does, codes moving: prints the peak RSS per weight of the float32 model (which the tuning holds
+as its teacher, beside the student's codes, offsets and one pass's activations).
+
     python scripts/bench_tune_memory.py [--vocab 128000] [--seqlen 512] [--batch 4] [--steps 4]
+    python scripts/bench_tune_memory.py --weights [--hidden 4096 --inter 11008 --vocab 4096 --batch 2]
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--weights", action="store_true", help="a wide model, tuned once: peak RSS per weight")
+    ap.add_argument("--inter", type=int, default=None, help="MLP width (default 4 x hidden)")
+    ap.add_argument("--layers", type=int, default=2)
     args = ap.parse_args()
     from llmq.pipeline import quantize_model
     from llmq.recipe import build_config
@@ -57,12 +65,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "llama"
-        make_model(src, 2, args.hidden, args.vocab)
+        size = make_model(src, args.layers, args.hidden, args.vocab, inter=args.inter)
         packed = Path(tmp) / "llama-w4"
         cfg = build_config({}, {"method": "rtn", "bits": 4, "group_size": 128, "dtype": "float32"})
         quantize_model(ModelSource(str(src)), cfg, packed, progress=False)
         logits_mib = args.batch * args.seqlen * args.vocab * 4 / 2**20
         print(f"vocab {args.vocab}, {args.batch} windows of {args.seqlen}: {logits_mib:.0f} MiB of float32 logits a batch")
+        if args.weights:
+            r = run(packed, Path(tmp) / "tuned", False, args)
+            print(f"float32 model {size / 2**20:.0f} MiB; tuning: peak RSS {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.1f} s")
+            print(f"\npeak RSS / the float32 model's bytes: {r['peak_rss_mib'] * 2**20 / size:.2f}")
+            return
         rows = {}
         for whole in (False, True):
             rows[whole] = r = run(packed, Path(tmp) / f"tuned-{whole}", whole, args)

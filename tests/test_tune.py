@@ -83,7 +83,7 @@ def test_code_offsets_move_a_code_by_their_rounding_within_the_grid():
         m.v.copy_(torch.rand(m.v.shape, generator=g) * 2 - 1)
     wanted = (qt.codes.float() + m.v.detach().round()).clamp(0, 7)
     assert torch.equal(m.codes().float(), wanted) and (m.codes().float() - qt.codes.float()).abs().max() == 1
-    w = m.weight_now()
+    w = m(torch.eye(64)).T  # (the linear's weight: its outputs on the unit vectors)
     stored = m.quantized()
     assert torch.allclose(w, QuantizedTensor(stored.codes, m.scales().detach(), qt.zeros, qt.g_idx, qt.grid).dequantize())
     up = torch.randn(w.shape, generator=g)
@@ -96,6 +96,57 @@ def test_code_offsets_move_a_code_by_their_rounding_within_the_grid():
     s = (qt.scales * t.exp())[:, qt.g_idx.long()]
     (s * (wanted - qt.zeros[:, qt.g_idx.long()]) * up).sum().backward()
     assert torch.allclose(m.t.grad, t.grad, atol=1e-5)
+
+
+def _permuted_rtn(g: torch.Generator) -> QuantizedTensor:
+    """RTN W3 codes of a (24, 96) weight in groups of 32 whose columns are scattered (act-order's g_idx)."""
+    qt = rtn_quantize(torch.randn(24, 96, generator=g), IntGrid(3, 32, False))
+    perm = torch.randperm(96, generator=g)
+    return QuantizedTensor(qt.codes[:, perm], qt.scales, qt.zeros, qt.g_idx[perm], qt.grid)
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_codes_linear_is_autograd_through_the_weight_without_keeping_it(permuted, bf16):
+    """ScaledCodes' forward and gradients (input, offsets, log-scales) are those of a plain autograd
+    linear through w = s·(q − z + v passed straight through round and clamp), under the same autocast; and
+    where that keeps a weight-sized tensor for the backward, ScaledCodes keeps none."""
+    g = torch.Generator().manual_seed(1)
+    qt = _permuted_rtn(g) if permuted else rtn_quantize(torch.randn(24, 96, generator=g), IntGrid(3, 32, False))
+    assert (qt.group_width == 0) == permuted
+    bias = torch.randn(24, generator=g)
+    m = ScaledCodes(qt, bias, codes=True)
+    with torch.no_grad():
+        m.v.copy_(torch.rand(m.v.shape, generator=g) * 2 - 1)
+        m.t.copy_(torch.randn(m.t.shape, generator=g) * 0.1)
+    v, t = m.v.detach().clone().requires_grad_(True), m.t.detach().clone().requires_grad_(True)
+    x, up = torch.randn(3, 5, 96, generator=g), torch.randn(3, 5, 24, generator=g)
+    col = qt.g_idx.long()
+    moved = qt.codes.float() + v.detach().round()
+    inside = moved.eq(moved.clamp(0, 7)).float()
+    ste = v * inside + (moved.clamp(0, 7) - qt.codes.float() - v * inside).detach()  # (value: the shift)
+    w = (qt.scales * t.exp())[:, col] * (qt.codes.float() + ste - qt.zeros.float()[:, col])
+
+    def run(f, *leaves):
+        xin = x.clone().requires_grad_(True)
+        saved = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                torch.autograd.graph.saved_tensors_hooks(lambda a: saved.append(a) or a, lambda a: a):
+            y = f(xin)
+        (y.float() * up).sum().backward()
+        return y, [xin.grad] + [p.grad for p in leaves], saved
+
+    y, grads, saved = run(m, m.v, m.t)
+    y_ref, grads_ref, saved_ref = run(lambda xin: F.linear(xin, w, bias), v, t)
+    assert y.dtype == y_ref.dtype and torch.allclose(y.float(), y_ref.float(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref):  # (the same products in the same dtype: equal but for summation order)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    def weight_sized(kept: list[torch.Tensor]) -> list[torch.Tensor]:  # (kept for the backward, not a parameter)
+        own = {p.untyped_storage().data_ptr() for p in (m.v, m.t, v, t)}
+        return [a for a in kept if a.numel() == w.numel() and a.untyped_storage().data_ptr() not in own]
+
+    assert weight_sized(saved_ref) and not weight_sized(saved)
 
 
 def test_signed_steps_move_by_the_sign_and_stay_within_one():
