@@ -52,19 +52,26 @@ def load_model(name: str, dtype: torch.dtype = torch.float32,
     return model.eval(), source
 
 
+def packed_linears(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]) -> list[str]:
+    """The names of ``model``'s linears that the checkpoint ``source`` stores packed (no tensor read)."""
+    fmt = format_for_config(qcfg)
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and fmt.is_packed(lambda suffix: source.has_tensor(f"{name}.{suffix}"))]
+
+
 def iter_quantized(model: nn.Module, source: ModelSource, qcfg: dict[str, Any]):
     """(module name, QuantizedTensor) for every packed linear of a checkpoint, read one at a time."""
     fmt = format_for_config(qcfg)
     fmt.grid_from_config(qcfg)  # (an unreadable config fails before any tensor is read)
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and fmt.is_packed(lambda suffix: source.has_tensor(f"{mod_name}.{suffix}")):
-            grid = fmt.module_grid(qcfg, source.module_key(mod_name))
-            tensors = {s: source.load_tensor(f"{mod_name}.{s}") for s in fmt.suffixes if source.has_tensor(f"{mod_name}.{s}")}
-            try:
-                yield mod_name, fmt.unpack(tensors, grid, (mod.out_features, mod.in_features))
-            except (KeyError, ValueError, RuntimeError, IndexError) as e:  # tensors missing, or of other shapes
-                raise LlmqError(f"the packed tensors of {mod_name!r} in {source.name!r} do not form a "
-                                f"{fmt.name} linear of shape {mod.out_features}x{mod.in_features} ({type(e).__name__}: {e})") from None
+    for mod_name in packed_linears(model, source, qcfg):
+        mod = model.get_submodule(mod_name)
+        grid = fmt.module_grid(qcfg, source.module_key(mod_name))
+        tensors = {s: source.load_tensor(f"{mod_name}.{s}") for s in fmt.suffixes if source.has_tensor(f"{mod_name}.{s}")}
+        try:
+            yield mod_name, fmt.unpack(tensors, grid, (mod.out_features, mod.in_features))
+        except (KeyError, ValueError, RuntimeError, IndexError) as e:  # tensors missing, or of other shapes
+            raise LlmqError(f"the packed tensors of {mod_name!r} in {source.name!r} do not form a "
+                            f"{fmt.name} linear of shape {mod.out_features}x{mod.in_features} ({type(e).__name__}: {e})") from None
 
 
 def load_for_eval(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

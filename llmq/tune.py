@@ -17,11 +17,13 @@ trained by signed gradient descent (rounding passed straight through, as AutoRou
 signs of many batches' gradients agree.  The tuned scales are rounded to what the format stores before
 the file is written, so the file computes what was evaluated.
 
-Unlike quantize this does not stream layers: it holds both models in float32 and one pass's
-activations with their gradients (a batch goes through in parts where its logits would be large:
-PASS_LOGITS_BYTES; training the head, its gradient and Adam's two moments: three more
-copies of it in float32; learning codes, each weight's offset: 4 bytes a weight, see SignedSteps and
-_CodesLinear).
+Unlike quantize this does not stream layers: it holds both models and one pass's activations with their
+gradients.  Per packed weight: the student's code (1 byte) and, learning codes, its offset (4; SignedSteps),
+never the weight itself (_CodesLinear); the teacher's weight in float32, or bf16 where the products are
+bf16 (weights_in_bf16): 7 bytes a weight in all where the products are bf16 (a GPU, a CPU with bf16 units).
+The rest in float32: the embeddings, norms and a float head (training the head: its gradient and Adam's two
+moments, three more copies of it).  A batch goes through in parts where its logits would be large
+(PASS_LOGITS_BYTES).
 Integer-grid checkpoints only (GPTQ, AWQ, compressed-tensors): a GGUF K-quant's or bitsandbytes' scales are
 themselves quantized.
 """
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmq.checkpoint import iter_quantized, load_model, open_quantized
+from llmq.checkpoint import iter_quantized, load_model, open_quantized, packed_linears
 from llmq.config import CalibConfig, QuantizeConfig
 from llmq.distributed import Ranks
 from llmq.data import calibration_tokens
@@ -428,6 +430,8 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
         ids = _calibration_ids(source, calib)
     reference = reference or reference_of(source)
     teacher, ref_source = load_model(reference, trust_remote_code=trust_remote_code)
+    if autocast_bf16(options.compute_dtype, torch.device(device)):
+        weights_in_bf16(teacher, packed_linears(teacher, source, qcfg))  # (before the student: a lower peak)
     s = student(source, qcfg, options.norms, options.head, options.codes)
     _check_same_shapes(s, teacher, reference)
     s.model.to(device)
@@ -441,6 +445,16 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
     path = write_checkpoint(source, qcfg, fmt, out, ((n, m.quantized()) for n, m in s.linears.items()), recipe,
                             floats=s.floats(), max_shard_size=max_shard_size, overwrite=overwrite, inputs=[ref_source.dir])
     return path, result
+
+
+def weights_in_bf16(teacher: nn.Module, names: list[str]) -> None:
+    """The teacher's linears ``names`` (those the student has packed) keep their weights in bf16: their
+    products, in bf16 autocast, round them so anyway (the same logits, bit for bit), and the teacher then
+    takes 2 bytes a weight instead of 4.  A weight tied to another module (a head tied to the embedding) is
+    replaced in the linear alone, so the other keeps its float32 one."""
+    for name in names:
+        linear = teacher.get_submodule(name)
+        linear.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
 
 
 def _calibration_ids(source: ModelSource, calib: CalibConfig) -> torch.Tensor:

@@ -26,7 +26,7 @@ from llmq.provenance import PROVENANCE_FILE
 from llmq.recipe import build_config
 from llmq.source import ModelSource
 from llmq.qtensor import QuantizedTensor
-from llmq.tune import ScaledCodes, SignedSteps, TuneOptions, tune_checkpoint
+from llmq.tune import ScaledCodes, SignedSteps, TuneOptions, tune_checkpoint, weights_in_bf16
 
 CALIB = CalibConfig(dataset=str(TINYSTORIES), nsamples=16, seqlen=128)
 
@@ -320,6 +320,27 @@ def test_cached_teacher_logits_tune_as_the_per_step_teacher(rtn_w3, tmp_path, mo
     assert any(not torch.equal(a[n].scales, q.scales) for n, q in _packed(rtn_w3).items())  # (it did tune)
     for n in a:
         torch.testing.assert_close(a[n].scales, b[n].scales, rtol=2e-3, atol=0)
+
+
+def test_a_teacher_with_bf16_linears_has_the_float32_ones_logits_in_bf16_products():
+    """weights_in_bf16 stores what bf16 autocast rounds each product's weight to anyway: the same logits, bit
+    for bit; the head tied to the embedding is cut loose, the embedding keeping its float32 weight."""
+    need(STORIES)
+    model, _ = load_model(str(STORIES))
+    embedding = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embedding  # (stories260K ties them)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    ids = torch.randint(0, embedding.shape[0], (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids).logits
+
+    want, kept = logits(), embedding.detach().clone()
+    weights_in_bf16(model, names)
+    assert {model.get_submodule(n).weight.dtype for n in names} == {torch.bfloat16} and "lm_head" in names
+    assert model.get_input_embeddings().weight.dtype == torch.float32 and torch.equal(model.get_input_embeddings().weight, kept)
+    assert torch.equal(logits(), want)
 
 
 def test_signed_steps_held_add_up_the_parts_and_step_once_on_their_sum():
