@@ -21,7 +21,7 @@ from llmq import distributed, interrupts
 from llmq.config import CalibConfig, QuantizeConfig
 from llmq.data import eval_tokens
 from llmq.dtypes import COMPUTE_DTYPES, FLOAT_DTYPES, torch_dtype
-from llmq.errors import LlmqError
+from llmq.errors import LlmqError, out_of_memory
 from llmq.eval import evaluate
 from llmq.export import PLAIN, export_checkpoint, export_gguf
 from llmq.formats import FORMATS
@@ -536,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
                 return _interrupted(args)
             if isinstance(e, LlmqError):
                 print(f"llmq: error: {e}", file=sys.stderr)
+                return 2
+            if out_of_memory(e):
+                print(f"llmq: error: {out_of_memory(e)}", file=sys.stderr)
                 return 2
             if not (isinstance(e, OSError) and e.errno in _SYSTEM_ERRORS):
                 raise

@@ -46,7 +46,7 @@ from llmq.config import CalibConfig, QuantizeConfig
 from llmq.distributed import Ranks
 from llmq.data import calibration_tokens
 from llmq.dtypes import autocast_bf16
-from llmq.errors import LlmqError
+from llmq.errors import LlmqError, out_of_memory
 from llmq.export import previous_provenance, write_checkpoint
 from llmq.formats import format_for_config
 from llmq.grid import IntGrid
@@ -490,11 +490,35 @@ def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path
         options = TuneOptions(steps=cfg.tune_steps, lr=cfg.tune_lr, batch=cfg.tune_batch, head=cfg.tune_head,
                               codes=cfg.tune_codes)
         t0 = time.perf_counter()
-        stats.output, _ = tune_checkpoint(str(stats.output), out, reference=str(source.dir), ids=calib_ids,
-                                          options=options, overwrite=overwrite, max_shard_size=cfg.max_shard_size,
-                                          device=device, progress=progress,
-                                          src_label="the quantization recorded under quantized_with")
+        try:
+            stats.output, _ = tune_checkpoint(str(stats.output), out, reference=str(source.dir), ids=calib_ids,
+                                              options=options, overwrite=overwrite, max_shard_size=cfg.max_shard_size,
+                                              device=device, progress=progress,
+                                              src_label="the quantization recorded under quantized_with")
+        except Exception as e:  # (not an interrupt: asked to stop, the run leaves nothing)
+            raise _tuning_failed(e, _keep_untuned(stats.output, out), source, out) from None
         stats.seconds += time.perf_counter() - t0
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return stats
+
+
+def _keep_untuned(quantized: Path, out: Path) -> Path | None:
+    """The finished quantization of a run whose tuning failed, moved to ``out``.untuned (unless that is taken):
+    hours of GPTQ are not lost to the tuning's memory."""
+    kept = out.with_name(f"{out.name}.untuned")
+    if kept.exists():
+        return None
+    quantized.rename(kept)
+    return kept
+
+
+def _tuning_failed(e: Exception, kept: Path | None, source: ModelSource, out: Path) -> Exception:
+    """A failed tuning as one line (a user's error, out of memory) naming what was kept; else ``e``, with a note."""
+    where = (f"; the quantization it started from is in {kept} (`llmq tune --model {kept} --reference {source.name} "
+             f"--out {out}` tunes it again)" if kept else f"; {out}.untuned exists, so the quantization was not kept")
+    reason = str(e) if isinstance(e, LlmqError) else out_of_memory(e)
+    if reason is None:
+        e.add_note(f"llmq: the tuning failed{where}")
+        return e
+    return LlmqError(f"tuning failed: {reason}{where}")

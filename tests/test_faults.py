@@ -185,6 +185,24 @@ def test_disk_full_is_one_line_and_leaves_nothing(model, tmp_path, capsys, monke
     assert _outputs(tmp_path) == []
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_out_of_memory_is_one_line_and_leaves_nothing(model, tmp_path, capsys, monkeypatch, gpu):
+    """An allocation that fails mid-run (the CPU allocator's own failure, or a GPU's OutOfMemoryError as torch
+    raises it) ends the run with one line saying so, and no output."""
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # (1 PiB)
+    except RuntimeError as e:
+        failure = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore") if gpu else e
+
+    def quantize_layer(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("llmq.methods.rtn.RTN.quantize_layer", quantize_layer)
+    line = _user_error(capsys, main([*RTN, "--model", str(model), "--out", str(tmp_path / "q")]), "out of memory")
+    assert ("Tried to allocate 2.00 GiB" if gpu else "an allocation of 1048576.00 GiB failed") in line
+    assert _outputs(tmp_path) == []
+
+
 def test_disk_full_on_a_real_small_filesystem(model, tmp_path, capsys):
     """The same on a 64 KiB tmpfs, where the machine lets us mount one."""
     mnt = tmp_path / "small"

@@ -16,6 +16,7 @@ import llmq.tune
 from conftest import REF6M, STORIES, TINYSTORIES, need
 from test_cli import assert_user_error, run
 from llmq.checkpoint import iter_quantized, load_model, open_quantized
+from llmq.cli import main
 from llmq.config import CalibConfig
 from llmq.data import eval_tokens
 from llmq.errors import LlmqError
@@ -280,6 +281,48 @@ def test_quantize_with_tune_steps_keeps_the_layerwise_codes(tmp_path):
     head = "model.embed_tokens.weight"
     assert torch.equal(_stored(tmp_path / "tuned")[head], _stored(tmp_path / "plain")[head])
     assert recipe["quantized_with"]["method"] == "gptq" and "untuned" not in json.dumps(recipe)  # (no staging path)
+
+
+def _failing_tuning(failure: Exception):
+    def tune(*args, **kwargs):
+        raise failure
+    return tune
+
+
+def test_a_tuning_out_of_memory_keeps_the_quantization_and_says_so(tmp_path, monkeypatch, capsys):
+    """A recipe whose tuning runs out of memory (here: the allocation torch.empty really fails) exits in one
+    line naming the finished quantization, kept as OUT.untuned: the same files as the recipe without tuning.
+    Kept once only: with OUT.untuned taken the next failure says so and leaves nothing behind."""
+    need(STORIES), need(TINYSTORIES)
+    args = ["quantize", "--model", str(STORIES), "--method", "gptq", "--bits", "3", "--group-size", "32",
+            "--dataset", str(TINYSTORIES), "--nsamples", "8", "--seqlen", "128", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # (1 PiB: the CPU allocator's own failure)
+    except RuntimeError as e:
+        monkeypatch.setattr(llmq.tune, "tune", _failing_tuning(e))
+    capsys.readouterr()
+    assert main([*args, "--tune-steps", "4", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("llmq: error: tuning failed: out of memory (an allocation of")
+    assert str(tmp_path / "o.untuned") in err and "llmq tune --model" in err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["o.untuned", "plain"]
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "o.untuned" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    assert main([*args, "--tune-steps", "4", "--out", str(tmp_path / "o")]) == 2
+    assert "o.untuned exists, so the quantization was not kept" in capsys.readouterr().err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["o.untuned", "plain"]
+
+
+def test_a_tuning_that_fails_otherwise_keeps_its_traceback_and_the_quantization(tmp_path, monkeypatch):
+    need(STORIES), need(TINYSTORIES)
+    monkeypatch.setattr(llmq.tune, "tune", _failing_tuning(ValueError("a bug")))
+    args = ["quantize", "--model", str(STORIES), "--method", "rtn", "--dataset", str(TINYSTORIES), "--nsamples", "4",
+            "--seqlen", "64", "--quiet", "--tune-steps", "4", "--out", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match="a bug") as failure:
+        main(args)
+    assert any("o.untuned" in note for note in failure.value.__notes__)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["o.untuned"]
 
 
 @pytest.mark.parametrize("extra,needle", [(("--format", "gguf", "--gguf-type", "q4_k"), "tune_steps tunes integer-grid"),
