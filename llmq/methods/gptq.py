@@ -388,39 +388,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         raise ValueError("refit changes the scales the kept updated weights were rounded on")
     dtype, device = H.dtype, H.device
     W0 = W.to(device=device, dtype=dtype)
-    H0 = H
-    out, n = W.shape
-    gs, groups = grid.effective_group_size(n), grid.groups(n)
-
     if not torch.any(torch.diag(H) > 0):
         # No calibration token reached this linear (an expert the router never picked): there is no
         # error to weigh, and zeroing "dead" columns would erase the whole matrix.  Round to nearest.
         log.info("no calibration input reached this module; rounding it to nearest instead")
         return _rtn_fallback(W0, H, grid, 0.0, keep_updated)
-    dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
-    W = W0
-    if dead.any():
-        H, W = H.clone(), W0.clone()
-        H[dead, dead] = 1
-        W[:, dead] = 0
-
+    H0, n = H, W.shape[1]
+    H, W, dead = _dead_inputs_set_aside(H, W0)
     # Grids with shared super-scales (GGUF's) are fixed from the unquantized weights first; error
     # feedback then picks the codes.
-    static = static_groups or act_order or gs == n or grid.static
-    offset, stored = None, {}
+    static = static_groups or act_order or grid.effective_group_size(n) == n or grid.static
     # diag(H) weighs grids that search their parameters, as llama.cpp's importance matrix does.
     importance = torch.diag(H).clone().masked_fill_(dead, 0)
-    if static:
-        p = grid.fit(W, importance=importance)
-        scale, zero = p.scale.to(device=device, dtype=dtype), p.zero.to(device=device, dtype=dtype)
-        offset = None if p.offset is None else p.offset.to(device=device, dtype=dtype)
-        stored = p.stored
-    else:
-        scale = torch.zeros(out, groups, dtype=dtype, device=device)
-        zero = torch.zeros(out, groups, dtype=dtype, device=device)
-
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=device)
-    col_group = perm // gs  # group of each (permuted) column
+    grids = _ColumnGrids.of(grid, W, importance, perm, static)
     # The inverse's factor comes from J Hp J (Hp = H[perm][:, perm], J the order reversal; _upper_inverse_factor),
     # gathered in one go.  Its n x n buffers are the solve's largest: H itself is let go meanwhile (unless the
     # refit needs it, or the caller keeps it), after what is wanted of it later is taken.
@@ -434,26 +415,83 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         log.warning("Hessian not positive definite even with damp=1.0; falling back to RTN for this module")
         back = torch.argsort(rev)
         return _rtn_fallback(W0, A[back[:, None], back], grid, used_damp, keep_updated)
+    Wt = W.T[perm].contiguous()  # (rows of Wt: the columns of W in the order they are quantized)
+    del W
+    Qt, Pt, loss = _quantize_columns(Wt, U, grid, grids, importance, block_size, keep_updated)
+    del Wt, U
+    inv = torch.argsort(perm)
+    Q = Qt[inv].T
+    del Qt
+    qt = QuantizedTensor.from_float_codes(Q.cpu(), grids.scale.cpu(), grids.zero.cpu(), group_index(n, grid), grid,
+                                          None if grids.offset is None else grids.offset.cpu(), grids.stored)
+    del Q
+    updated = None if Pt is None else Pt[inv].T.cpu()
+    row_error = _layer_wise_loss(loss, W0, qt.dequantize(dtype).to(device), dead, used_damp * mean)
+    if refit and refits(qt):
+        qt, change = refit_scales(qt, W0, H0)
+        row_error += change
+    return qt, SolveInfo(used_damp, False, row_error.clamp_min(0), energy, updated)
 
+
+def _dead_inputs_set_aside(H: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H, W, dead): inputs that were always zero (dead) cannot matter; they get 1 on H's diagonal, so that
+    H can be inverted, and 0 in W (copies of both, where there are any)."""
+    dead = torch.diag(H) == 0
+    if dead.any():
+        H, W = H.clone(), W.clone()
+        H[dead, dead] = 1
+        W[:, dead] = 0
+    return H, W, dead
+
+
+@dataclass
+class _ColumnGrids:
+    """Each group's grid parameters (out x groups), and the group of each column in the order of the solve.
+    Static grids are fitted to the unquantized weights up front; a dynamic group's are filled in when its
+    first column comes up (fit)."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    offset: torch.Tensor | None
+    stored: dict[str, torch.Tensor]
+    col_group: torch.Tensor  # (in,): group of each permuted column
+    group_size: int
+    static: bool
+
+    @classmethod
+    def of(cls, grid: Grid, W: torch.Tensor, importance: torch.Tensor, perm: torch.Tensor, static: bool) -> _ColumnGrids:
+        (out, n), dtype, device = W.shape, W.dtype, W.device
+        gs = grid.effective_group_size(n)
+        if not static:
+            empty = torch.zeros(out, grid.groups(n), dtype=dtype, device=device)
+            return cls(empty, empty.clone(), None, {}, perm // gs, gs, False)
+        p = grid.fit(W, importance=importance)
+        offset = None if p.offset is None else p.offset.to(device=device, dtype=dtype)
+        return cls(p.scale.to(device=device, dtype=dtype), p.zero.to(device=device, dtype=dtype), offset, p.stored,
+                   perm // gs, gs, True)
+
+    def fit(self, grid: Grid, rows: torch.Tensor, importance: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid of the dynamic group whose first column is ``col``, from its updated weights ``rows``
+        (gs x out; dynamic groups mean no act-order, so those columns are in their own order, as importance is)."""
+        scale, zero = (t.to(self.scale.dtype) for t in grid.fit_groups(rows.T, importance[col : col + self.group_size]))
+        g = int(self.col_group[col])
+        self.scale[:, g], self.zero[:, g] = scale, zero
+        return scale, zero
+
+
+def _quantize_columns(Wt: torch.Tensor, U: torch.Tensor, grid: Grid, grids: _ColumnGrids, importance: torch.Tensor,
+                      block_size: int, keep_updated: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """GPTQ's loop over the rows of Wt (the columns of W, in the order of the solve; updated in place): each
+    rounded on its group's grid, its error spread over the later ones through U, the upper Cholesky factor
+    of the damped inverse Hessian.  Returns the codes (as Wt), what each was rounded from (``keep_updated``)
+    and, per output row, the sum of OBS's loss increments (w - q)² / U_ii²."""
+    n, gs, static = Wt.shape[0], grids.group_size, grids.static
     # Dynamic groups take their grid from the error-updated weights when their first column
     # comes up; aligning blocks to groups keeps those columns fully updated (as in the naive loop).
     bs = block_size if gs >= n else max(gs, block_size // gs * gs)
-
-    # The loop runs over rows of W^T (contiguous): one column of W per step, with per-column grid
-    # parameters precomputed, so each step is a handful of vector ops.
-    colg = col_group.tolist()
-    Wt = W.T[perm].contiguous()
-    del W
     Qt = torch.zeros_like(Wt)
-    Pt = torch.zeros_like(Wt) if keep_updated else None  # what each column was rounded from
-    loss = torch.zeros(out, dtype=dtype, device=device)  # per row: the sum of OBS's loss increments
-
-    def fit(i: int, rows: torch.Tensor) -> None:  # a dynamic group's grid, from its updated weights
-        # (dynamic groups mean no act-order: the block's columns are in their own order, as importance is)
-        gscale, gzero = (t.to(dtype) for t in grid.fit_groups(rows.T, importance[i1 + i : i1 + i + gs]))
-        scale[:, colg[i1 + i]], zero[:, colg[i1 + i]] = gscale, gzero
-        S[i : i + gs], Z[i : i + gs] = gscale, gzero
-
+    Pt = torch.zeros_like(Wt) if keep_updated else None
+    loss = torch.zeros(Wt.shape[1], dtype=Wt.dtype, device=Wt.device)
     # Inside a block, each column's update reaches only the next few columns at once (a sub-block of
     # 16, which then passes its errors on to the rest of the block as one product): the same sums,
     # with less memory traffic than a rank-1 update of the whole block per column.
@@ -464,15 +502,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         diag = U1.diagonal().tolist()
-        # The block's columns' grid parameters, one row per column (a dynamic group's are filled by fit).
-        S, Z = scale.T[col_group[i1:i2]], zero.T[col_group[i1:i2]]
-        O = None if offset is None else offset.T[col_group[i1:i2]]
+        # The block's columns' grid parameters, one row per column (a dynamic group's are filled by fit);
+        # the loop runs over rows (contiguous), so each step is a handful of vector ops.
+        S, Z = grids.scale.T[grids.col_group[i1:i2]], grids.zero.T[grids.col_group[i1:i2]]
+        O = None if grids.offset is None else grids.offset.T[grids.col_group[i1:i2]]
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
             for i in range(j1, j2):
                 col = i1 + i
                 if not static and col % gs == 0:
-                    fit(i, W1[i : i + gs])
+                    S[i : i + gs], Z[i : i + gs] = grids.fit(grid, W1[i : i + gs], importance, col)
                 w, off = W1[i], None if O is None else O[i]
                 q = grid.nearest(w, S[i], Z[i], off)
                 Qt[col] = q
@@ -484,30 +523,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
             W1[j2:] -= U1[j1:j2, j2:].T @ Err1[j1:j2]
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1
         loss += (Err1 * Err1).sum(0)
+    return Qt, Pt, loss
 
-    del Wt
-    inv = torch.argsort(perm)
-    Q = Qt[inv].T
-    del Qt
-    qt = QuantizedTensor.from_float_codes(Q.cpu(), scale.cpu(), zero.cpu(), group_index(n, grid), grid,
-                                          None if offset is None else offset.cpu(), stored)
-    del Q
-    updated = None if Pt is None else Pt[inv].T.cpu()
-    Qd = qt.dequantize(dtype).to(device)
-    # Each column's OBS increment (w - q)² / [H⁻¹]_ii is what its rounding added to the loss (the later
-    # columns' updates being optimal), so their sum is (W - Q) H' (W - Q)ᵀ exactly, H' being the matrix
-    # solved with: H with damping λ·I and 1 on the dead diagonal.  Taking those two away gives the
-    # layer-wise loss for H itself without another out x n x n product.
-    lam = used_damp * mean
+
+def _layer_wise_loss(loss: torch.Tensor, W0: torch.Tensor, Qd: torch.Tensor, dead: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per row, (w - q) H (w - q)ᵀ from the solve's ``loss``.  Each column's OBS increment (w - q)² / [H⁻¹]_ii is
+    what its rounding added to the loss (the later columns' updates being optimal), so their sum is
+    (W - Q) H' (W - Q)ᵀ exactly, H' being the matrix solved with: H with damping lam·I and 1 on the dead
+    diagonal.  Taking those two away gives the layer-wise loss for H itself without another out x n x n product."""
     d = W0 - Qd
     if dead.any():
         d[:, dead] = -Qd[:, dead]  # (W0 as solved: 0 on the dead columns)
-    row_error = loss - lam * d.pow_(2).sum(1) - (Qd[:, dead] ** 2).sum(1)
-    del d, Qd
-    if refit and refits(qt):
-        qt, change = refit_scales(qt, W0, H0)
-        row_error += change
-    return qt, SolveInfo(used_damp, False, row_error.clamp_min(0), energy, updated)
+    return loss - lam * d.pow_(2).sum(1) - (Qd[:, dead] ** 2).sum(1)
 
 
 def _rtn_fallback(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float,
