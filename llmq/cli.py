@@ -47,97 +47,18 @@ EPILOG_QUANTIZE = """examples:
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    cfg, calib, gptq = QuantizeConfig(), CalibConfig(), GPTQOptions()
+    cfg = QuantizeConfig()
     p = sub.add_parser("quantize", help="quantize a causal LM, streaming one decoder layer at a time",
                        description="Quantize a Hugging Face causal LM layer by layer and write a checkpoint or a GGUF file.",
                        epilog=EPILOG_QUANTIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or local directory of the fp model")
     p.add_argument("--out", required=True, help="output directory, or .gguf file with --format gguf (written atomically)")
     p.add_argument("--config", help="YAML recipe (see configs/); flags given here override it")
-    p.add_argument("--method", choices=sorted(METHODS), help=f"quantization method (default {cfg.method})")
-    p.add_argument("--bits", type=int, help=f"code width: {', '.join(map(str, SUPPORTED_BITS))} (default {cfg.bits})")
-    p.add_argument("--group-size", type=int, help=f"columns per scale; -1 = one per output channel (default {cfg.group_size})")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--sym", dest="sym", action="store_const", const=True, help="symmetric grid" + _default(cfg.sym))
-    g.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric grid with zero points" + _default(not cfg.sym))
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--grid-search", dest="grid_search", action="store_const", const=True,
-                   help="integer grids: shrink each group's range (by up to 15%%) to the least diag(H)-weighted error "
-                        "(default, but for awq: it clips its own way)")
-    g.add_argument("--no-grid-search", dest="grid_search", action="store_const", const=False,
-                   help="integer grids: each group's min/max, as GPTQ's reference code")
-    p.add_argument("--damp", type=float, help=f"GPTQ damping, fraction of mean diag(H) (default {gptq.damp})")
-    p.add_argument("--block-size", type=int, help=f"GPTQ lazy-batch block size (default {gptq.block_size})")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--act-order", dest="act_order", action="store_const", const=True,
-                   help="GPTQ: quantize columns by decreasing diag(H), with static groups" + _per_method("act_order"))
-    g.add_argument("--no-act-order", dest="act_order", action="store_const", const=False,
-                   help="GPTQ: quantize columns in their natural order")
-    p.add_argument("--static-groups", action="store_const", const=True, help="GPTQ: fix group grids from the unquantized weights")
-    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False,
-                   help="GPTQ: calibrate all linears of a layer on the unquantized layer's inputs")
-    p.add_argument("--fp-targets", type=float, metavar="WEIGHT",
-                   help="GPTQ/signround: weight in [0, 1] of the unquantized model's outputs in the layer-wise loss "
-                        "(0: GPTQ's own, 1: GPTAQ's asymmetric calibration; default 0)")
-    p.add_argument("--refit-scales", action="store_const", const=True,
-                   help="GPTQ: refit each row's group scales to the layer-wise loss once the codes are chosen "
-                        "(integer grids; best with --fp-targets 1)")
-    p.add_argument("--iters", type=int, help="signround: signed-gradient steps per decoder layer (default 200)")
-    p.add_argument("--lr", type=float, help="signround: first step of the rounding offsets (default 1/iters)")
-    p.add_argument("--momentum", type=float,
-                   help="signround: step on the sign of a running average of the gradients with this weight (default 0)")
-    p.add_argument("--start", choices=["gptq", "rtn"],
-                   help="signround: learn from round-to-nearest, as AutoRound does (default), or from GPTQ's codes")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--awq-clip", dest="awq_clip", action="store_const", const=True,
-                   help="AWQ: search a clipping range per group after scaling" + _per_method("awq_clip"))
-    g.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False, help="AWQ: skip the clipping search")
-    p.add_argument("--awq-search-tokens", dest="search_tokens", type=int, metavar="N",
-                   help="AWQ: tokens a block's scale search runs its candidates over (0: all)" + _per_method("search_tokens"))
-    p.add_argument("--dataset", help="calibration text: wikitext2, c4, pile-val, a .txt/.jsonl/.parquet file or owner/name[:config][@split] "
-                                     f"(default: the method's, {_method_defaults('default_dataset')})")
-    p.add_argument("--split", help="dataset split (default: train for known sets)")
-    p.add_argument("--nsamples", type=int, help=f"calibration windows (default {calib.nsamples})")
-    p.add_argument("--seqlen", type=int, help=f"tokens per calibration window (default: the method's, {_method_defaults('default_seqlen')}; "
-                                              "capped by the context)")
-    p.add_argument("--seed", type=int, help=f"sampling seed (default {calib.seed})")
-    p.add_argument("--format", choices=sorted([*FORMATS, "gguf"]),
-                   help="checkpoint layout (default: gptq, or gptq_v2 for --asym); gguf writes one llama.cpp file at --out; "
-                        "bitsandbytes: NF4/FP4 (--bits 4) or LLM.int8 (--bits 8) as transformers saves them")
-    p.add_argument("--gguf-type", help=f"with --format gguf: {' '.join(BLOCK_TYPES)} (the method quantizes on that block grid), "
-                                       f"{' '.join(MIXES)} (mixes), {' '.join(FLOAT_TYPES)}")
-    _add_gguf_tensor_types(p)
-    p.add_argument("--bnb-type", dest="bnb_4bit_quant_type", choices=["nf4", "fp4"],
-                   help=f"with --format bitsandbytes --bits 4: the 4-bit code table (default {cfg.bnb_4bit_quant_type})")
-    p.add_argument("--bnb-double-quant", dest="bnb_4bit_use_double_quant", action="store_const", const=True,
-                   help="with --format bitsandbytes --bits 4: quantize the blocks' absmax values again (8-bit)")
-    p.add_argument("--dtype", help=f"dtype of unquantized tensors: {', '.join(FLOAT_DTYPES)} (default {cfg.dtype})")
-    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
-                   help="dtype calibration runs in (default auto: the model's own on a GPU, and on a CPU with bf16 "
-                        "matrix units when the model is bf16; else float32)")
-    p.add_argument("--max-shard-size", help=f"largest safetensors shard, e.g. 4GB (default {cfg.max_shard_size})")
-    p.add_argument("--skip", action="append", help=f"linear name pattern to leave unquantized (repeatable; default {' '.join(cfg.skip)})")
-    p.add_argument("--rule", dest="rules", action="append", metavar="REGEX=SPEC",
-                   help="per-module precision, first match wins (repeatable): 'down_proj=bits:8', 'layers\\.0\\.=keep', "
-                        "'v_proj=type:<a --gguf-type>' with --format gguf; keys bits, group_size, sym, type, keep")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--target-size", help="allocate each linear's bits (and GGUF types) so the weight files fit this size, e.g. 3.9GB")
-    g.add_argument("--target-bpw", type=float, help="the same, as bits per parameter of the whole model (embeddings and head included)")
-    p.add_argument("--tune-steps", type=int, metavar="N",
-                   help="then tune the group scales (and codes) end to end for N steps on the KL from the unquantized model "
-                        "(as `llmq tune`; integer grids, one process; default 0: not)")
-    p.add_argument("--tune-lr", type=float, help=f"the tuning's learning rate (default {cfg.tune_lr})")
-    p.add_argument("--tune-batch", type=int, help=f"the tuning's calibration windows per step (default {cfg.tune_batch})")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--tune-head", dest="tune_head", action="store_const", const=True,
-                   help="the tuning trains the output head's weights too, where stored in float" + _default(cfg.tune_head))
-    g.add_argument("--no-tune-head", dest="tune_head", action="store_const", const=False,
-                   help="the tuning leaves the output head as the source has it" + _default(not cfg.tune_head))
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--tune-codes", dest="tune_codes", action="store_const", const=True,
-                   help="the tuning may move each integer code by one step" + _default(cfg.tune_codes))
-    g.add_argument("--no-tune-codes", dest="tune_codes", action="store_const", const=False,
-                   help="the tuning keeps every code the quantization wrote" + _default(not cfg.tune_codes))
+    _add_grid_args(p.add_argument_group("method and grid"), cfg)
+    _add_method_args(p.add_argument_group("method options (GPTQ, signround, AWQ)"), GPTQOptions())
+    _add_calibration_args(p.add_argument_group("calibration"), CalibConfig())
+    _add_output_args(p.add_argument_group("output: format, precision rules, size"), cfg)
+    _add_tuning_args(p.add_argument_group("end-to-end tuning after the quantization"), cfg)
     p.add_argument("--save-recipe", help="also write the run's recipe (with an allocation's per-module rules) to this YAML file")
     p.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1)")
     p.add_argument("--revision", help="hub revision of --model")
@@ -148,6 +69,105 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--stats-json", help="write wall time and peak RSS of this run to this JSON file")
     p.set_defaults(func=cmd_quantize)
+
+
+def _add_grid_args(a: argparse._ArgumentGroup, cfg: QuantizeConfig) -> None:
+    a.add_argument("--method", choices=sorted(METHODS), help=f"quantization method (default {cfg.method})")
+    a.add_argument("--bits", type=int, help=f"code width: {', '.join(map(str, SUPPORTED_BITS))} (default {cfg.bits})")
+    a.add_argument("--group-size", type=int, help=f"columns per scale; -1 = one per output channel (default {cfg.group_size})")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--sym", dest="sym", action="store_const", const=True, help="symmetric grid" + _default(cfg.sym))
+    g.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric grid with zero points" + _default(not cfg.sym))
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--grid-search", dest="grid_search", action="store_const", const=True,
+                   help="integer grids: shrink each group's range (by up to 15%%) to the least diag(H)-weighted error "
+                        "(default, but for awq: it clips its own way)")
+    g.add_argument("--no-grid-search", dest="grid_search", action="store_const", const=False,
+                   help="integer grids: each group's min/max, as GPTQ's reference code")
+
+
+def _add_method_args(a: argparse._ArgumentGroup, gptq: GPTQOptions) -> None:
+    a.add_argument("--damp", type=float, help=f"GPTQ damping, fraction of mean diag(H) (default {gptq.damp})")
+    a.add_argument("--block-size", type=int, help=f"GPTQ lazy-batch block size (default {gptq.block_size})")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--act-order", dest="act_order", action="store_const", const=True,
+                   help="GPTQ: quantize columns by decreasing diag(H), with static groups" + _per_method("act_order"))
+    g.add_argument("--no-act-order", dest="act_order", action="store_const", const=False,
+                   help="GPTQ: quantize columns in their natural order")
+    a.add_argument("--static-groups", action="store_const", const=True, help="GPTQ: fix group grids from the unquantized weights")
+    a.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False,
+                   help="GPTQ: calibrate all linears of a layer on the unquantized layer's inputs")
+    a.add_argument("--fp-targets", type=float, metavar="WEIGHT",
+                   help="GPTQ/signround: weight in [0, 1] of the unquantized model's outputs in the layer-wise loss "
+                        "(0: GPTQ's own, 1: GPTAQ's asymmetric calibration; default 0)")
+    a.add_argument("--refit-scales", action="store_const", const=True,
+                   help="GPTQ: refit each row's group scales to the layer-wise loss once the codes are chosen "
+                        "(integer grids; best with --fp-targets 1)")
+    a.add_argument("--iters", type=int, help="signround: signed-gradient steps per decoder layer (default 200)")
+    a.add_argument("--lr", type=float, help="signround: first step of the rounding offsets (default 1/iters)")
+    a.add_argument("--momentum", type=float,
+                   help="signround: step on the sign of a running average of the gradients with this weight (default 0)")
+    a.add_argument("--start", choices=["gptq", "rtn"],
+                   help="signround: learn from round-to-nearest, as AutoRound does (default), or from GPTQ's codes")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--awq-clip", dest="awq_clip", action="store_const", const=True,
+                   help="AWQ: search a clipping range per group after scaling" + _per_method("awq_clip"))
+    g.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False, help="AWQ: skip the clipping search")
+    a.add_argument("--awq-search-tokens", dest="search_tokens", type=int, metavar="N",
+                   help="AWQ: tokens a block's scale search runs its candidates over (0: all)" + _per_method("search_tokens"))
+
+
+def _add_calibration_args(a: argparse._ArgumentGroup, calib: CalibConfig) -> None:
+    a.add_argument("--dataset", help="calibration text: wikitext2, c4, pile-val, a .txt/.jsonl/.parquet file or owner/name[:config][@split] "
+                                     f"(default: the method's, {_method_defaults('default_dataset')})")
+    a.add_argument("--split", help="dataset split (default: train for known sets)")
+    a.add_argument("--nsamples", type=int, help=f"calibration windows (default {calib.nsamples})")
+    a.add_argument("--seqlen", type=int, help=f"tokens per calibration window (default: the method's, {_method_defaults('default_seqlen')}; "
+                                              "capped by the context)")
+    a.add_argument("--seed", type=int, help=f"sampling seed (default {calib.seed})")
+
+
+def _add_output_args(a: argparse._ArgumentGroup, cfg: QuantizeConfig) -> None:
+    a.add_argument("--format", choices=sorted([*FORMATS, "gguf"]),
+                   help="checkpoint layout (default: gptq, or gptq_v2 for --asym); gguf writes one llama.cpp file at --out; "
+                        "bitsandbytes: NF4/FP4 (--bits 4) or LLM.int8 (--bits 8) as transformers saves them")
+    a.add_argument("--gguf-type", help=f"with --format gguf: {' '.join(BLOCK_TYPES)} (the method quantizes on that block grid), "
+                                       f"{' '.join(MIXES)} (mixes), {' '.join(FLOAT_TYPES)}")
+    _add_gguf_tensor_types(a)
+    a.add_argument("--bnb-type", dest="bnb_4bit_quant_type", choices=["nf4", "fp4"],
+                   help=f"with --format bitsandbytes --bits 4: the 4-bit code table (default {cfg.bnb_4bit_quant_type})")
+    a.add_argument("--bnb-double-quant", dest="bnb_4bit_use_double_quant", action="store_const", const=True,
+                   help="with --format bitsandbytes --bits 4: quantize the blocks' absmax values again (8-bit)")
+    a.add_argument("--dtype", help=f"dtype of unquantized tensors: {', '.join(FLOAT_DTYPES)} (default {cfg.dtype})")
+    a.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
+                   help="dtype calibration runs in (default auto: the model's own on a GPU, and on a CPU with bf16 "
+                        "matrix units when the model is bf16; else float32)")
+    a.add_argument("--max-shard-size", help=f"largest safetensors shard, e.g. 4GB (default {cfg.max_shard_size})")
+    a.add_argument("--skip", action="append", help=f"linear name pattern to leave unquantized (repeatable; default {' '.join(cfg.skip)})")
+    a.add_argument("--rule", dest="rules", action="append", metavar="REGEX=SPEC",
+                   help="per-module precision, first match wins (repeatable): 'down_proj=bits:8', 'layers\\.0\\.=keep', "
+                        "'v_proj=type:<a --gguf-type>' with --format gguf; keys bits, group_size, sym, type, keep")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--target-size", help="allocate each linear's bits (and GGUF types) so the weight files fit this size, e.g. 3.9GB")
+    g.add_argument("--target-bpw", type=float, help="the same, as bits per parameter of the whole model (embeddings and head included)")
+
+
+def _add_tuning_args(a: argparse._ArgumentGroup, cfg: QuantizeConfig) -> None:
+    a.add_argument("--tune-steps", type=int, metavar="N",
+                   help="then tune the group scales (and codes) end to end for N steps on the KL from the unquantized model "
+                        "(as `llmq tune`; integer grids, one process; default 0: not)")
+    a.add_argument("--tune-lr", type=float, help=f"the tuning's learning rate (default {cfg.tune_lr})")
+    a.add_argument("--tune-batch", type=int, help=f"the tuning's calibration windows per step (default {cfg.tune_batch})")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--tune-head", dest="tune_head", action="store_const", const=True,
+                   help="the tuning trains the output head's weights too, where stored in float" + _default(cfg.tune_head))
+    g.add_argument("--no-tune-head", dest="tune_head", action="store_const", const=False,
+                   help="the tuning leaves the output head as the source has it" + _default(not cfg.tune_head))
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--tune-codes", dest="tune_codes", action="store_const", const=True,
+                   help="the tuning may move each integer code by one step" + _default(cfg.tune_codes))
+    g.add_argument("--no-tune-codes", dest="tune_codes", action="store_const", const=False,
+                   help="the tuning keeps every code the quantization wrote" + _default(not cfg.tune_codes))
 
 
 def _default(on: bool) -> str:
@@ -230,7 +250,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _add_gguf_tensor_types(p: argparse.ArgumentParser) -> None:
+def _add_gguf_tensor_types(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--gguf-token-embedding-type", help="GGUF: type of token_embd (default: llama-quantize's, the base type)")
     p.add_argument("--gguf-output-type", help="GGUF: type of the output head (default: llama-quantize's choice)")
 
