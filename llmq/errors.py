@@ -1,7 +1,8 @@
 """The one exception type that means "the user asked for something impossible".
 
-The CLI prints these as a single line and exits non-zero; anything else is a bug and
-keeps its traceback; so does a failure of the machine, but for the few said here in one line.
+The CLI prints these as a single line and exits non-zero; anything else is a bug and keeps its
+traceback, but for failures of the machine that the CLI says in one line too: running out of memory
+(out_of_memory, here), a full disk and its like (the CLI's own list).
 """
 
 from __future__ import annotations

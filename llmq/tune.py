@@ -496,7 +496,7 @@ def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path
                                               device=device, progress=progress,
                                               src_label="the quantization recorded under quantized_with")
         except Exception as e:  # (not an interrupt: asked to stop, the run leaves nothing)
-            raise _tuning_failed(e, _keep_untuned(stats.output, out), source, out) from None
+            raise _tuning_failed(e, _keep_untuned(stats.output, out), source, out, options) from None
         stats.seconds += time.perf_counter() - t0
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -513,10 +513,12 @@ def _keep_untuned(quantized: Path, out: Path) -> Path | None:
     return kept
 
 
-def _tuning_failed(e: Exception, kept: Path | None, source: ModelSource, out: Path) -> Exception:
+def _tuning_failed(e: Exception, kept: Path | None, source: ModelSource, out: Path, o: TuneOptions) -> Exception:
     """A failed tuning as one line (a user's error, out of memory) naming what was kept; else ``e``, with a note."""
-    where = (f"; the quantization it started from is in {kept} (`llmq tune --model {kept} --reference {source.name} "
-             f"--out {out}` tunes it again)" if kept else f"; {out}.untuned exists, so the quantization was not kept")
+    again = (f"llmq tune --model {kept} --reference {source.name} --steps {o.steps} --lr {o.lr} --batch {o.batch}"
+             f"{'' if o.head else ' --no-head'}{'' if o.codes else ' --no-codes'} --out {out}")
+    where = (f"; the quantization it started from is in {kept} (`{again}`, with the run's calibration flags, tunes it "
+             f"again)" if kept else f"; {out}.untuned exists, so the quantization was not kept")
     reason = str(e) if isinstance(e, LlmqError) else out_of_memory(e)
     if reason is None:
         e.add_note(f"llmq: the tuning failed{where}")

@@ -302,10 +302,10 @@ def test_a_tuning_out_of_memory_keeps_the_quantization_and_says_so(tmp_path, mon
     except RuntimeError as e:
         monkeypatch.setattr(llmq.tune, "tune", _failing_tuning(e))
     capsys.readouterr()
-    assert main([*args, "--tune-steps", "4", "--out", str(tmp_path / "o")]) == 2
+    assert main([*args, "--tune-steps", "4", "--tune-lr", "0.004", "--tune-batch", "3", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("llmq: error: tuning failed: out of memory (an allocation of")
-    assert str(tmp_path / "o.untuned") in err and "llmq tune --model" in err
+    assert str(tmp_path / "o.untuned") in err and "llmq tune --model" in err and "--steps 4 --lr 0.004 --batch 3 --out" in err
     assert sorted(x.name for x in tmp_path.iterdir()) == ["o.untuned", "plain"]
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "o.untuned" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
