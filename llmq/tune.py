@@ -34,13 +34,16 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from llmq.arch import arch_for, get_module
 from llmq.checkpoint import iter_quantized, load_model, open_quantized, packed_linears
 from llmq.config import CalibConfig, QuantizeConfig
 from llmq.distributed import Ranks
@@ -68,6 +71,7 @@ class TuneOptions:
     norms: bool = True  # tune the norms' weights too (a few parameters per layer; lowered KL where measured)
     head: bool = QuantizeConfig.tune_head  # the output head's weights too, where stored in float (HEAD_LR_FACTOR)
     codes: bool = QuantizeConfig.tune_codes  # each code too, by at most one step (CODE_SPREAD)
+    recompute: bool = QuantizeConfig.tune_recompute  # each decoder layer's activations formed again in the backward
     seed: int = 0  # order of the windows
     # Products in bf16 (autocast; fp32 parameters, Adam and loss).  auto: where they run on bf16 units (a GPU,
     # a CPU with AMX/AVX512-BF16): 1.5x faster here at the same KL (eval/results/tune.md); else float32.
@@ -337,6 +341,8 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     t0 = time.perf_counter()
     device = s.model.device
     bf16 = autocast_bf16(o.compute_dtype, device)
+    if o.recompute:
+        recompute_layers(s.model)
     per_pass = windows_per_pass(teacher, ids.shape[1], o.batch)
     cached = _cached_teacher(teacher, ids, per_pass, bf16, device)
     bar = tqdm(range(o.steps), desc="tuning scales end to end", unit="step", disable=not progress)
@@ -355,6 +361,16 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     tail = losses[-max(1, o.steps // 10):]
     moved = sum(int((m.codes() != m.qt.codes).sum()) for m in s.linears.values())
     return TuneResult(losses[0], sum(tail) / len(tail), time.perf_counter() - t0, moved)
+
+
+def recompute_layers(model: nn.Module) -> None:
+    """Each decoder layer keeps only its inputs for the backward and runs its forward again there
+    (activation checkpointing): a pass's activations shrink from every layer's (about 250 KB a token and
+    layer at hidden 4096: 16 GB for a 7B model's window of 2048) to one layer's, for one more forward of the
+    student a step.  The same arithmetic: the forward is run again as it ran."""
+    for layer in get_module(model, arch_for(model).layers):
+        if not (isinstance(layer.forward, partial) and layer.forward.func is checkpoint):
+            layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
 
 
 # A batch goes through the models in parts of at most this many bytes of float32 logits (at least a window),
@@ -488,7 +504,7 @@ def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path
     try:
         stats = quantize_model(source, cfg, stage / "quantized", device=device, progress=progress, calib_ids=calib_ids)
         options = TuneOptions(steps=cfg.tune_steps, lr=cfg.tune_lr, batch=cfg.tune_batch, head=cfg.tune_head,
-                              codes=cfg.tune_codes)
+                              codes=cfg.tune_codes, recompute=cfg.tune_recompute)
         t0 = time.perf_counter()
         try:
             stats.output, _ = tune_checkpoint(str(stats.output), out, reference=str(source.dir), ids=calib_ids,
@@ -515,11 +531,13 @@ def _keep_untuned(quantized: Path, out: Path) -> Path | None:
 
 def _tuning_failed(e: Exception, kept: Path | None, source: ModelSource, out: Path, o: TuneOptions) -> Exception:
     """A failed tuning as one line (a user's error, out of memory) naming what was kept; else ``e``, with a note."""
+    reason = str(e) if isinstance(e, LlmqError) else out_of_memory(e)
+    recompute = o.recompute or (reason is not None and not isinstance(e, LlmqError))  # (out of memory: try it)
     again = (f"llmq tune --model {kept} --reference {source.name} --steps {o.steps} --lr {o.lr} --batch {o.batch}"
-             f"{'' if o.head else ' --no-head'}{'' if o.codes else ' --no-codes'} --out {out}")
+             f"{'' if o.head else ' --no-head'}{'' if o.codes else ' --no-codes'}{' --recompute' if recompute else ''}"
+             f" --out {out}")
     where = (f"; the quantization it started from is in {kept} (`{again}`, with the run's calibration flags, tunes it "
              f"again)" if kept else f"; {out}.untuned exists, so the quantization was not kept")
-    reason = str(e) if isinstance(e, LlmqError) else out_of_memory(e)
     if reason is None:
         e.add_note(f"llmq: the tuning failed{where}")
         return e

@@ -7,8 +7,8 @@ logits within tune.PASS_LOGITS_BYTES) and with that limit lifted (the whole batc
 each run's peak RSS and seconds, and their ratios.
 
 With ``--weights`` a wide model instead (a 7B layer's width, a small vocabulary: the weights dominate), tuned
-once as llmq does, codes moving: prints the peak RSS per weight of the float32 model (which the tuning holds
-as its teacher, beside the student's codes, offsets and one pass's activations).
+as llmq does, codes moving, and again with --recompute (activation checkpointing): prints each run's peak RSS
+against the float32 model's size, and the ratios.
 
     python scripts/bench_tune_memory.py [--vocab 128000] [--seqlen 512] [--batch 4] [--steps 4]
     python scripts/bench_tune_memory.py --weights [--hidden 4096 --inter 11008 --vocab 4096 --batch 2]
@@ -28,11 +28,11 @@ from bench_memory import make_model  # (scripts/ is on the path when this script
 CHILD = r"""
 import json, sys, time, torch
 import llmq.tune as tune
-src, out, whole, seqlen, batch, steps, vocab = sys.argv[1:8]
+src, out, whole, seqlen, batch, steps, vocab, recompute = sys.argv[1:9]
 if whole == "1":
     tune.PASS_LOGITS_BYTES = 2**62
 ids = torch.randint(0, int(vocab), (2 * int(batch), int(seqlen)), generator=torch.Generator().manual_seed(0))
-options = tune.TuneOptions(steps=int(steps), batch=int(batch))
+options = tune.TuneOptions(steps=int(steps), batch=int(batch), recompute=recompute == "1")
 t0 = time.perf_counter()
 tune.tune_checkpoint(src, out, ids=ids, options=options, progress=False)  # (reference: the provenance's source)
 rss = [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
@@ -40,8 +40,9 @@ print(json.dumps({"peak_rss_mib": rss, "seconds": time.perf_counter() - t0}))
 """
 
 
-def run(src: Path, out: Path, whole: bool, args: argparse.Namespace) -> dict:
-    argv = [str(src), str(out), "1" if whole else "0", str(args.seqlen), str(args.batch), str(args.steps), str(args.vocab)]
+def run(src: Path, out: Path, whole: bool, args: argparse.Namespace, recompute: bool = False) -> dict:
+    argv = [str(src), str(out), "1" if whole else "0", str(args.seqlen), str(args.batch), str(args.steps), str(args.vocab),
+            "1" if recompute else "0"]
     p = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"tuning failed:\n{p.stderr[-2000:]}")
@@ -70,13 +71,18 @@ def main() -> None:
         cfg = build_config({}, {"method": "rtn", "bits": 4, "group_size": 128, "dtype": "float32"})
         quantize_model(ModelSource(str(src)), cfg, packed, progress=False)
         logits_mib = args.batch * args.seqlen * args.vocab * 4 / 2**20
+        rows = {}
         print(f"vocab {args.vocab}, {args.batch} windows of {args.seqlen}: {logits_mib:.0f} MiB of float32 logits a batch")
         if args.weights:
-            r = run(packed, Path(tmp) / "tuned", False, args)
-            print(f"float32 model {size / 2**20:.0f} MiB; tuning: peak RSS {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.1f} s")
-            print(f"\npeak RSS / the float32 model's bytes: {r['peak_rss_mib'] * 2**20 / size:.2f}")
+            print(f"float32 model {size / 2**20:.0f} MiB")
+            for recompute in (False, True):
+                rows[recompute] = r = run(packed, Path(tmp) / f"tuned-{recompute}", False, args, recompute)
+                label = "recompute (--recompute)" if recompute else "llmq tune              "
+                print(f"{label}: peak RSS {r['peak_rss_mib']:8.0f} MiB ({r['peak_rss_mib'] * 2**20 / size:.2f}x the float32 "
+                      f"model), {r['seconds']:6.1f} s", flush=True)
+            print(f"\npeak RSS ratio recompute / not: {rows[True]['peak_rss_mib'] / rows[False]['peak_rss_mib']:.2f}")
+            print(f"time ratio     recompute / not: {rows[True]['seconds'] / rows[False]['seconds']:.2f}")
             return
-        rows = {}
         for whole in (False, True):
             rows[whole] = r = run(packed, Path(tmp) / f"tuned-{whole}", whole, args)
             label = "whole batch per pass" if whole else "llmq (parts)        "

@@ -305,7 +305,7 @@ def test_a_tuning_out_of_memory_keeps_the_quantization_and_says_so(tmp_path, mon
     assert main([*args, "--tune-steps", "4", "--tune-lr", "0.004", "--tune-batch", "3", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("llmq: error: tuning failed: out of memory (an allocation of")
-    assert str(tmp_path / "o.untuned") in err and "llmq tune --model" in err and "--steps 4 --lr 0.004 --batch 3 --out" in err
+    assert str(tmp_path / "o.untuned") in err and "llmq tune --model" in err and "--steps 4 --lr 0.004 --batch 3 --recompute --out" in err
     assert sorted(x.name for x in tmp_path.iterdir()) == ["o.untuned", "plain"]
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "o.untuned" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
@@ -384,6 +384,26 @@ def test_a_teacher_with_bf16_linears_has_the_float32_ones_logits_in_bf16_product
     assert {model.get_submodule(n).weight.dtype for n in names} == {torch.bfloat16} and "lm_head" in names
     assert model.get_input_embeddings().weight.dtype == torch.float32 and torch.equal(model.get_input_embeddings().weight, kept)
     assert torch.equal(logits(), want)
+
+
+def test_recompute_keeps_a_fraction_for_the_backward_and_tunes_byte_for_byte_the_same(rtn_w3, tmp_path):
+    """--recompute: what one forward keeps for the backward (outside the decoder layers, which keep their
+    inputs alone) is under a third of a plain forward's; the tuned file is the same, byte for byte."""
+    kept = {}
+    for recompute in (False, True):
+        options = TuneOptions(steps=6, lr=5e-3, batch=4, recompute=recompute)
+        tune_checkpoint(str(rtn_w3), tmp_path / str(recompute), calib=CALIB, options=options, progress=False)
+        source, qcfg = open_quantized(str(rtn_w3))
+        s = llmq.tune.student(source, qcfg, True, True, True)
+        if recompute:
+            llmq.tune.recompute_layers(s.model)
+        sizes = []
+        ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(lambda a: sizes.append(a.numel() * a.element_size()) or a, lambda a: a):
+            s.model(input_ids=ids, use_cache=False).logits.float().pow(2).mean().backward()
+        kept[recompute] = sum(sizes)
+    assert kept[True] < kept[False] / 3
+    assert (tmp_path / "True" / "model.safetensors").read_bytes() == (tmp_path / "False" / "model.safetensors").read_bytes()
 
 
 def test_signed_steps_held_add_up_the_parts_and_step_once_on_their_sum():
