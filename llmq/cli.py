@@ -168,9 +168,13 @@ def _add_tuning_args(a: argparse._ArgumentGroup, cfg: QuantizeConfig) -> None:
                    help="the tuning may move each integer code by one step" + _default(cfg.tune_codes))
     g.add_argument("--no-tune-codes", dest="tune_codes", action="store_const", const=False,
                    help="the tuning keeps every code the quantization wrote" + _default(not cfg.tune_codes))
-    a.add_argument("--tune-recompute", dest="tune_recompute", action="store_const", const=True,
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--tune-recompute", dest="tune_recompute", action="store_const", const=True,
                    help="the tuning keeps each decoder layer's inputs alone and forms its activations again in the "
-                        "backward: one layer's activations in memory instead of every layer's, for about 1.3x the time")
+                        "backward: one layer's activations in memory instead of every layer's, for about 1.2x the time"
+                        + _default(cfg.tune_recompute))
+    g.add_argument("--no-tune-recompute", dest="tune_recompute", action="store_const", const=False,
+                   help="the tuning keeps every layer's activations for the backward" + _default(not cfg.tune_recompute))
 
 
 def _default(on: bool) -> str:
@@ -213,7 +217,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                    help="keep every integer code (default: each may move one step where the gradients agree)")
     p.add_argument("--recompute", action="store_true",
                    help="keep each decoder layer's inputs alone and form its activations again in the backward "
-                        "(one layer's activations in memory instead of every layer's, for about 1.3x the time)")
+                        "(one layer's activations in memory instead of every layer's, for about 1.2x the time)")
     p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1)")
     p.add_argument("--compute-dtype", default=t.compute_dtype, choices=["auto", "bfloat16", "float32"],
                    help="dtype of the products (autocast); auto: bfloat16 on a GPU or a CPU with bf16 units, else float32")
