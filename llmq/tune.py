@@ -20,7 +20,8 @@ the file is written, so the file computes what was evaluated.
 Unlike quantize this does not stream layers: it holds both models and one pass's activations with their
 gradients.  Per packed weight: the student's code (1 byte) and, learning codes, its offset (4; SignedSteps),
 never the weight itself (_CodesLinear); the teacher's weight in float32, or bf16 where the products are
-bf16 (weights_in_bf16): 7 bytes a weight in all where the products are bf16 (a GPU, a CPU with bf16 units).
+bf16 (weights_in_bf16; its untied head too): 7 bytes a weight in all where the products are bf16 (a GPU, a
+CPU with bf16 units).  With ``recompute``, one layer's activations instead of every layer's.
 The rest in float32: the embeddings, norms and a float head (training the head: its gradient and Adam's two
 moments, three more copies of it).  A batch goes through in parts where its logits would be large
 (PASS_LOGITS_BYTES).
@@ -447,7 +448,7 @@ def tune_checkpoint(src: str, out: str | Path, *, reference: str | None = None, 
     reference = reference or reference_of(source)
     teacher, ref_source = load_model(reference, trust_remote_code=trust_remote_code)
     if autocast_bf16(options.compute_dtype, torch.device(device)):
-        weights_in_bf16(teacher, packed_linears(teacher, source, qcfg))  # (before the student: a lower peak)
+        weights_in_bf16(teacher, packed_linears(teacher, source, qcfg) + _untied_head(teacher))  # (before the student)
     s = student(source, qcfg, options.norms, options.head, options.codes)
     _check_same_shapes(s, teacher, reference)
     s.model.to(device)
@@ -471,6 +472,14 @@ def weights_in_bf16(teacher: nn.Module, names: list[str]) -> None:
     for name in names:
         linear = teacher.get_submodule(name)
         linear.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+
+
+def _untied_head(model: nn.Module) -> list[str]:
+    """The output head's module name if it is a linear of its own (a tied one would need a copy: left)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(head, nn.Linear) or embedding is not None and head.weight is embedding.weight:
+        return []
+    return [next(n for n, m in model.named_modules() if m is head)]
 
 
 def _calibration_ids(source: ModelSource, calib: CalibConfig) -> torch.Tensor:
