@@ -406,6 +406,18 @@ def test_recompute_keeps_a_fraction_for_the_backward_and_tunes_byte_for_byte_the
     assert (tmp_path / "True" / "model.safetensors").read_bytes() == (tmp_path / "False" / "model.safetensors").read_bytes()
 
 
+def test_an_untied_head_is_stored_in_bf16_with_the_same_logits_and_a_tied_one_is_left():
+    need(REF6M), need(STORIES)
+    assert llmq.tune._untied_head(load_model(str(STORIES))[0]) == []  # (tied to the embedding)
+    model, _ = load_model(str(REF6M))
+    assert llmq.tune._untied_head(model) == ["lm_head"]
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits
+        weights_in_bf16(model, ["lm_head"])
+        assert model.lm_head.weight.dtype == torch.bfloat16 and torch.equal(model(input_ids=ids).logits, want)
+
+
 def test_signed_steps_held_add_up_the_parts_and_step_once_on_their_sum():
     p = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.5]))
     steps = SignedSteps([p], lr=0.1)
