@@ -342,8 +342,8 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     t0 = time.perf_counter()
     device = s.model.device
     bf16 = autocast_bf16(o.compute_dtype, device)
-    if o.recompute:
-        recompute_layers(s.model)
+    if o.recompute:  # (the teacher, a plain model of the same wiring, names the layers: the student's linears are not)
+        recompute_layers(s.model, arch_for(teacher).layers)
     per_pass = windows_per_pass(teacher, ids.shape[1], o.batch)
     cached = _cached_teacher(teacher, ids, per_pass, bf16, device)
     bar = tqdm(range(o.steps), desc="tuning scales end to end", unit="step", disable=not progress)
@@ -364,12 +364,13 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     return TuneResult(losses[0], sum(tail) / len(tail), time.perf_counter() - t0, moved)
 
 
-def recompute_layers(model: nn.Module) -> None:
+def recompute_layers(model: nn.Module, layers: str) -> None:
     """Each decoder layer keeps only its inputs for the backward and runs its forward again there
     (activation checkpointing): a pass's activations shrink from every layer's (about 250 KB a token and
     layer at hidden 4096: 16 GB for a 7B model's window of 2048) to one layer's, for one more forward of the
-    student a step.  The same arithmetic: the forward is run again as it ran."""
-    for layer in get_module(model, arch_for(model).layers):
+    student a step.  The same arithmetic: the forward is run again as it ran.  ``layers``: the path of the
+    model's list of decoder layers (Arch.layers)."""
+    for layer in get_module(model, layers):
         if not (isinstance(layer.forward, partial) and layer.forward.func is checkpoint):
             layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
 

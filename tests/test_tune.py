@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import llmq.tune
-from conftest import REF6M, STORIES, TINYSTORIES, need
+from conftest import REF6M, STORIES, TINYSTORIES, need, save_tiny
 from test_cli import assert_user_error, run
 from llmq.checkpoint import iter_quantized, load_model, open_quantized
 from llmq.cli import main
@@ -396,7 +396,7 @@ def test_recompute_keeps_a_fraction_for_the_backward_and_tunes_byte_for_byte_the
         source, qcfg = open_quantized(str(rtn_w3))
         s = llmq.tune.student(source, qcfg, True, True, True)
         if recompute:
-            llmq.tune.recompute_layers(s.model)
+            llmq.tune.recompute_layers(s.model, "model.layers")
         sizes = []
         ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(0))
         with torch.autograd.graph.saved_tensors_hooks(lambda a: sizes.append(a.numel() * a.element_size()) or a, lambda a: a):
@@ -416,6 +416,20 @@ def test_an_untied_head_is_stored_in_bf16_with_the_same_logits_and_a_tied_one_is
         want = model(input_ids=ids).logits
         weights_in_bf16(model, ["lm_head"])
         assert model.lm_head.weight.dtype == torch.bfloat16 and torch.equal(model(input_ids=ids).logits, want)
+
+
+def test_recompute_on_a_mixture_of_experts_tunes_as_without(tmp_path):
+    """The student's packed linears are not nn.Linear, so the layers to recompute are found on the teacher:
+    a mixture of experts (mixtral, whose layers the table cannot confirm on the student) tunes byte for byte as
+    without recompute."""
+    src = save_tiny("mixtral", tmp_path / "src")
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    cfg = build_config({}, {"method": "rtn", "bits": 4, "group_size": 32, "dtype": "float32"})
+    quantize_model(ModelSource(str(src)), cfg, tmp_path / "q", progress=False)
+    for recompute in (False, True):
+        options = TuneOptions(steps=3, batch=4, recompute=recompute)
+        tune_checkpoint(str(tmp_path / "q"), tmp_path / str(recompute), ids=ids, options=options, progress=False)
+    assert (tmp_path / "True" / "model.safetensors").read_bytes() == (tmp_path / "False" / "model.safetensors").read_bytes()
 
 
 def test_signed_steps_held_add_up_the_parts_and_step_once_on_their_sum():
