@@ -42,6 +42,54 @@ def layer_hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _Watch:
+    """The observers' hooks over LayerInputs.run's forwards, and when a forward may stop early.
+
+    Without keep_outputs nothing downstream of the last observed module matters: once every observer has
+    seen its input the rest of the forward is skipped (raising _Observed).  That needs each observed module
+    to run once per forward, which the first full forward checks; it also notes which modules read the very
+    tensor an earlier one read, so that a stopped forward shows it to them.  ``single_call`` keeps what the
+    check found, per layer class and module names (the run's, shared by its layers)."""
+
+    def __init__(self, layer: nn.Module, observers: dict[nn.Module, Observer], keep_outputs: bool,
+                 single_call: dict[tuple[str, ...], dict[str, str] | None]):
+        self.observers = observers
+        self.names = {m: n for n, m in layer.named_modules() if m in observers}
+        self.modules = {n: m for m, n in self.names.items()}
+        self.may_stop = bool(observers) and not keep_outputs
+        self.key = (type(layer).__name__, *self.names.values()) if self.may_stop else ()
+        self.single_call = single_call
+        self.calls: dict[nn.Module, int] = {}
+        self.got: dict[str, torch.Tensor] = {}  # this forward's observed inputs
+        self.shares: dict[str, str] = {}  # module -> the earlier observed module whose very input tensor it read
+
+    def start_forward(self) -> None:
+        self.calls.clear()
+        self.got.clear()
+        self.shares.clear()
+
+    def pre_hook(self, mod: nn.Module, args: tuple) -> None:
+        self.observers[mod](args[0])
+        self.calls[mod] = self.calls.get(mod, 0) + 1
+        name = self.names[mod]
+        same = next((n for n, t in self.got.items() if t is args[0]), None)
+        if same is not None:
+            self.shares.setdefault(name, same)
+        self.got.setdefault(name, args[0])
+        known = self.single_call.get(self.key)
+        if self.may_stop and known is not None and all(n in self.got for n in self.modules if n not in known):
+            for n, source in known.items():  # (they would read the same tensor: show it to them now)
+                if n not in self.got:
+                    self.observers[self.modules[n]](self.got[source])
+            raise _Observed
+
+    def full_forward_done(self) -> None:
+        """After a forward that ran to its end: the first one records whether each module ran once."""
+        if self.may_stop and self.key not in self.single_call:
+            once = len(self.calls) == len(self.observers) and all(n == 1 for n in self.calls.values())
+            self.single_call[self.key] = dict(self.shares) if once else None
+
+
 @dataclass
 class LayerInputs:
     hidden: list[torch.Tensor]  # one (1, seqlen, hidden) tensor per calibration sample
@@ -73,35 +121,12 @@ class LayerInputs:
         checks (once per layer class and module names, not once per layer); if it does not, every
         batch runs in full.
         """
-        observers = dict(observers or {})
-        names = {m: n for n, m in layer.named_modules() if m in observers}
-        modules = {n: m for m, n in names.items()}
-        calls: dict[nn.Module, int] = {}
-        got: dict[str, torch.Tensor] = {}  # this forward's observed inputs
-        shares: dict[str, str] = {}  # module -> the earlier observed module whose very input tensor it read
-        may_stop = bool(observers) and not keep_outputs
-        key = (type(layer).__name__, *names.values()) if may_stop else ()
-
-        def pre_hook(mod: nn.Module, args: tuple) -> None:
-            observers[mod](args[0])
-            calls[mod] = calls.get(mod, 0) + 1
-            name = names[mod]
-            same = next((n for n, t in got.items() if t is args[0]), None)
-            if same is not None:
-                shares.setdefault(name, same)
-            got.setdefault(name, args[0])
-            known = self._single_call.get(key)
-            if may_stop and known is not None and all(n in got for n in modules if n not in known):
-                for n, source in known.items():  # (they would read the same tensor: show it to them now)
-                    if n not in got:
-                        observers[modules[n]](got[source])
-                raise _Observed
-
+        watch = _Watch(layer, dict(observers or {}), keep_outputs, self._single_call)
         batch = 0
         reuse = self.reuse if self.reuse is not None and self.reuse.layer is layer else None
-        remove = (reuse.hooks(lambda: batch, self.hidden[0].shape[-1], set(observers))
+        remove = (reuse.hooks(lambda: batch, self.hidden[0].shape[-1], set(watch.observers))
                   if reuse is not None and self.hidden else None)
-        handles = [mod.register_forward_pre_hook(pre_hook) for mod in observers]  # (after reuse's: it keeps first)
+        handles = [mod.register_forward_pre_hook(watch.pre_hook) for mod in watch.observers]  # (after reuse's: it keeps first)
         outputs: list[torch.Tensor] = []
         try:
             for i in range(0, len(self.hidden), self.batch_size):
@@ -113,9 +138,7 @@ class LayerInputs:
                 batch = (self.offset + i) // self.batch_size
                 if on_batch is not None:
                     on_batch(batch)
-                calls.clear()
-                got.clear()
-                shares.clear()
+                watch.start_forward()
                 if reuse is not None:
                     reuse.start_forward()
                 try:
@@ -124,15 +147,13 @@ class LayerInputs:
                     continue
                 if keep_outputs:
                     outputs.extend(y.split(1))
-                if may_stop and key not in self._single_call:
-                    once = len(calls) == len(observers) and all(n == 1 for n in calls.values())
-                    self._single_call[key] = dict(shares) if once else None
+                watch.full_forward_done()
         finally:
             for h in handles:
                 h.remove()
             if remove is not None:
                 remove()
-            got.clear()
+            watch.got.clear()
         return outputs if keep_outputs else None
 
     def first_batch(self) -> torch.Tensor:
