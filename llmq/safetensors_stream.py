@@ -1,4 +1,5 @@
-"""A safetensors writer whose memory use does not grow with the checkpoint.
+"""safetensors files a tensor at a time: a writer whose memory use does not grow with the checkpoint, and
+a reader that parses each file's header once.
 
 Tensors are appended to a data file as they arrive; when a shard is full its header
 is written and the data streamed behind it.  Files follow the safetensors format
@@ -16,13 +17,44 @@ from pathlib import Path
 
 import torch
 
-_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+# safetensors' dtype names and the torch dtypes they hold: what the writer names and the reader reads.
+DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16, "I16": torch.int16,
+          "U32": torch.uint32, "I32": torch.int32, "U64": torch.uint64, "I64": torch.int64, "F16": torch.float16,
+          "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+          "F8_E5M2": torch.float8_e5m2}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # Bytes per element of each safetensors dtype string, for sizing files without reading their data.
-DTYPE_BYTES = {name: torch.empty(0, dtype=dt).element_size() for dt, name in _DTYPES.items()}
+DTYPE_BYTES = {name: torch.empty(0, dtype=dtype).element_size() for name, dtype in DTYPES.items()}
+
+
+class Header:
+    """A safetensors file's header, parsed once.  safetensors' safe_open parses the whole header at every
+    opening: one opening per tensor costs the square of a file's tensor count (a mixture of experts' shard
+    holds thousands).  Each tensor is read with plain file reads, never mapped: a streamed run's memory
+    holds only the tensors it has taken.  The header is taken as it is: check it first (safe_open does)."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            self.entries: dict = json.loads(f.read(n))
+        self.base = 8 + n
+
+    def dtype_known(self, key: str) -> bool:
+        return self.entries[key]["dtype"] in DTYPES
+
+    def read(self, path: Path, key: str) -> torch.Tensor:
+        """Tensor ``key`` of the file at ``path`` (this header's), in a buffer of its own."""
+        entry = self.entries[key]
+        dtype = DTYPES[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        buf = bytearray(end - start)
+        with open(path, "rb") as f:
+            f.seek(self.base + start)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"the file ends inside tensor {key!r}")
+        if not buf:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
 
 class ShardedWriter:
@@ -53,7 +85,7 @@ class ShardedWriter:
             self._offset = 0
             self._entries = {}
         self._fh.write(raw)
-        self._entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+        self._entries[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
                                "data_offsets": [self._offset, self._offset + len(raw)]}
         self._offset += len(raw)
         self.total_size += len(raw)

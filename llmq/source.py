@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import warnings
 from pathlib import Path
 import torch
@@ -22,6 +21,7 @@ from llmq.dtypes import FLOAT_DTYPES
 from llmq.errors import LlmqError
 from llmq.experts import unfuse_experts
 from llmq.provenance import sha256_file
+from llmq.safetensors_stream import Header
 
 log = logging.getLogger("llmq")
 
@@ -72,7 +72,7 @@ class ModelSource:
         self.tied: dict[str, str] = {}  # parameter stored under another name (tied embeddings)
         self.transposed: set[str] = set()  # weights of Conv1D modules, stored (in, out) on disk
         self._hashes: dict[str, str] | None = None  # file_hashes(), once computed
-        self._headers: dict[Path, _Header] = {}  # each safetensors file's header, parsed once
+        self._headers: dict[Path, Header] = {}  # each safetensors file's header, parsed once
 
     @property
     def display_name(self) -> str:
@@ -163,8 +163,8 @@ class ModelSource:
         path = self._index[key]
         try:
             if path not in self._headers:
-                self._headers[path] = _Header(path)
-            t = self._headers[path].read(path, key)
+                self._headers[path] = Header(path)
+            t = _read(self._headers[path], path, key)
         except Exception as e:  # a truncated or corrupted file: the user's to replace
             raise LlmqError(f"cannot read tensor {key!r} from {str(path)!r}: {_first_line(e)}") from None
         if t.is_floating_point():
@@ -272,40 +272,13 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-# safetensors' dtype names, for reading a tensor's bytes where its header puts them.
-_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16, "I16": torch.int16,
-           "U32": torch.uint32, "I32": torch.int32, "U64": torch.uint64, "I64": torch.int64, "F16": torch.float16,
-           "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
-           "F8_E5M2": torch.float8_e5m2}
-
-
-class _Header:
-    """A safetensors file's header, parsed once.  safe_open parses the whole header at every opening: one
-    opening per tensor costs the square of a file's tensor count (a mixture of experts' shard holds
-    thousands).  Each tensor is read with plain file reads, never mapped: a streamed run's memory holds
-    only the tensors it has taken (_keys has checked the header and the file's extent with safe_open)."""
-
-    def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            self.entries: dict = json.loads(f.read(n))
-        self.base = 8 + n
-
-    def read(self, path: Path, key: str) -> torch.Tensor:
-        entry = self.entries[key]
-        if entry["dtype"] not in _DTYPES:  # (one safetensors knows and this table does not)
-            with safe_open(str(path), framework="pt") as st:
-                return st.get_tensor(key)
-        dtype = _DTYPES[entry["dtype"]]
-        start, end = entry["data_offsets"]
-        buf = bytearray(end - start)
-        with open(path, "rb") as f:
-            f.seek(self.base + start)
-            if f.readinto(buf) != len(buf):
-                raise ValueError(f"the file ends inside tensor {key!r}")
-        if not buf:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+def _read(header: Header, path: Path, key: str) -> torch.Tensor:
+    """Tensor ``key`` at its header's offsets (_keys has checked the header and the file's extent with
+    safe_open), or through safe_open where its dtype is one the header reader does not know."""
+    if header.dtype_known(key):
+        return header.read(path, key)
+    with safe_open(str(path), framework="pt") as st:
+        return st.get_tensor(key)
 
 
 def _keys(path: Path) -> list[str]:

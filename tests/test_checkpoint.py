@@ -100,23 +100,30 @@ def test_a_second_skeleton_keeps_the_tied_head(stories):
     assert first and source.tied == first
 
 
-def test_a_tensor_is_read_as_safetensors_reads_it(tmp_path):
-    """llmq reads each tensor at its header's offsets (the header parsed once per file): every dtype it knows,
-    an empty tensor and a scalar come back as safetensors' own reader gives them, bit for bit."""
+def test_a_tensor_is_read_and_written_as_safetensors_does(tmp_path):
+    """llmq reads each tensor at its header's offsets (the header parsed once per file) and writes with its own
+    writer: every dtype it knows, an empty tensor and a scalar round-trip with safetensors' own reader and
+    writer, bit for bit."""
     from safetensors.torch import save_file
 
-    from llmq.source import _DTYPES, _Header
+    from llmq.safetensors_stream import DTYPES, Header, ShardedWriter
 
     g = torch.Generator().manual_seed(0)
-    tensors = {f"t.{name}": (torch.randn(3, 5, generator=g) * 100).to(dtype) for name, dtype in _DTYPES.items()
+    tensors = {f"t.{name}": (torch.randn(3, 5, generator=g) * 100).to(dtype) for name, dtype in DTYPES.items()
                if dtype not in (torch.uint16, torch.uint32, torch.uint64)}
     tensors |= {"u16": torch.arange(7, dtype=torch.int32).to(torch.uint16), "empty": torch.zeros(0, 4),
                 "scalar": torch.tensor(2.5, dtype=torch.float64), "big": torch.randn(1000, 33, generator=g)}
-    path = tmp_path / "all.safetensors"
-    save_file(tensors, path)
-    header = _Header(path)
-    with safe_open(str(path), framework="pt") as st:
-        for key in tensors:
-            got, want = header.read(path, key), st.get_tensor(key)
-            assert got.dtype == want.dtype and got.shape == want.shape, key
-            assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)), key
+    theirs = tmp_path / "theirs.safetensors"
+    save_file(tensors, theirs)
+    writer = ShardedWriter(tmp_path / "ours", 2**30)
+    (tmp_path / "ours").mkdir()
+    for key, t in tensors.items():
+        writer.add(key, t)
+    [ours] = writer.finish()
+    for written, read in ((theirs, "llmq"), (ours, "safetensors")):
+        header = Header(written)
+        with safe_open(str(written), framework="pt") as st:
+            for key, want in tensors.items():
+                got = header.read(written, key) if read == "llmq" else st.get_tensor(key)
+                assert got.dtype == want.dtype and got.shape == want.shape, (written.name, key)
+                assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)), (written.name, key)

@@ -408,7 +408,7 @@ def test_an_interrupt_a_library_swallows_still_stops_for_resume(model, tmp_path,
 
     clean, out = tmp_path / "clean", tmp_path / "q"
     assert main([*_recipe(model, "gptq"), "--out", str(clean)]) == 0
-    monkeypatch.setattr(source._Header, "read", _swallows_interrupts(source._Header.read))
+    monkeypatch.setattr(source.Header, "read", _swallows_interrupts(source.Header.read))
     assert main([*_recipe(model, "gptq"), "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "cannot read" not in err and not out.exists()
