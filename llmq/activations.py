@@ -63,7 +63,8 @@ class _Watch:
         self.got: dict[str, torch.Tensor] = {}  # this forward's observed inputs
         self.shares: dict[str, str] = {}  # module -> the earlier observed module whose very input tensor it read
 
-    def start_forward(self) -> None:
+    def clear(self) -> None:
+        """Forget a forward (before the next; at the end, its observed inputs let go)."""
         self.calls.clear()
         self.got.clear()
         self.shares.clear()
@@ -138,7 +139,7 @@ class LayerInputs:
                 batch = (self.offset + i) // self.batch_size
                 if on_batch is not None:
                     on_batch(batch)
-                watch.start_forward()
+                watch.clear()
                 if reuse is not None:
                     reuse.start_forward()
                 try:
@@ -153,7 +154,7 @@ class LayerInputs:
                 h.remove()
             if remove is not None:
                 remove()
-            watch.got.clear()
+            watch.clear()  # (let go of the last forward's inputs)
         return outputs if keep_outputs else None
 
     def first_batch(self) -> torch.Tensor:

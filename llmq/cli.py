@@ -568,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(e, LlmqError):
                 print(f"llmq: error: {e}", file=sys.stderr)
                 return 2
-            if out_of_memory(e):
-                print(f"llmq: error: {out_of_memory(e)}", file=sys.stderr)
+            if oom := out_of_memory(e):
+                print(f"llmq: error: {oom}", file=sys.stderr)
                 return 2
             if not (isinstance(e, OSError) and e.errno in _SYSTEM_ERRORS):
                 raise

@@ -138,6 +138,13 @@ class ScaledCodes(nn.Module):
         """x (out, in) times each column's group scale from s (out, groups)."""
         return group_scale(x, s, self.group, self.g)
 
+    def weight(self, v: torch.Tensor | None, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(w, c, shift) at offsets ``v`` (None: the codes as stored) and scales ``s``: shift = round(v) kept on
+        the grid, c = q + shift − z, and w = c times each column's scale, in float32."""
+        shift = None if v is None else self.code_shift(v)
+        c = self.centred(shift)
+        return self.by_column(c, s), c, shift
+
     def codes(self) -> torch.Tensor:
         if self.v is None:
             return self.qt.codes
@@ -165,16 +172,15 @@ class _CodesLinear(torch.autograd.Function):
         xc = x.to(dtype)
         ctx.m, ctx.x_dtype = m, x.dtype
         ctx.save_for_backward(xc, v, s)
-        w = m.by_column(m.centred(None if v is None else m.code_shift(v)), s).to(dtype)
+        w = m.weight(v, s)[0].to(dtype)
         return F.linear(xc, w, None if m.bias is None else m.bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         xc, v, s = ctx.saved_tensors
         m = ctx.m
-        shift = None if v is None else m.code_shift(v)  # (the saved v: the offsets of this forward)
-        c = m.centred(shift)
-        w = m.by_column(c, s).to(grad.dtype)
+        w, c, shift = m.weight(v, s)  # (the saved v: the offsets of this forward)
+        w = w.to(grad.dtype)
         g2, x2 = grad.reshape(-1, grad.shape[-1]), xc.reshape(-1, xc.shape[-1])
         grad_x = g2.mm(w).view(xc.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grad_w = g2.t().mm(x2).float()  # (contiguous, as autograd's own: the same bits)
@@ -541,8 +547,9 @@ def _keep_untuned(quantized: Path, out: Path) -> Path | None:
 
 def _tuning_failed(e: Exception, kept: Path | None, source: ModelSource, out: Path, o: TuneOptions) -> Exception:
     """A failed tuning as one line (a user's error, out of memory) naming what was kept; else ``e``, with a note."""
-    reason = str(e) if isinstance(e, LlmqError) else out_of_memory(e)
-    recompute = o.recompute or (reason is not None and not isinstance(e, LlmqError))  # (out of memory: try it)
+    oom = out_of_memory(e)
+    reason = str(e) if isinstance(e, LlmqError) else oom
+    recompute = o.recompute or oom is not None  # (out of memory: try it)
     again = (f"llmq tune --model {kept} --reference {source.name} --steps {o.steps} --lr {o.lr} --batch {o.batch}"
              f"{'' if o.head else ' --no-head'}{'' if o.codes else ' --no-codes'}{' --recompute' if recompute else ''}"
              f" --out {out}")
