@@ -31,6 +31,7 @@ class QuantizeConfig:
     group_size: int = 128  # -1: one group per output channel
     sym: bool = True
     grid_search: bool | None = None  # integer grids: search each group's range for the least diag(H)-weighted error (None: the method's default)
+    full_range: bool = False  # symmetric integer grids: each group's larger extreme on the end level, a signed scale (llmq.grid)
     format: str | None = None  # None: gptq (v1) for symmetric grids, gptq_v2 for asymmetric ones
     gguf_type: str | None = None  # with format gguf: a block type, a mix or a float type (llmq.gguf.types)
     gguf_token_embedding_type: str | None = None  # None: llama-quantize's choice (the base type)

@@ -3,9 +3,9 @@
 A weight w of one (row, group) is represented as  w ~= scale * (q - zero) [+ offset]  with an
 integer code q in [0, 2**bits - 1].  :class:`Grid` is the interface methods program against;
 :class:`IntGrid` is the generic integer grid (symmetric: zero fixed at 2**(bits-1), the GPTQ
-convention; asymmetric: [min, max] of the group, no offset; with ``search``, that range shrunk to the
-least importance-weighted error).  File formats with grids of their
-own (GGUF's block types) implement the same interface in their own package.  Scales are rounded
+convention, or with ``full_range`` AutoRound's, its scale signed; asymmetric: [min, max] of the group,
+no offset; with ``search``, that range shrunk to the least importance-weighted error).  File formats
+with grids of their own (GGUF's block types) implement the same interface in their own package.  Scales are rounded
 to what will be stored *before* any code is chosen, so what a method optimises is exactly what a
 format later writes.
 """
@@ -130,6 +130,12 @@ class IntGrid(Grid):
     # Search each group's range for the least (importance-weighted) error instead of taking its min/max.
     # How a grid is fitted, not what it stores: grids that differ only here compare equal.
     search: bool = field(default=False, compare=False)
+    # Symmetric grids only: each group's extreme of larger magnitude on the end level −2**(bits-1), the
+    # scale's sign choosing which side (AutoRound's int_sym; llama.cpp's legacy blocks alike), instead of
+    # GPTQ's ±absmax spread over 2**bits − 1 steps, whose top level falls a step short of absmax and bottom
+    # one past −absmax.  Steps (2**bits − 1) / 2**bits as wide: 7/8 at 3 bits, 3/4 at 2.  The same zero and
+    # file layout (eval/results/full-range.md).
+    full_range: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -160,7 +166,7 @@ class IntGrid(Grid):
         all ones).  fp32 scale exactly representable in ``scale_dtype``, integer-valued fp32 zero."""
         w = w.float()
         wmin, wmax = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
-        if self.sym:
+        if self.sym and not self.full_range:
             wmax = torch.maximum(wmin.abs(), wmax)
             wmin = -wmax
         dead = (wmin == 0) & (wmax == 0)  # an all-zero group: any scale works, keep it finite
@@ -171,12 +177,19 @@ class IntGrid(Grid):
         return self._searched(w, wmin, wmax, importance)
 
     def stored(self, scale: torch.Tensor) -> torch.Tensor:
-        """``scale`` as the formats store it: finite, positive and rounded to ``scale_dtype`` (as float32)."""
+        """``scale`` as the formats store it: finite, nonzero and rounded to ``scale_dtype`` (as float32); its
+        sign kept (a full-range grid's negative scales), 0 taken as positive."""
         finfo = torch.finfo(self.scale_dtype)
-        return scale.clamp(min=finfo.tiny, max=finfo.max).to(self.scale_dtype).float()
+        magnitude = scale.abs().clamp(min=finfo.tiny, max=finfo.max)
+        return torch.where(scale < 0, -magnitude, magnitude).to(self.scale_dtype).float()
 
     def _range(self, wmin: torch.Tensor, wmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The grid spanning [wmin, wmax] (each spans 0), its scale rounded to what is stored."""
+        """The grid spanning [wmin, wmax] (each spans 0), its scale rounded to what is stored; full range:
+        the one whose level −2**(bits-1) is the larger in magnitude of wmin and wmax (ties: wmin)."""
+        if self.sym and self.full_range:
+            half = (self.maxq + 1) / 2
+            scale = self.stored(torch.where(-wmin >= wmax, -wmin, -wmax) / half)
+            return scale, torch.full_like(scale, half)
         scale = self.stored((wmax - wmin) / self.maxq)
         if self.sym:
             return scale, torch.full_like(scale, (self.maxq + 1) / 2)
@@ -185,17 +198,24 @@ class IntGrid(Grid):
     def _searched(self, w: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor,
                   importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every factor in SHRINK_FACTORS for every group; min/max (factor 1) is tried first and kept on
-        ties, so a group that no shrinking helps (or that weighs nothing) keeps its min/max grid."""
+        ties, so a group that no shrinking helps (or that weighs nothing) keeps its min/max grid.  A full-range
+        grid also tries each range mirrored: the smaller extreme's side on the end level, the larger one's
+        clipped to (2**(bits-1) − 1) steps (at 2 bits, [−2, 1] steps either way round)."""
         best_f, best = torch.ones_like(wmin), torch.full_like(wmin, float("inf"))
+        mirrored = torch.zeros_like(wmin, dtype=torch.bool)
         for f in SHRINK_FACTORS:
-            scale, zero = (t[..., None] for t in self._range(wmin * f, wmax * f))
-            # dequantize(quantize(w)) - w, in place on one temporary: the same values as the primitives
-            # give (a scale here is never 0), at a third of their memory traffic.
-            d = (w / scale).round_().add_(zero).clamp_(0, self.maxq).sub_(zero).mul_(scale).sub_(w)
-            e = (d.square_() if importance is None else d.square_().mul_(importance)).sum(-1)
-            better = e < best
-            best, best_f = torch.where(better, e, best), best_f.masked_fill(better, f)
-        return self._range(wmin * best_f, wmax * best_f)
+            for mirror in (False, True) if self.sym and self.full_range else (False,):
+                lo, hi = (-wmax * f, -wmin * f) if mirror else (wmin * f, wmax * f)
+                scale, zero = (t[..., None] for t in self._range(lo, hi))
+                # dequantize(quantize(w)) - w, in place on one temporary: the same values as the primitives
+                # give (a scale here is never 0), at a third of their memory traffic.
+                d = (w / scale).round_().add_(zero).clamp_(0, self.maxq).sub_(zero).mul_(scale).sub_(w)
+                e = (d.square_() if importance is None else d.square_().mul_(importance)).sum(-1)
+                better = e < best
+                best, best_f = torch.where(better, e, best), best_f.masked_fill(better, f)
+                mirrored = mirrored.masked_fill(better, mirror)
+        lo, hi = wmin * best_f, wmax * best_f
+        return self._range(torch.where(mirrored, -hi, lo), torch.where(mirrored, -lo, hi))
 
 
 # ---- primitives ----------------------------------------------------------------------

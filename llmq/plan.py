@@ -198,7 +198,7 @@ def recipe_grid(cfg: QuantizeConfig) -> Grid:
         return FourBitGrid(cfg.bnb_4bit_quant_type, 64, cfg.bnb_4bit_use_double_quant) if cfg.bits == 4 else Int8RowGrid()
     # Ranges searched as the recipe says, else as the method does by default (llmq.grid; AWQ clips its own way).
     search = method_class(cfg.method).grid_search if cfg.grid_search is None else cfg.grid_search
-    return IntGrid(cfg.bits, cfg.group_size, cfg.sym, search=search)
+    return IntGrid(cfg.bits, cfg.group_size, cfg.sym, search=search, full_range=cfg.full_range)
 
 
 def _calibration(cfg: QuantizeConfig, cls: type[Method], source: ModelSource) -> Calibration:

@@ -108,6 +108,10 @@ def check(cfg: QuantizeConfig) -> None:
         raise LlmqError(f"unknown format {cfg.format!r}; choose from {', '.join([*FORMATS, 'gguf'])}")
     if cfg.grid_search is not None and not isinstance(cfg.grid_search, bool):
         raise LlmqError(f"grid_search must be true or false, got {cfg.grid_search!r}")
+    if not isinstance(cfg.full_range, bool):
+        raise LlmqError(f"full_range must be true or false, got {cfg.full_range!r}")
+    if cfg.full_range and cfg.format in ("gguf", "bitsandbytes"):  # (asymmetric grids: no say, as the flag's help says)
+        raise LlmqError(f"--full-range applies to symmetric integer grids; --format {cfg.format} fits its own grids")
     if cfg.grid_search and cfg.format in ("gguf", "bitsandbytes"):
         raise LlmqError(f"--grid-search applies to integer grids; --format {cfg.format} fits its own grids "
                         "(GGUF's K-quants already search with diag(H) as importance)")

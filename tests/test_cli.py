@@ -151,6 +151,17 @@ def test_help_lists_working_subcommands():
     assert p.returncode == 0 and "quantize" in p.stdout and "eval" in p.stdout
 
 
+def test_full_range_is_refused_where_the_format_fits_its_own_grids(tmp_path):
+    need(STORIES)
+    for fmt in (("--format", "gguf", "--gguf-type", "Q4_0"), ("--format", "bitsandbytes")):
+        p = run("quantize", "--model", str(STORIES), "--full-range", *fmt, "--out", str(tmp_path / "o"))
+        assert_user_error(p, "--full-range applies to symmetric integer grids")
+    assert leftovers(tmp_path) == []
+    (tmp_path / "r.yaml").write_text("full_range: yes please\n")
+    p = run("quantize", "--model", str(STORIES), "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o"))
+    assert_user_error(p, "full_range must be true or false")
+
+
 @pytest.mark.slow  # (tens of seconds; runs with -m slow)
 def test_gguf_cli_errors(tmp_path):
     from conftest import save_tiny

@@ -262,8 +262,10 @@ def test_permuted_g_idx_keeps_desc_act(quantized, tmp_path):
         assert torch.equal(again.state_dict()[k], w), k
 
 
-def test_gptqmodel_decodes_act_order_checkpoint(tmp_path):
-    """GPTQModel (when installed; not a CI dependency) reads an act-order checkpoint to llmq's weights."""
+@pytest.mark.parametrize("bits,full_range", [(4, False), (3, True)])
+def test_gptqmodel_decodes_act_order_checkpoint(tmp_path, bits, full_range):
+    """GPTQModel (when installed; not a CI dependency) reads an act-order checkpoint to llmq's weights, a
+    full-range grid's negative scales too."""
     pytest.importorskip("gptqmodel")
     import os
 
@@ -273,8 +275,8 @@ def test_gptqmodel_decodes_act_order_checkpoint(tmp_path):
     from conftest import C4
 
     need(REF6M)
-    cfg = build_config({}, {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "dataset": str(need(C4)),
-                            "nsamples": 4, "seqlen": 128, "dtype": "float16"})
+    cfg = build_config({}, {"method": "gptq", "bits": bits, "group_size": 128, "act_order": True, "dataset": str(need(C4)),
+                            "nsamples": 4, "seqlen": 128, "dtype": "float16", "full_range": full_range})
     out = quantize_model(ModelSource(str(REF6M)), cfg, tmp_path / "q", progress=False).output
     ours, _ = load_model(str(out))
     theirs = GPTQModel.load(str(out), device="cpu", dtype=torch.float16, backend=BACKEND.TORCH).model

@@ -159,3 +159,107 @@ def test_grid_search_reaches_the_written_checkpoint(tmp_path):
         assert torch.all(err["--grid-search"] <= err["--no-grid-search"] * (1 + 1e-5) + 1e-12), n
         total = {flag: total[flag] + float(e.sum()) for flag, e in err.items()}
     assert total["--grid-search"] < 0.97 * total["--no-grid-search"]
+
+
+def naive_full_range(x: torch.Tensor, bits: int, factor: float = 1.0, mirror: bool = False) -> torch.Tensor:
+    """AutoRound's symmetric grid (int_sym), for one group in float64: the extreme of larger magnitude (ties:
+    the negative one; ``mirror``: the other one's side instead), shrunk by ``factor``, on the code −2**(bits−1)
+    of codes −2**(bits−1) … 2**(bits−1) − 1, the scale signed and rounded to fp16."""
+    half = 2 ** (bits - 1)
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    if lo == hi == 0:
+        lo, hi = -1.0, 1.0
+    if mirror:
+        lo, hi = -hi, -lo
+    end = (lo if -lo >= hi else hi) * factor
+    scale = float(torch.tensor(-end / half, dtype=torch.float32).half().float())
+    return scale * torch.clamp(torch.round(x.double() / scale), -half, half - 1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("gs", [-1, 16, 48])
+def test_full_range_rtn_is_autorounds_symmetric_grid(bits, gs):
+    g = torch.Generator().manual_seed(bits * 11 + gs)
+    w = torch.randn(12, 96, generator=g)
+    w[2, 7] = 9.0  # a positive extreme: GPTQ's symmetric grid clips it a step short
+    w[3] = 0  # an all-zero row must stay finite and exact
+    got = rtn_quantize(w, IntGrid(bits, gs, True, full_range=True)).dequantize(torch.float64)
+    size = 96 if gs == -1 else gs
+    ref = torch.cat([torch.stack([naive_full_range(w[r, c : c + size], bits) for r in range(12)]) for c in range(0, 96, size)], 1)
+    assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5)
+    assert torch.all(got[3] == 0)
+    # each group's extreme of larger magnitude is on the grid (up to the fp16 rounding of its scale)
+    groups = w.reshape(12, -1, size)
+    at = groups.abs().argmax(-1, keepdim=True)
+    assert torch.allclose(got.reshape(12, -1, size).gather(-1, at).float(), groups.gather(-1, at), rtol=1e-3, atol=0)
+
+
+def test_full_range_keeps_negative_scales_and_equality():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    w[:, 0] = torch.where(torch.arange(16) % 2 == 0, 8.0, -8.0)  # rows alternate which side is larger
+    plain, full = IntGrid(3, 32, True), IntGrid(3, 32, True, full_range=True)
+    assert plain == full and hash(plain) == hash(full)  # what is stored is the same grid
+    qt = rtn_quantize(w, full)
+    assert torch.all((qt.scales[0::2, 0] < 0) & (qt.scales[1::2, 0] > 0))
+    assert torch.equal(qt.scales, qt.scales.half().float())
+    assert torch.all(qt.zeros == 4)
+    stored = full.stored(torch.tensor([-0.3, 0.3, 0.0, -1e-12, -1e9]))
+    tiny, top = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
+    assert stored.tolist() == [-torch.tensor(0.3).half().item(), torch.tensor(0.3).half().item(), tiny, -tiny, -top]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_full_range_search_finds_the_exhaustive_optimum_either_way_round(bits):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(60, 32, generator=g) * torch.rand(60, 1, generator=g)
+    # groups of negative weights crowded near their extreme, but one positive just past it: that one on the end
+    # level leaves the crowd 2**(bits-1) − 1 steps, clipping it; mirrored, the one alone is clipped
+    w[::2] = -(torch.rand(30, 32, generator=g) * 0.6 + 0.4) * w[::2].abs().amax(1, keepdim=True)
+    w[::2, 7] = -1.05 * w[::2].amin(1)
+    imp = torch.rand(32, generator=g) * 4
+    grid = IntGrid(bits, 32, True, search=True, full_range=True)
+    scale, zero = grid.fit_groups(w, imp)
+    got = ((w - scale[:, None] * (torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, grid.maxq) - zero[:, None])) ** 2
+           * imp).sum(1).double()
+
+    def error(x, f, mirror):
+        return float(((x.double() - naive_full_range(x, bits, f, mirror)) ** 2 * imp.double()).sum())
+
+    factors = [1 - k / 200 for k in range(31)]
+    minmax = torch.tensor([error(x, 1.0, False) for x in w])
+    one_way = torch.tensor([min(error(x, f, False) for f in factors) for x in w])
+    both = torch.tensor([min(error(x, f, m) for f in factors for m in (False, True)) for x in w])
+    assert torch.all(got <= minmax * (1 + 1e-6))  # never worse than the larger extreme's grid, group by group
+    assert got.sum() <= both.sum() * 1.02
+    if bits < 4:  # (at 4 bits the crowd's steps are fine enough that mirroring rarely pays)
+        assert both.sum() < 0.95 * one_way.sum()  # (the data make mirroring matter)
+        assert got.sum() < one_way.sum() * 0.97
+
+
+def test_full_range_reaches_the_written_checkpoint(tmp_path):
+    """--full-range travels from the command line to the file: the GPTQ checkpoint's weights, read back, are
+    AutoRound's symmetric grid of the FP32 weights, negative scales included."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import ROOT, STORIES, need
+    from llmq.checkpoint import load_model
+
+    need(STORIES)
+    out = tmp_path / "full-range"
+    p = subprocess.run([sys.executable, "-m", "llmq", "quantize", "--quiet", "--method", "rtn", "--bits", "3", "--group-size",
+                        "32", "--no-grid-search", "--full-range", "--model", str(STORIES), "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    scales = torch.cat([t.float().flatten() for n, t in load_file(out / "model.safetensors").items() if n.endswith(".scales")])
+    assert (scales < 0).any() and (scales > 0).any()
+    got = dict(load_model(str(out))[0].named_parameters())
+    fp = dict(load_model(str(STORIES))[0].named_parameters())
+    names = [n for n in fp if ".layers." in n and n.endswith("proj.weight") and fp[n].shape[1] % 32 == 0]
+    assert names
+    for n in names:
+        w = fp[n].detach()
+        ref = torch.stack([naive_full_range(w[r, c : c + 32], 3) for r in range(w.shape[0]) for c in range(0, w.shape[1], 32)])
+        assert torch.allclose(got[n].detach().double(), ref.reshape(w.shape), atol=1e-6, rtol=1e-3), n

@@ -458,3 +458,19 @@ def test_a_batch_in_parts_tunes_as_the_whole_batch(rtn_w3, tmp_path, monkeypatch
     assert moved > 0 and differ <= moved // 20
     for n in a:
         torch.testing.assert_close(a[n].scales, b[n].scales, rtol=2e-3, atol=0)
+
+
+def test_tuning_keeps_a_full_range_grids_signed_scales(tmp_path):
+    """A full-range grid's negative scales stay negative through the tuning (s0·exp(t), stored with its
+    sign), and the tuning still lowers the held-out KL."""
+    need(STORIES), need(TINYSTORIES)
+    src, out = tmp_path / "full-range", tmp_path / "tuned"
+    cfg = build_config({}, {"method": "rtn", "bits": 3, "group_size": 32, "full_range": True, "dtype": "float32"})
+    quantize_model(ModelSource(str(STORIES)), cfg, src, progress=False)
+    tune_checkpoint(str(src), out, calib=CALIB, options=TuneOptions(steps=16, lr=5e-3, batch=4), progress=False)
+    before, after = _packed(src), _packed(out)
+    assert sum(int((qt.scales < 0).sum()) for qt in before.values()) > 0
+    for name, qt in before.items():
+        assert torch.equal(after[name].scales.sign(), qt.scales.sign()), name
+    assert any(not torch.equal(after[n].scales, qt.scales) for n, qt in before.items())
+    assert _held_out_kl(out) < 0.95 * _held_out_kl(src)
