@@ -75,33 +75,24 @@ def _add_grid_args(a: argparse._ArgumentGroup, cfg: QuantizeConfig) -> None:
     a.add_argument("--method", choices=sorted(METHODS), help=f"quantization method (default {cfg.method})")
     a.add_argument("--bits", type=int, help=f"code width: {', '.join(map(str, SUPPORTED_BITS))} (default {cfg.bits})")
     a.add_argument("--group-size", type=int, help=f"columns per scale; -1 = one per output channel (default {cfg.group_size})")
-    g = a.add_mutually_exclusive_group()
-    g.add_argument("--sym", dest="sym", action="store_const", const=True, help="symmetric grid" + _default(cfg.sym))
-    g.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric grid with zero points" + _default(not cfg.sym))
-    g = a.add_mutually_exclusive_group()
-    g.add_argument("--grid-search", dest="grid_search", action="store_const", const=True,
-                   help="integer grids: shrink each group's range (by up to 15%%) to the least diag(H)-weighted error "
-                        "(default, but for awq: it clips its own way)")
-    g.add_argument("--no-grid-search", dest="grid_search", action="store_const", const=False,
-                   help="integer grids: each group's min/max, as GPTQ's reference code")
-    g = a.add_mutually_exclusive_group()
-    g.add_argument("--full-range", dest="full_range", action="store_const", const=True,
-                   help="symmetric integer grids: each group's larger extreme on the end level -2^(bits-1), its scale "
-                        "signed (AutoRound's symmetric grid): steps 7/8 as wide at 3 bits, the same file layout"
-                        + _default(cfg.full_range))
-    g.add_argument("--no-full-range", dest="full_range", action="store_const", const=False,
-                   help="symmetric integer grids: +-absmax over 2^bits - 1 steps, as GPTQ's reference code"
-                        + _default(not cfg.full_range))
+    _switch(a, "sym", ("--sym", "symmetric grid" + _default(cfg.sym)),
+            ("--asym", "asymmetric grid with zero points" + _default(not cfg.sym)))
+    _switch(a, "grid_search",
+            ("--grid-search", "integer grids: shrink each group's range (by up to 15%%) to the least diag(H)-weighted "
+                              "error (default, but for awq: it clips its own way)"),
+            ("--no-grid-search", "integer grids: each group's min/max, as GPTQ's reference code"))
+    _switch(a, "full_range",
+            ("--full-range", "symmetric integer grids: each group's larger extreme on the code -2^(bits-1), the scale "
+                             "signed (AutoRound's grid): steps 7/8 as wide at 3 bits, the same files" + _default(cfg.full_range)),
+            ("--no-full-range", "symmetric integer grids: GPTQ's +-absmax over 2^bits - 1 steps" + _default(not cfg.full_range)))
 
 
 def _add_method_args(a: argparse._ArgumentGroup, gptq: GPTQOptions) -> None:
     a.add_argument("--damp", type=float, help=f"GPTQ damping, fraction of mean diag(H) (default {gptq.damp})")
     a.add_argument("--block-size", type=int, help=f"GPTQ lazy-batch block size (default {gptq.block_size})")
-    g = a.add_mutually_exclusive_group()
-    g.add_argument("--act-order", dest="act_order", action="store_const", const=True,
-                   help="GPTQ: quantize columns by decreasing diag(H), with static groups" + _per_method("act_order"))
-    g.add_argument("--no-act-order", dest="act_order", action="store_const", const=False,
-                   help="GPTQ: quantize columns in their natural order")
+    _switch(a, "act_order",
+            ("--act-order", "GPTQ: quantize columns by decreasing diag(H), with static groups" + _per_method("act_order")),
+            ("--no-act-order", "GPTQ: quantize columns in their natural order"))
     a.add_argument("--static-groups", action="store_const", const=True, help="GPTQ: fix group grids from the unquantized weights")
     a.add_argument("--no-true-sequential", dest="true_sequential", action="store_const", const=False,
                    help="GPTQ: calibrate all linears of a layer on the unquantized layer's inputs")
@@ -117,10 +108,8 @@ def _add_method_args(a: argparse._ArgumentGroup, gptq: GPTQOptions) -> None:
                    help="signround: step on the sign of a running average of the gradients with this weight (default 0)")
     a.add_argument("--start", choices=["gptq", "rtn"],
                    help="signround: learn from round-to-nearest, as AutoRound does (default), or from GPTQ's codes")
-    g = a.add_mutually_exclusive_group()
-    g.add_argument("--awq-clip", dest="awq_clip", action="store_const", const=True,
-                   help="AWQ: search a clipping range per group after scaling" + _per_method("awq_clip"))
-    g.add_argument("--no-awq-clip", dest="awq_clip", action="store_const", const=False, help="AWQ: skip the clipping search")
+    _switch(a, "awq_clip", ("--awq-clip", "AWQ: search a clipping range per group after scaling" + _per_method("awq_clip")),
+            ("--no-awq-clip", "AWQ: skip the clipping search"))
     a.add_argument("--awq-search-tokens", dest="search_tokens", type=int, metavar="N",
                    help="AWQ: tokens a block's scale search runs its candidates over (0: all)" + _per_method("search_tokens"))
 
@@ -166,23 +155,26 @@ def _add_tuning_args(a: argparse._ArgumentGroup, cfg: QuantizeConfig) -> None:
                         "(as `llmq tune`; integer grids, one process; default 0: not)")
     a.add_argument("--tune-lr", type=float, help=f"the tuning's learning rate (default {cfg.tune_lr})")
     a.add_argument("--tune-batch", type=int, help=f"the tuning's calibration windows per step (default {cfg.tune_batch})")
+    _switch(a, "tune_head",
+            ("--tune-head", "the tuning trains the output head's weights too, where stored in float" + _default(cfg.tune_head)),
+            ("--no-tune-head", "the tuning leaves the output head as the source has it" + _default(not cfg.tune_head)))
+    _switch(a, "tune_codes",
+            ("--tune-codes", "the tuning may move each integer code by one step" + _default(cfg.tune_codes)),
+            ("--no-tune-codes", "the tuning keeps every code the quantization wrote" + _default(not cfg.tune_codes)))
+    _switch(a, "tune_recompute",
+            ("--tune-recompute", "the tuning keeps each decoder layer's inputs alone and forms its activations again in "
+                                 "the backward: one layer's activations in memory instead of every layer's, for about "
+                                 "1.2x the time" + _default(cfg.tune_recompute)),
+            ("--no-tune-recompute", "the tuning keeps every layer's activations for the backward"
+                                    + _default(not cfg.tune_recompute)))
+
+
+def _switch(a: argparse._ArgumentGroup, dest: str, on: tuple[str, str], off: tuple[str, str]) -> None:
+    """Two exclusive flags, each (flag, help), that set ``dest`` True or False; neither leaves it None (the
+    recipe's or the method's say)."""
     g = a.add_mutually_exclusive_group()
-    g.add_argument("--tune-head", dest="tune_head", action="store_const", const=True,
-                   help="the tuning trains the output head's weights too, where stored in float" + _default(cfg.tune_head))
-    g.add_argument("--no-tune-head", dest="tune_head", action="store_const", const=False,
-                   help="the tuning leaves the output head as the source has it" + _default(not cfg.tune_head))
-    g = a.add_mutually_exclusive_group()
-    g.add_argument("--tune-codes", dest="tune_codes", action="store_const", const=True,
-                   help="the tuning may move each integer code by one step" + _default(cfg.tune_codes))
-    g.add_argument("--no-tune-codes", dest="tune_codes", action="store_const", const=False,
-                   help="the tuning keeps every code the quantization wrote" + _default(not cfg.tune_codes))
-    g = a.add_mutually_exclusive_group()
-    g.add_argument("--tune-recompute", dest="tune_recompute", action="store_const", const=True,
-                   help="the tuning keeps each decoder layer's inputs alone and forms its activations again in the "
-                        "backward: one layer's activations in memory instead of every layer's, for about 1.2x the time"
-                        + _default(cfg.tune_recompute))
-    g.add_argument("--no-tune-recompute", dest="tune_recompute", action="store_const", const=False,
-                   help="the tuning keeps every layer's activations for the backward" + _default(not cfg.tune_recompute))
+    g.add_argument(on[0], dest=dest, action="store_const", const=True, help=on[1])
+    g.add_argument(off[0], dest=dest, action="store_const", const=False, help=off[1])
 
 
 def _default(on: bool) -> str:
