@@ -161,7 +161,8 @@ class IntGrid(Grid):
 
     def fit_groups(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero of each group: ``w`` is (..., group columns).  [min, max] of the group (spanning 0),
-        or its absmax when symmetric; with ``search``, that range shrunk by the factor that minimises
+        or its absmax when symmetric (full range: its larger extreme, _range); with ``search``, that range shrunk
+        (or mirrored) by the factor that minimises
         the group's error  Σ importance (w - dequantized w)²  (``importance`` broadcasts against w; None:
         all ones).  fp32 scale exactly representable in ``scale_dtype``, integer-valued fp32 zero."""
         w = w.float()
