@@ -144,6 +144,11 @@ class IntGrid(Grid):
             raise ValueError(f"group size must be -1 (per channel) or positive, got {self.group_size}")
 
     @property
+    def signed(self) -> bool:
+        """Whether this grid's scales may be negative: a full-range symmetric grid (asymmetric ones ignore it)."""
+        return self.sym and self.full_range
+
+    @property
     def name(self) -> str:
         return f"int{self.bits} {'per-channel' if self.group_size == -1 else f'g{self.group_size}'} {'sym' if self.sym else 'asym'}"
 
@@ -167,7 +172,7 @@ class IntGrid(Grid):
         all ones).  fp32 scale exactly representable in ``scale_dtype``, integer-valued fp32 zero."""
         w = w.float()
         wmin, wmax = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
-        if self.sym and not self.full_range:
+        if self.sym and not self.signed:
             wmax = torch.maximum(wmin.abs(), wmax)
             wmin = -wmax
         dead = (wmin == 0) & (wmax == 0)  # an all-zero group: any scale works, keep it finite
@@ -187,13 +192,13 @@ class IntGrid(Grid):
     def _range(self, wmin: torch.Tensor, wmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid spanning [wmin, wmax] (each spans 0), its scale rounded to what is stored; full range:
         the one whose level −2**(bits-1) is the larger in magnitude of wmin and wmax (ties: wmin)."""
-        if self.sym and self.full_range:
-            half = (self.maxq + 1) / 2
+        half = (self.maxq + 1) / 2  # (a symmetric grid's zero)
+        if self.signed:  # (the larger extreme −half steps from the zero)
             scale = self.stored(torch.where(-wmin >= wmax, -wmin, -wmax) / half)
             return scale, torch.full_like(scale, half)
         scale = self.stored((wmax - wmin) / self.maxq)
         if self.sym:
-            return scale, torch.full_like(scale, (self.maxq + 1) / 2)
+            return scale, torch.full_like(scale, half)
         return scale, torch.round(-wmin / scale).clamp(0, self.maxq)
 
     def _searched(self, w: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor,
@@ -205,7 +210,7 @@ class IntGrid(Grid):
         best_f, best = torch.ones_like(wmin), torch.full_like(wmin, float("inf"))
         mirrored = torch.zeros_like(wmin, dtype=torch.bool)
         for f in SHRINK_FACTORS:
-            for mirror in (False, True) if self.sym and self.full_range else (False,):
+            for mirror in (False, True) if self.signed else (False,):
                 lo, hi = (-wmax * f, -wmin * f) if mirror else (wmin * f, wmax * f)
                 scale, zero = (t[..., None] for t in self._range(lo, hi))
                 # dequantize(quantize(w)) - w, in place on one temporary: the same values as the primitives
