@@ -17,6 +17,10 @@ Recipes, each at every --settings entry (bits and group size; symmetric grids th
   gptqmodel      GPTQ, desc_act with static groups, damp 0.01
   autoround      AutoRound's default recipe (200 steps of SignRound), saved as auto_gptq
 
+A peer may leave some decoder linears in float (AutoRound does where a side is no multiple of 32): then
+--layout-recipes (default best,learned) run again with those linears skipped: rows "RECIPE, PEER's layout",
+whose ratio is to that peer's KL (the same linears quantized, about the same bytes).
+
     python scripts/bench_accuracy.py --model ../shared/assets/models/llmq-ref-6m --seqlen 256 \\
         --calib-dataset ../shared/assets/datasets/c4-sample/c4_sample_200docs.jsonl \\
         --eval-dataset ../shared/assets/datasets/wikitext-2-raw-v1/test-00000-of-00001.parquet \\
@@ -39,8 +43,8 @@ from bench_quantize import calibration_ids, child_env, evaluate  # noqa: E402  (
 CHILD = r"""
 import json, sys, time, torch
 from importlib.metadata import version
-tool, recipe, src, out, ids_path, bits, gs, recipe_file = sys.argv[1:9]
-bits, gs = int(bits), int(gs)
+tool, recipe, src, out, ids_path, bits, gs, recipe_file, skip = sys.argv[1:10]
+bits, gs, skip = int(bits), int(gs), json.loads(skip)
 ids = torch.load(ids_path)
 nsamples, seqlen = ids.shape
 from transformers import AutoConfig
@@ -54,6 +58,8 @@ if tool == "llmq":
     opts = {"bits": bits, "group_size": gs, "nsamples": nsamples, "seqlen": seqlen, "dtype": dtype, "format": "gptq"}
     if recipe_file == "-":
         opts.update(method="gptq", act_order=True, grid_search=recipe != "gptq-mm")
+    if skip:  # (a peer's layout: these linears stay in float, as the peer left them)
+        opts["skip"] = ["lm_head", *skip]
     cfg = build_config(load_recipe(recipe_file) if recipe_file != "-" else {}, opts)
     (quantize_then_tune if cfg.tune_steps else quantize_model)(ModelSource(src), cfg, out, progress=False, calib_ids=ids)
 elif tool == "llmcompressor":
@@ -115,14 +121,33 @@ def settings(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def run(tool: str, recipe: str, python: str, src: str, out: Path, ids: Path, bits: int, gs: int) -> dict | None:
+def run(tool: str, recipe: str, python: str, src: str, out: Path, ids: Path, bits: int, gs: int,
+        skip: list[str] = ()) -> dict | None:
     p = subprocess.run([python, "-c", CHILD, tool, recipe, src, str(out), str(ids), str(bits), str(gs),
-                        recipe_file(recipe, bits) if tool == "llmq" else "-"],
+                        recipe_file(recipe, bits) if tool == "llmq" else "-", json.dumps(list(skip))],
                        capture_output=True, text=True, env=child_env(tool))
     if p.returncode != 0:
         print(f"{tool} {recipe} W{bits} g{gs}: failed\n{p.stderr[-1500:]}", file=sys.stderr)
         return None
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def float_linears(src: str | Path, out: Path) -> list[str]:
+    """The decoder layers' linears (2-D weights under a ``.layers.`` module) the source stores and ``out``
+    keeps in float: a ``.weight`` there and no ``.qweight``."""
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict[str, int]:  # name -> number of dimensions
+        found = {}
+        for f in sorted(Path(folder).rglob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                found.update({k: len(st.get_slice(k).get_shape()) for k in st.keys()})
+        return found
+
+    source, written = tensors(Path(src)), tensors(out)
+    linears = [k.removesuffix(".weight") for k, dims in source.items()
+               if k.endswith(".weight") and dims == 2 and ".layers." in k]
+    return sorted(m for m in linears if f"{m}.weight" in written and f"{m}.qweight" not in written)
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -136,10 +161,22 @@ def table(rows: list[dict]) -> list[str]:
             if r.get("kld") is None:
                 lines.append(f"| {setting} | {r['tool']} | {r['recipe']} | | failed | | | | |")
                 continue
-            ratio = f"{r['kld'] / best:.2f}×" if best else ""
+            # (at a peer's layout: to that peer's KL, the one model of the same bytes)
+            ref = next((p["kld"] for p in mine if p["tool"] == r.get("layout_of")), best)
+            ratio = f"{r['kld'] / ref:.2f}×" if ref else ""
             lines.append(f"| {setting} | {r['tool']} | {r['recipe']} | {r['weights_mib']:.3f} | {r['kld']:.5f} | {100 * r['top1']:.2f}% | "
                          f"{r['ppl']:.4f} | {r['seconds']:.1f} | {ratio} |")
     return lines
+
+
+def layout_note(rows: list[dict]) -> list[str]:
+    """What the rows at a peer's layout are, where there are any."""
+    kept = {(r["layout_of"], r["float_linears"]) for r in rows if r.get("layout_of")}
+    if not kept:
+        return []
+    said = ", ".join(f"{peer} {n}" for peer, n in sorted(kept))
+    return [f"\"RECIPE, PEER's layout\": llmq with the decoder linears that peer left in float left in float too "
+            f"({said}); the ratio is to that peer's KL.", ""]
 
 
 def main() -> None:
@@ -153,6 +190,9 @@ def main() -> None:
     ap.add_argument("--settings", default="w4g128,w3g128,w2g64", help="comma-separated wBITSgSIZE")
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"llmq recipes, of {', '.join(LLMQ_RECIPES)} "
                                                                       f"(default {','.join(DEFAULT_RECIPES)})")
+    ap.add_argument("--layout-recipes", default="best,learned",
+                    help="llmq recipes run again at each peer's layout, where it left decoder linears in float "
+                         "('': none)")
     ap.add_argument("--peer", action="append", default=[], metavar="TOOL=PYTHON",
                     help=f"run TOOL ({', '.join(PEERS)}) with this Python (its own virtualenv)")
     ap.add_argument("--out", required=True, help="write OUT.md and OUT.json")
@@ -163,35 +203,42 @@ def main() -> None:
     if set(peers) - set(PEERS):
         sys.exit(f"bench_accuracy: unknown peer {sorted(set(peers) - set(PEERS))[0]!r} (known: {', '.join(PEERS)})")
     recipes = args.recipes.split(",")
-    if set(recipes) - set(LLMQ_RECIPES):
-        sys.exit(f"bench_accuracy: unknown recipe {sorted(set(recipes) - set(LLMQ_RECIPES))[0]!r}")
+    layout_recipes = [r for r in args.layout_recipes.split(",") if r]
+    if set(recipes + layout_recipes) - set(LLMQ_RECIPES):
+        sys.exit(f"bench_accuracy: unknown recipe {sorted(set(recipes + layout_recipes) - set(LLMQ_RECIPES))[0]!r}")
     rows, versions = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         ids = Path(tmp) / "ids.pt"
         torch.save(calibration_ids(args.model, args), ids)
         for bits, gs in settings(args.settings):
-            runs = [("llmq", r, sys.executable) for r in recipes] + [(t, "default", py) for t, py in peers.items()]
-            for tool, recipe, python in runs:
-                out = Path(tmp) / f"{tool}-{recipe}-w{bits}g{gs}"
-                r = run(tool, recipe, python, args.model, out, ids, bits, gs)
+            runs = [("llmq", r, sys.executable, None) for r in recipes] + [(t, "default", py, None)
+                                                                           for t, py in peers.items()]
+            for tool, recipe, python, peer in runs:  # (a peer's layout rows are added once that peer has run)
+                out = Path(tmp) / f"{tool}-{recipe}-w{bits}g{gs}{f'-as-{peer}' if peer else ''}"
+                kept = float_linears(args.model, Path(tmp) / f"{peer}-default-w{bits}g{gs}") if peer else []
+                r = run(tool, recipe, python, args.model, out, ids, bits, gs, kept)
                 e = evaluate(out, args.model, args) if r is not None else None
-                row = {"setting": f"W{bits} g{gs}", "tool": tool, "recipe": recipe,
+                label = f"{recipe}, {peer}'s layout" if peer else recipe
+                row = {"setting": f"W{bits} g{gs}", "tool": tool, "recipe": label,
                        "seconds": None if r is None else r["seconds"],
-                       # (a tool may leave some linears in float: AutoRound does where a side is not a multiple of 32)
                        "weights_mib": sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 2**20 if r else None}
+                if peer:
+                    row.update(layout_of=peer, float_linears=len(kept))
                 if e is not None:
                     row.update(kld=e["kld"], top1=e["top1"], ppl=e["ppl"], reference_ppl=e.get("reference_ppl"))
                 rows.append(row)
                 if r is not None:
                     versions[tool] = r["versions"]
                 print(json.dumps(row), flush=True)
+                if tool != "llmq" and r is not None and float_linears(args.model, out):
+                    runs += [("llmq", x, sys.executable, tool) for x in layout_recipes]
     command = "python scripts/bench_accuracy.py " + shlex.join(sys.argv[1:])
     lines = [f"# Accuracy side by side: {Path(args.model).name}", "", f"Command: `{command}`", "",
              f"Calibration: `{args.calib_dataset}`, {args.nsamples} × {args.seqlen} token ids, the same for every tool. "
              f"Eval: `{args.eval_dataset}`, seqlen {args.seqlen}, "
              f"{'all' if not args.max_windows else f'the first {args.max_windows}'} windows, every output read back by "
              "`llmq eval` against the source model. Seconds: the quantization alone, one process at a time.", "",
-             *table(rows), "", "Versions: " + "; ".join(f"{t}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
+             *table(rows), "", *layout_note(rows), "Versions: " + "; ".join(f"{t}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
                                                       for t, vs in versions.items())]
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "versions": versions},

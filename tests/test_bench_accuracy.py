@@ -3,14 +3,56 @@ virtualenvs), so the script that makes the accuracy tables cannot rot."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from conftest import ROOT, STORIES, TINYSTORIES, need
+
+_spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "scripts" / "bench_accuracy.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_float_linears_are_the_decoder_linears_an_output_keeps_unquantized(tmp_path):
+    """A source with two decoder linears, a norm, embeddings and a head; an output that packs one linear
+    (GPTQ's qweight) and keeps the other: only the kept linear is a float linear.  Compressed-tensors'
+    weight_packed counts as quantized, as does any name without a float .weight."""
+    src, gptq, ct = tmp_path / "src", tmp_path / "gptq", tmp_path / "ct"
+    for d in (src, gptq, ct):
+        d.mkdir()
+    def save(folder, names, file="model.safetensors"):  # (2-D or 1-D as the name says; each its own tensor)
+        save_file({n: torch.zeros(8) if "norm" in n or "scales" in n else torch.zeros(8, 8) for n in names},
+                  str(folder / file))
+
+    head = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.0.input_layernorm.weight"]
+    save(src, head + ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"])
+    save(gptq, head + ["model.layers.0.self_attn.q_proj.qweight", "model.layers.0.self_attn.q_proj.scales",
+                       "model.layers.0.mlp.up_proj.weight"], "model-00001-of-00001.safetensors")
+    save(ct, ["model.layers.0.self_attn.q_proj.weight_packed", "model.layers.0.mlp.up_proj.weight_packed"])
+    assert bench.float_linears(src, gptq) == ["model.layers.0.mlp.up_proj"]
+    assert bench.float_linears(src, ct) == []
+    assert bench.float_linears(src, src) == ["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj"]
+
+
+def test_float_linears_of_a_real_export_with_skipped_mlps(tmp_path):
+    """llmq's own GPTQ file of stories260K with every MLP left in float, read as a peer's output would be:
+    the float linears are exactly the MLP projections of every layer the model's config counts."""
+    need(STORIES)
+    out = tmp_path / "q"
+    p = subprocess.run([sys.executable, "-m", "llmq", "quantize", "--model", str(STORIES), "--method", "rtn",
+                        "--bits", "4", "--group-size", "32", "--skip", "lm_head", "--skip", "mlp.*", "--out", str(out),
+                        "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    layers = json.loads((STORIES / "config.json").read_text())["num_hidden_layers"]
+    assert bench.float_linears(STORIES, out) == sorted(f"model.layers.{i}.mlp.{n}" for i in range(layers)
+                                                        for n in ("down_proj", "gate_proj", "up_proj"))
 
 
 @pytest.mark.slow
