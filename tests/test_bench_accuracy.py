@@ -72,3 +72,19 @@ def test_bench_accuracy_writes_one_row_per_recipe_and_setting(tmp_path):
     kl = {(r["setting"], r["recipe"]): r["kld"] for r in rows}
     assert kl[("W2 g32", "gptq")] > kl[("W4 g32", "gptq")]  # two bits cost more than four
     assert "| W2 g32 | llmq | gptq-mm |" in out.with_suffix(".md").read_text()
+
+
+def test_rows_at_a_peers_layout_take_that_peers_kl_as_their_reference():
+    """Other rows divide by the best peer's KL; a row at one peer's layout by that peer's, the one model of
+    the same bytes, even where another peer's KL is lower."""
+    def row(tool, recipe, kld, **extra):
+        return {"setting": "W4 g32", "tool": tool, "recipe": recipe, "kld": kld, "top1": 0.9, "ppl": 5.0,
+                "seconds": 1.0, "weights_mib": 0.5, **extra}
+
+    rows = [row("llmq", "best", 0.02), row("autoround", "default", 0.01), row("gptqmodel", "default", 0.005),
+            row("llmq", "best, autoround's layout", 0.008, layout_of="autoround", float_linears=15)]
+    cells = [line.strip("| ").split(" | ") for line in bench.table(rows)[2:]]
+    assert {(c[1], c[2]): c[-1] for c in cells} == {("llmq", "best"): "4.00×", ("autoround", "default"): "2.00×",
+                                                    ("gptqmodel", "default"): "1.00×",
+                                                    ("llmq", "best, autoround's layout"): "0.80×"}
+    assert "autoround 15" in " ".join(bench.layout_note(rows))
