@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quantize import calibration_ids, child_env, evaluate  # noqa: E402  (the same ids, env and eval as the speed bench)
@@ -122,7 +123,7 @@ def settings(text: str) -> list[tuple[int, int]]:
 
 
 def run(tool: str, recipe: str, python: str, src: str, out: Path, ids: Path, bits: int, gs: int,
-        skip: list[str] = ()) -> dict | None:
+        skip: Sequence[str] = ()) -> dict | None:
     p = subprocess.run([python, "-c", CHILD, tool, recipe, src, str(out), str(ids), str(bits), str(gs),
                         recipe_file(recipe, bits) if tool == "llmq" else "-", json.dumps(list(skip))],
                        capture_output=True, text=True, env=child_env(tool))
@@ -175,8 +176,35 @@ def layout_note(rows: list[dict]) -> list[str]:
     if not kept:
         return []
     said = ", ".join(f"{peer} {n}" for peer, n in sorted(kept))
-    return [f"\"RECIPE, PEER's layout\": llmq with the decoder linears that peer left in float left in float too "
+    return [f"\"RECIPE, PEER's layout\": llmq keeping in float the decoder linears that peer kept in float "
             f"({said}); the ratio is to that peer's KL.", ""]
+
+
+def bench_setting(bits: int, gs: int, recipes: list[str], layout_recipes: list[str], peers: dict[str, str],
+                  tmp: Path, ids: Path, args: argparse.Namespace, rows: list[dict], versions: dict) -> None:
+    """Every recipe and peer at one setting, then llmq's layout recipes at each peer's layout where it kept
+    decoder linears in float; rows and versions added to ``rows`` and ``versions``."""
+    runs = [("llmq", r, sys.executable, None) for r in recipes] + [(t, "default", py, None) for t, py in peers.items()]
+    kept_by: dict[str, list[str]] = {}  # peer -> the decoder linears its output keeps in float
+    for tool, recipe, python, peer in runs:  # (a peer's layout runs are appended once that peer has run)
+        out = tmp / f"{tool}-{recipe}-w{bits}g{gs}{f'-as-{peer}' if peer else ''}"
+        r = run(tool, recipe, python, args.model, out, ids, bits, gs, kept_by.get(peer, []))
+        e = evaluate(out, args.model, args) if r is not None else None
+        row = {"setting": f"W{bits} g{gs}", "tool": tool, "recipe": f"{recipe}, {peer}'s layout" if peer else recipe,
+               "seconds": None if r is None else r["seconds"],
+               "weights_mib": sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 2**20 if r else None}
+        if peer:
+            row.update(layout_of=peer, float_linears=len(kept_by[peer]))
+        if e is not None:
+            row.update(kld=e["kld"], top1=e["top1"], ppl=e["ppl"], reference_ppl=e.get("reference_ppl"))
+        rows.append(row)
+        if r is not None:
+            versions[tool] = r["versions"]
+        print(json.dumps(row), flush=True)
+        if tool != "llmq" and r is not None:
+            kept_by[tool] = float_linears(args.model, out)
+            if kept_by[tool]:
+                runs += [("llmq", x, sys.executable, tool) for x in layout_recipes]
 
 
 def main() -> None:
@@ -211,35 +239,15 @@ def main() -> None:
         ids = Path(tmp) / "ids.pt"
         torch.save(calibration_ids(args.model, args), ids)
         for bits, gs in settings(args.settings):
-            runs = [("llmq", r, sys.executable, None) for r in recipes] + [(t, "default", py, None)
-                                                                           for t, py in peers.items()]
-            for tool, recipe, python, peer in runs:  # (a peer's layout rows are added once that peer has run)
-                out = Path(tmp) / f"{tool}-{recipe}-w{bits}g{gs}{f'-as-{peer}' if peer else ''}"
-                kept = float_linears(args.model, Path(tmp) / f"{peer}-default-w{bits}g{gs}") if peer else []
-                r = run(tool, recipe, python, args.model, out, ids, bits, gs, kept)
-                e = evaluate(out, args.model, args) if r is not None else None
-                label = f"{recipe}, {peer}'s layout" if peer else recipe
-                row = {"setting": f"W{bits} g{gs}", "tool": tool, "recipe": label,
-                       "seconds": None if r is None else r["seconds"],
-                       "weights_mib": sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 2**20 if r else None}
-                if peer:
-                    row.update(layout_of=peer, float_linears=len(kept))
-                if e is not None:
-                    row.update(kld=e["kld"], top1=e["top1"], ppl=e["ppl"], reference_ppl=e.get("reference_ppl"))
-                rows.append(row)
-                if r is not None:
-                    versions[tool] = r["versions"]
-                print(json.dumps(row), flush=True)
-                if tool != "llmq" and r is not None and float_linears(args.model, out):
-                    runs += [("llmq", x, sys.executable, tool) for x in layout_recipes]
+            bench_setting(bits, gs, recipes, layout_recipes, peers, Path(tmp), ids, args, rows, versions)
     command = "python scripts/bench_accuracy.py " + shlex.join(sys.argv[1:])
     lines = [f"# Accuracy side by side: {Path(args.model).name}", "", f"Command: `{command}`", "",
              f"Calibration: `{args.calib_dataset}`, {args.nsamples} × {args.seqlen} token ids, the same for every tool. "
              f"Eval: `{args.eval_dataset}`, seqlen {args.seqlen}, "
              f"{'all' if not args.max_windows else f'the first {args.max_windows}'} windows, every output read back by "
              "`llmq eval` against the source model. Seconds: the quantization alone, one process at a time.", "",
-             *table(rows), "", *layout_note(rows), "Versions: " + "; ".join(f"{t}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
-                                                      for t, vs in versions.items())]
+             *table(rows), "", *layout_note(rows),
+             "Versions: " + "; ".join(f"{t}: " + ", ".join(f"{k} {v}" for k, v in vs.items()) for t, vs in versions.items())]
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "versions": versions},
                                                               indent=1) + "\n")

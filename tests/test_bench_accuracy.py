@@ -88,3 +88,33 @@ def test_rows_at_a_peers_layout_take_that_peers_kl_as_their_reference():
                                                     ("gptqmodel", "default"): "1.00×",
                                                     ("llmq", "best, autoround's layout"): "0.80×"}
     assert "autoround 15" in " ".join(bench.layout_note(rows))
+
+
+def test_a_peer_keeping_linears_in_float_gets_llmq_rows_at_its_layout(tmp_path, monkeypatch):
+    """The orchestration, with the runs and evals stubbed: a peer whose output keeps one decoder linear in
+    float is followed by each layout recipe run with exactly that linear skipped; a peer that quantized
+    them all gets none."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"]
+    save_file({f"{n}.weight": torch.zeros(8, 8) for n in names}, str(src / "model.safetensors"))
+    calls = []
+
+    def run(tool, recipe, python, model, out, ids, bits, gs, skip=()):
+        calls.append((tool, recipe, list(skip)))
+        out.mkdir()
+        keep = names[1:] if tool == "autoround" else []  # (AutoRound keeps up_proj in float)
+        save_file({**{f"{n}.qweight": torch.zeros(1, 8, dtype=torch.int32) for n in names if n not in keep},
+                   **{f"{n}.weight": torch.zeros(8, 8) for n in keep}}, str(out / "model.safetensors"))
+        return {"seconds": 1.0, "versions": {}}
+
+    monkeypatch.setattr(bench, "run", run)
+    monkeypatch.setattr(bench, "evaluate", lambda out, model, args: {"kld": 0.1, "top1": 0.9, "ppl": 5.0})
+    rows, versions = [], {}
+    args = type("Args", (), {"model": str(src)})()
+    bench.bench_setting(4, 32, ["gptq"], ["best", "learned"], {"gptqmodel": "py", "autoround": "py"}, tmp_path,
+                        tmp_path / "ids.pt", args, rows, versions)
+    assert calls == [("llmq", "gptq", []), ("gptqmodel", "default", []), ("autoround", "default", []),
+                     ("llmq", "best", names[1:]), ("llmq", "learned", names[1:])]
+    assert [(r["recipe"], r.get("layout_of"), r.get("float_linears")) for r in rows][-2:] == \
+        [("best, autoround's layout", "autoround", 1), ("learned, autoround's layout", "autoround", 1)]
