@@ -195,8 +195,8 @@ class IntGrid(Grid):
         half = (self.maxq + 1) / 2  # (a symmetric grid's zero)
         if self.signed:  # (the larger extreme −half steps from the zero)
             scale = self.stored(torch.where(-wmin >= wmax, -wmin, -wmax) / half)
-            return scale, torch.full_like(scale, half)
-        scale = self.stored((wmax - wmin) / self.maxq)
+        else:
+            scale = self.stored((wmax - wmin) / self.maxq)
         if self.sym:
             return scale, torch.full_like(scale, half)
         return scale, torch.round(-wmin / scale).clamp(0, self.maxq)

@@ -40,6 +40,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quantize import calibration_ids, child_env, evaluate  # noqa: E402  (the same ids, env and eval as the speed bench)
+from llmq.safetensors_stream import Header  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, torch
@@ -59,9 +60,8 @@ if tool == "llmq":
     opts = {"bits": bits, "group_size": gs, "nsamples": nsamples, "seqlen": seqlen, "dtype": dtype, "format": "gptq"}
     if recipe_file == "-":
         opts.update(method="gptq", act_order=True, grid_search=recipe != "gptq-mm")
-    if skip:  # (a peer's layout: these linears stay in float, as the peer left them)
-        opts["skip"] = ["lm_head", *skip]
     cfg = build_config(load_recipe(recipe_file) if recipe_file != "-" else {}, opts)
+    cfg.skip = [*cfg.skip, *skip]  # (a peer's layout: these linears stay in float too, as the peer left them)
     (quantize_then_tune if cfg.tune_steps else quantize_model)(ModelSource(src), cfg, out, progress=False, calib_ids=ids)
 elif tool == "llmcompressor":
     from datasets import Dataset
@@ -136,14 +136,9 @@ def run(tool: str, recipe: str, python: str, src: str, out: Path, ids: Path, bit
 def float_linears(src: str | Path, out: Path) -> list[str]:
     """The decoder layers' linears (2-D weights under a ``.layers.`` module) the source stores and ``out``
     keeps in float: a ``.weight`` there and no ``.qweight``."""
-    from safetensors import safe_open
-
-    def tensors(folder: Path) -> dict[str, int]:  # name -> number of dimensions
-        found = {}
-        for f in sorted(Path(folder).rglob("*.safetensors")):
-            with safe_open(str(f), "pt") as st:
-                found.update({k: len(st.get_slice(k).get_shape()) for k in st.keys()})
-        return found
+    def tensors(folder: Path) -> dict[str, int]:  # name -> number of dimensions, from the files' headers
+        entries = [Header(f).entries for f in sorted(Path(folder).rglob("*.safetensors"))]
+        return {k: len(e["shape"]) for es in entries for k, e in es.items() if k != "__metadata__"}
 
     source, written = tensors(Path(src)), tensors(out)
     linears = [k.removesuffix(".weight") for k, dims in source.items()
@@ -181,9 +176,10 @@ def layout_note(rows: list[dict]) -> list[str]:
 
 
 def bench_setting(bits: int, gs: int, recipes: list[str], layout_recipes: list[str], peers: dict[str, str],
-                  tmp: Path, ids: Path, args: argparse.Namespace, rows: list[dict], versions: dict) -> None:
+                  tmp: Path, ids: Path, args: argparse.Namespace) -> tuple[list[dict], dict[str, dict]]:
     """Every recipe and peer at one setting, then llmq's layout recipes at each peer's layout where it kept
-    decoder linears in float; rows and versions added to ``rows`` and ``versions``."""
+    decoder linears in float: the rows, and each tool's versions."""
+    rows, versions = [], {}
     runs = [("llmq", r, sys.executable, None) for r in recipes] + [(t, "default", py, None) for t, py in peers.items()]
     kept_by: dict[str, list[str]] = {}  # peer -> the decoder linears its output keeps in float
     for tool, recipe, python, peer in runs:  # (a peer's layout runs are appended once that peer has run)
@@ -205,6 +201,7 @@ def bench_setting(bits: int, gs: int, recipes: list[str], layout_recipes: list[s
             kept_by[tool] = float_linears(args.model, out)
             if kept_by[tool]:
                 runs += [("llmq", x, sys.executable, tool) for x in layout_recipes]
+    return rows, versions
 
 
 def main() -> None:
@@ -239,7 +236,9 @@ def main() -> None:
         ids = Path(tmp) / "ids.pt"
         torch.save(calibration_ids(args.model, args), ids)
         for bits, gs in settings(args.settings):
-            bench_setting(bits, gs, recipes, layout_recipes, peers, Path(tmp), ids, args, rows, versions)
+            more, seen = bench_setting(bits, gs, recipes, layout_recipes, peers, Path(tmp), ids, args)
+            rows += more
+            versions.update(seen)
     command = "python scripts/bench_accuracy.py " + shlex.join(sys.argv[1:])
     lines = [f"# Accuracy side by side: {Path(args.model).name}", "", f"Command: `{command}`", "",
              f"Calibration: `{args.calib_dataset}`, {args.nsamples} × {args.seqlen} token ids, the same for every tool. "

@@ -110,10 +110,9 @@ def test_a_peer_keeping_linears_in_float_gets_llmq_rows_at_its_layout(tmp_path, 
 
     monkeypatch.setattr(bench, "run", run)
     monkeypatch.setattr(bench, "evaluate", lambda out, model, args: {"kld": 0.1, "top1": 0.9, "ppl": 5.0})
-    rows, versions = [], {}
     args = type("Args", (), {"model": str(src)})()
-    bench.bench_setting(4, 32, ["gptq"], ["best", "learned"], {"gptqmodel": "py", "autoround": "py"}, tmp_path,
-                        tmp_path / "ids.pt", args, rows, versions)
+    rows, _ = bench.bench_setting(4, 32, ["gptq"], ["best", "learned"], {"gptqmodel": "py", "autoround": "py"},
+                                  tmp_path, tmp_path / "ids.pt", args)
     assert calls == [("llmq", "gptq", []), ("gptqmodel", "default", []), ("autoround", "default", []),
                      ("llmq", "best", names[1:]), ("llmq", "learned", names[1:])]
     assert [(r["recipe"], r.get("layout_of"), r.get("float_linears")) for r in rows][-2:] == \
