@@ -37,7 +37,7 @@ from llmq.provenance import verify
 from llmq.recipe import build_config, load_recipe, save_recipe
 from llmq.report import load_suite, run_report
 from llmq.source import ModelSource
-from llmq.tune import DEFAULT_DATASET, TuneOptions, quantize_then_tune, tune_checkpoint
+from llmq.tune import DEFAULT_DATASET, TuneOptions, TuneResult, quantize_then_tune, tune_checkpoint
 
 EPILOG_QUANTIZE = """examples:
   python -m llmq quantize --model meta-llama/Llama-2-7b-hf --method gptq --bits 4 --group-size 128 --out llama2-7b-w4g128
@@ -215,6 +215,9 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                    help="leave the output head as it is (default: trained too, where stored in float)")
     p.add_argument("--no-codes", dest="codes", action="store_false",
                    help="keep every integer code (default: each may move one step where the gradients agree)")
+    p.add_argument("--no-codes-check", dest="check_codes", action="store_false",
+                   help="tune on every calibration window (default: moving codes, one in 8 is held out, and the moves "
+                        "are undone where they raise its KL)")
     p.add_argument("--recompute", action="store_true",
                    help="keep each decoder layer's inputs alone and form its activations again in the backward "
                         "(one layer's activations in memory instead of every layer's, for about 1.2x the time)")
@@ -232,14 +235,20 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     calib = CalibConfig(args.dataset, args.split, args.nsamples, args.seqlen, args.seed)
     options = TuneOptions(steps=args.steps, lr=args.lr, batch=args.batch, norms=args.norms, head=args.head,
-                          codes=args.codes, seed=args.seed, compute_dtype=args.compute_dtype,
-                          recompute=args.recompute)
+                          codes=args.codes, check_codes=args.check_codes, seed=args.seed,
+                          compute_dtype=args.compute_dtype, recompute=args.recompute)
     out, r = tune_checkpoint(args.model, args.out, reference=args.reference, calib=calib, options=options,
                              overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
                              progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     print(f"wrote {out} in {r.seconds:.1f}s: calibration KL {r.first_loss:.4g} at the start, {r.last_loss:.4g} at the end"
-          + (f"; {r.codes_moved} codes moved one step" if options.codes else ""))
+          + (f"; {r.codes_moved} codes moved one step" if options.codes else "") + _undone(r))
     return 0
+
+
+def _undone(r: TuneResult) -> str:
+    u = r.codes_undone
+    return "" if u is None else (f" (moves undone at step {u['step']}: held-out KL {u['held_out_kl_undone']:.4g} "
+                                 f"without them, {u['held_out_kl_moved']:.4g} with)")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

@@ -474,3 +474,76 @@ def test_tuning_keeps_a_full_range_grids_signed_scales(tmp_path):
         assert torch.equal(after[name].scales.sign(), qt.scales.sign()), name
     assert any(not torch.equal(after[n].scales, qt.scales) for n, qt in before.items())
     assert _held_out_kl(out) < 0.95 * _held_out_kl(src)
+
+
+def _windows_kl(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Mean KL(FP32 stories260K || model) over windows ``ids``, by a plain float32 forward of both."""
+    ref, _ = load_model(str(STORIES))
+    with torch.no_grad():
+        p = F.log_softmax(ref(input_ids=ids).logits, -1)
+        q = F.log_softmax(model(input_ids=ids).logits, -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _check_setup(rtn_w3):
+    """The RTN checkpoint as a student learning codes, the teacher, and a CodeCheck on 4 windows every 5 steps
+    from the 10th."""
+    source, qcfg = open_quantized(str(rtn_w3))
+    s = llmq.tune.student(source, qcfg, norms=True, codes=True)
+    teacher, _ = load_model(str(STORIES))
+    ids = eval_tokens(source.tokenizer(), str(TINYSTORIES))[-4 * 128:].reshape(4, 128)
+    return s, teacher, llmq.tune.CodeCheck(ids, None, every=5, first=10, per_pass=2, bf16=False)
+
+
+def test_code_check_undoes_moves_that_raise_the_held_out_kl(rtn_w3):
+    """Codes moved at random (a third of them) raise the KL: the check undoes every move, and the KL it
+    reports without them is the checkpoint's own, from a plain forward of the file as loaded."""
+    s, teacher, check = _check_setup(rtn_w3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in s.linears.values():
+            m.v.copy_(torch.randint(-1, 2, m.v.shape, generator=g) * (torch.rand(m.v.shape, generator=g) < 0.33))
+    for step in (5, 12):  # (before the first check, and not a check step: nothing looked at)
+        assert check.undoes(s, teacher, step=step) is None
+    assert all(m.v is not None for m in s.linears.values())
+    undone = check.undoes(s, teacher, step=15)
+    assert undone is not None and undone["step"] == 15
+    assert all(m.v is None for m in s.linears.values()) and s.code_offsets() == []
+    plain, _ = load_model(str(rtn_w3))
+    assert undone["held_out_kl_undone"] == pytest.approx(_windows_kl(plain, check.ids), rel=1e-4)
+    assert undone["held_out_kl_moved"] > undone["held_out_kl_undone"]
+
+
+def test_code_check_keeps_moves_that_lower_the_held_out_kl(rtn_w3):
+    """Every code put one step off RTN's (where the grid allows) with offsets that move it back: the moves
+    restore round-to-nearest, so the check keeps them, the same offsets, and the student is RTN's file."""
+    s, teacher, check = _check_setup(rtn_w3)
+    with torch.no_grad():
+        for m in s.linears.values():
+            up = m.q < m.qt.grid.maxq
+            m.q += up
+            m.v.copy_(-up.float())
+    offsets = {n: m.v for n, m in s.linears.items()}
+    assert check.undoes(s, teacher, step=10) is None
+    assert all(m.v is offsets[n] for n, m in s.linears.items())
+    plain, _ = load_model(str(rtn_w3))
+    assert float(check.kl(s, teacher).mean()) == pytest.approx(_windows_kl(plain, check.ids), rel=1e-4)
+
+
+def test_a_tuning_whose_code_moves_hurt_keeps_the_checkpoints_codes(rtn_w3, tmp_path, monkeypatch):
+    """Offsets stepped far enough that noise moves most codes (CODE_SPREAD 20x): the check undoes the moves, so
+    the file has every code of the checkpoint, tuned scales, and says where; `--no-codes-check`: codes moved."""
+    monkeypatch.setattr(llmq.tune, "CODE_SPREAD", 20 * llmq.tune.CODE_SPREAD)
+    calib = CalibConfig(dataset=str(TINYSTORIES), nsamples=64, seqlen=128)  # (8 held out: MIN_HELD_OUT)
+    options = TuneOptions(steps=8, lr=5e-3, batch=4, compute_dtype="float32")
+    _, r = tune_checkpoint(str(rtn_w3), tmp_path / "checked", calib=calib, options=options, progress=False)
+    before, after = _packed(rtn_w3), _packed(tmp_path / "checked")
+    assert all(torch.equal(after[n].codes, q.codes) for n, q in before.items())
+    assert any(not torch.equal(after[n].scales, q.scales) for n, q in before.items())
+    prov = json.loads((tmp_path / "checked" / PROVENANCE_FILE).read_text())["recipe"]["tune"]
+    assert prov["codes_undone"] == r.codes_undone and r.codes_undone["step"] in (4, 6, 8) and r.codes_moved == 0
+    assert main(["tune", "--model", str(rtn_w3), "--dataset", str(TINYSTORIES), "--nsamples", "64", "--seqlen", "128",
+                 "--steps", "8", "--lr", "5e-3", "--batch", "4", "--compute-dtype", "float32", "--no-codes-check",
+                 "--out", str(tmp_path / "unchecked"), "--quiet"]) == 0
+    prov = json.loads((tmp_path / "unchecked" / PROVENANCE_FILE).read_text())["recipe"]["tune"]
+    assert prov["check_codes"] is False and prov["codes_undone"] is None and prov["codes_moved"] > 0
