@@ -14,7 +14,8 @@ that rate: it can absorb part of the error the quantized layers leave in the las
 file stores it in float either way (eval/results/tune.md).  With ``codes``, each weight's offset v is
 trained by signed gradient descent (rounding passed straight through, as AutoRound does per layer) within
 [-1, 1]: a code moves by at most one step from where the layer-wise method put it, and only where the
-signs of many batches' gradients agree.  The tuned scales are rounded to what the format stores before
+signs of many batches' gradients agree; the moves are undone where windows held out of the tuning say they
+hurt (CodeCheck).  The tuned scales are rounded to what the format stores before
 the file is written, so the file computes what was evaluated.
 
 Unlike quantize this does not stream layers: it holds both models and one pass's activations with their
@@ -361,7 +362,9 @@ class CodeCheck:
 
     def undoes(self, s: Student, teacher: nn.Module, step: int) -> dict | None:
         """At a check step where codes have moved: the check, and (undoing them) its KLs; else None."""
-        if step < self.first or step % self.every or not any(bool(m.code_shift().any()) for m in s.linears.values() if m.v is not None):
+        if step < self.first or step % self.every:
+            return None
+        if not any(bool(m.code_shift().any()) for m in s.linears.values() if m.v is not None):
             return None
         moved = self.kl(s, teacher)
         offsets = {name: m.v for name, m in s.linears.items() if m.v is not None}
