@@ -74,7 +74,7 @@ class TuneOptions:
     head: bool = QuantizeConfig.tune_head  # the output head's weights too, where stored in float (HEAD_LR_FACTOR)
     codes: bool = QuantizeConfig.tune_codes  # each code too, by at most one step (CODE_SPREAD)
     recompute: bool = QuantizeConfig.tune_recompute  # each decoder layer's activations formed again in the backward
-    check_codes: bool = True  # with codes: their moves checked on held-out windows, undone where they raise its KL (CodeCheck)
+    check_codes: bool = True  # with codes: their moves checked on held-out windows, undone where they hurt (CodeCheck)
     seed: int = 0  # order of the windows
     # Products in bf16 (autocast; fp32 parameters, Adam and loss).  auto: where they run on bf16 units (a GPU,
     # a CPU with AMX/AVX512-BF16): 1.5x faster here at the same KL (eval/results/tune.md); else float32.
@@ -355,7 +355,8 @@ class CodeCheck:
         device, kls = s.model.device, []
         for part in torch.arange(len(self.ids)).split(self.per_pass):
             x = self.ids[part].to(device)
-            target = teacher_logits(teacher, x, self.bf16) if self.targets is None else self.targets[part]
+            cached = self.targets
+            target = teacher_logits(teacher, x, self.bf16) if cached is None else cached[part.to(cached.device)]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 kls.append(token_kl(s.model(input_ids=x, use_cache=False).logits, target).mean(-1).cpu())
         return torch.cat(kls)
