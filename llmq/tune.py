@@ -352,14 +352,8 @@ class CodeCheck:
     @torch.no_grad()
     def kl(self, s: Student, teacher: nn.Module) -> torch.Tensor:
         """Each held-out window's mean KL."""
-        device, kls = s.model.device, []
-        for part in torch.arange(len(self.ids)).split(self.per_pass):
-            x = self.ids[part].to(device)
-            cached = self.targets
-            target = teacher_logits(teacher, x, self.bf16) if cached is None else cached[part.to(cached.device)]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                kls.append(token_kl(s.model(input_ids=x, use_cache=False).logits, target).mean(-1).cpu())
-        return torch.cat(kls)
+        parts = torch.arange(len(self.ids)).split(self.per_pass)
+        return torch.cat([_part_kl(s, teacher, self.ids, part, self.targets, self.bf16).mean(-1).cpu() for part in parts])
 
     def undoes(self, s: Student, teacher: nn.Module, step: int) -> dict | None:
         """At a check step where codes have moved: the check, and (undoing them) its KLs; else None."""
@@ -403,11 +397,6 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
     """KL(teacher || student) of each token's next-token distributions."""
     ref = F.log_softmax(teacher_logits.float(), -1)
     return (ref.exp() * (ref - F.log_softmax(student_logits.float(), -1))).sum(-1)
-
-
-def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) of the next-token distributions."""
-    return token_kl(student_logits, teacher_logits).mean()
 
 
 def teacher_logits(teacher: nn.Module, ids: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -491,19 +480,25 @@ def _backward(s: Student, teacher: nn.Module, ids: torch.Tensor, parts: tuple[to
               cached: torch.Tensor | None, bf16: bool, signed: SignedSteps | None) -> float:
     """The mean KL of a batch of windows (indices into ``ids``) that goes through in ``parts``, its gradient
     added to the parameters'; ``signed`` steps the code offsets on the whole batch's, in the last backward."""
-    device = s.model.device
     windows = sum(len(part) for part in parts)
     loss = 0.0
-    for k, part in enumerate(parts):
-        x = ids[part].to(device)
-        target = teacher_logits(teacher, x, bf16) if cached is None else cached[part.to(cached.device)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # (each part weighted by its windows)
-            part_loss = kl_loss(s.model(input_ids=x, use_cache=False).logits, target) * (len(part) / windows)
+    for k, part in enumerate(parts):  # (each part weighted by its windows)
+        part_loss = _part_kl(s, teacher, ids, part, cached, bf16).mean() * (len(part) / windows)
         if signed is not None:
             signed.hold = k < len(parts) - 1
         part_loss.backward()
         loss += float(part_loss.detach())
     return loss
+
+
+def _part_kl(s: Student, teacher: nn.Module, ids: torch.Tensor, part: torch.Tensor, cached: torch.Tensor | None,
+             bf16: bool) -> torch.Tensor:
+    """Each token's KL(teacher || student) over windows ``part`` (indices into ``ids``): the teacher's logits
+    from ``cached`` where kept, the student's products in bf16 where ``bf16``."""
+    x = ids[part].to(s.model.device)
+    target = teacher_logits(teacher, x, bf16) if cached is None else cached[part.to(cached.device)]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return token_kl(s.model(input_ids=x, use_cache=False).logits, target)
 
 
 def _cached_teacher(teacher: nn.Module, ids: torch.Tensor, batch: int, bf16: bool, device: torch.device) -> torch.Tensor | None:
