@@ -155,6 +155,9 @@ def _add_tuning_args(a: argparse._ArgumentGroup, cfg: QuantizeConfig) -> None:
                         "(as `llmq tune`; integer grids, one process; default 0: not)")
     a.add_argument("--tune-lr", type=float, help=f"the tuning's learning rate (default {cfg.tune_lr})")
     a.add_argument("--tune-batch", type=int, help=f"the tuning's calibration windows per step (default {cfg.tune_batch})")
+    a.add_argument("--tune-sampled", type=int, metavar="N",
+                   help="the tuning also fits N windows the unquantized model writes itself (default: the recipe's, "
+                        f"else {cfg.tune_sampled})")
     _switch(a, "tune_head",
             ("--tune-head", "the tuning trains the output head's weights too, where stored in float" + _default(cfg.tune_head)),
             ("--no-tune-head", "the tuning leaves the output head as the source has it" + _default(not cfg.tune_head)))
@@ -210,6 +213,10 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=t.steps, help=f"Adam steps (default {t.steps})")
     p.add_argument("--lr", type=float, default=t.lr, help=f"learning rate, decaying linearly to 0 (default {t.lr})")
     p.add_argument("--batch", type=int, default=t.batch, help=f"windows per step (default {t.batch})")
+    p.add_argument("--sampled", type=int, default=t.sampled, metavar="N",
+                   help="also fit N windows the unquantized model writes itself, each from its BOS token, every next "
+                        "token drawn from its distribution: they keep the fit on the model's own kind of text where "
+                        f"the calibration text is far from it (default {t.sampled})")
     p.add_argument("--no-norms", dest="norms", action="store_false", help="leave the norms' weights as they are")
     p.add_argument("--no-head", dest="head", action="store_false",
                    help="leave the output head as it is (default: trained too, where stored in float)")
@@ -235,7 +242,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     calib = CalibConfig(args.dataset, args.split, args.nsamples, args.seqlen, args.seed)
     options = TuneOptions(steps=args.steps, lr=args.lr, batch=args.batch, norms=args.norms, head=args.head,
-                          codes=args.codes, check_codes=args.check_codes, seed=args.seed,
+                          codes=args.codes, check_codes=args.check_codes, seed=args.seed, sampled=args.sampled,
                           compute_dtype=args.compute_dtype, recompute=args.recompute)
     out, r = tune_checkpoint(args.model, args.out, reference=args.reference, calib=calib, options=options,
                              overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
@@ -441,7 +448,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                "seqlen", "seed", "format", "gguf_type", "gguf_token_embedding_type", "gguf_output_type",
                                                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                                                "dtype", "compute_dtype", "max_shard_size", "skip", "rules", "target_size", "target_bpw",
-                                               "tune_steps", "tune_lr", "tune_batch", "tune_head", "tune_codes", "tune_recompute")}
+                                               "tune_steps", "tune_lr", "tune_batch", "tune_sampled", "tune_head", "tune_codes", "tune_recompute")}
     cfg = build_config(recipe, overrides)
     source = ModelSource(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                          allow_nonfinite=args.allow_nonfinite)

@@ -53,6 +53,7 @@ class QuantizeConfig:
     tune_batch: int = 8  # and calibration windows per step
     tune_head: bool = True  # and the output head's weights too, where stored in float (eval/results/tune.md)
     tune_codes: bool = True  # and each integer code, by at most one step (eval/results/tune.md)
+    tune_sampled: int = 0  # and this many windows the unquantized model writes itself, added to the calibration's
     tune_recompute: bool = False  # and each decoder layer's activations formed again in the backward (less memory)
     calibration: CalibConfig = field(default_factory=CalibConfig)
     options: dict[str, Any] = field(default_factory=dict)  # the method's own keys, as given

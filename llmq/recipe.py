@@ -144,6 +144,8 @@ def check_tune(cfg: QuantizeConfig) -> None:
         raise LlmqError(f"tune_lr must be positive, got {cfg.tune_lr!r}")
     if not isinstance(cfg.tune_batch, int) or isinstance(cfg.tune_batch, bool) or cfg.tune_batch <= 0:
         raise LlmqError(f"tune_batch must be a whole number > 0, got {cfg.tune_batch!r}")
+    if not isinstance(cfg.tune_sampled, int) or isinstance(cfg.tune_sampled, bool) or cfg.tune_sampled < 0:
+        raise LlmqError(f"tune_sampled must be a whole number >= 0, got {cfg.tune_sampled!r}")
     for key in ("tune_head", "tune_codes", "tune_recompute"):
         if not isinstance(getattr(cfg, key), bool):
             raise LlmqError(f"{key} must be true or false, got {getattr(cfg, key)!r}")

@@ -15,7 +15,9 @@ file stores it in float either way (eval/results/tune.md).  With ``codes``, each
 trained by signed gradient descent (rounding passed straight through, as AutoRound does per layer) within
 [-1, 1]: a code moves by at most one step from where the layer-wise method put it, and only where the
 signs of many batches' gradients agree; the moves are undone where windows held out of the tuning say they
-hurt (CodeCheck).  The tuned scales are rounded to what the format stores before
+hurt (CodeCheck).  With ``sampled``, windows the unquantized model writes itself join the calibration
+windows (llmq.sampled): where the calibration text is far from the model's own, the fit then carries to
+the model's text (eval/results/sampled.md).  The tuned scales are rounded to what the format stores before
 the file is written, so the file computes what was evaluated.
 
 Unlike quantize this does not stream layers: it holds both models and one pass's activations with their
@@ -61,6 +63,7 @@ from llmq.pipeline import RunStats, calibration_ids, quantize_model
 from llmq.plan import resolve, resolve_calibration
 from llmq.qtensor import QuantizedTensor, group_scale, group_sum
 from llmq.recipe import check_calibration
+from llmq.sampled import sampled_windows
 from llmq.source import ModelSource
 
 
@@ -75,6 +78,7 @@ class TuneOptions:
     codes: bool = QuantizeConfig.tune_codes  # each code too, by at most one step (CODE_SPREAD)
     recompute: bool = QuantizeConfig.tune_recompute  # each decoder layer's activations formed again in the backward
     check_codes: bool = True  # with codes: their moves checked on held-out windows, undone where they hurt (CodeCheck)
+    sampled: int = QuantizeConfig.tune_sampled  # windows the unquantized model writes, added to the calibration's
     seed: int = 0  # order of the windows
     # Products in bf16 (autocast; fp32 parameters, Adam and loss).  auto: where they run on bf16 units (a GPU,
     # a CPU with AMX/AVX512-BF16): 1.5x faster here at the same KL (eval/results/tune.md); else float32.
@@ -89,6 +93,8 @@ class TuneOptions:
             raise LlmqError(f"lr must be positive, got {self.lr}")
         if self.batch <= 0:
             raise LlmqError(f"batch must be positive, got {self.batch}")
+        if self.sampled < 0:
+            raise LlmqError(f"sampled windows must be 0 or more, got {self.sampled}")
 
 
 class ScaledCodes(nn.Module):
@@ -428,6 +434,8 @@ def tune(s: Student, teacher: nn.Module, ids: torch.Tensor, o: TuneOptions, prog
     if o.recompute:  # (the teacher, a plain model of the same wiring, names the layers: the student's linears are not)
         recompute_layers(s.model, arch_for(teacher).layers)
     per_pass = windows_per_pass(teacher, ids.shape[1], o.batch)
+    if o.sampled:
+        ids = torch.cat([ids, sampled_windows(teacher, o.sampled, ids.shape[1], ids, o.seed, bf16, progress)])
     check, ids = code_check(s, teacher, ids, o, per_pass, bf16, gen)
     cached = _cached_teacher(teacher, ids, per_pass, bf16, device)
     undone = None
@@ -607,7 +615,7 @@ def quantize_then_tune(source: ModelSource, cfg: QuantizeConfig, out: str | Path
     try:
         stats = quantize_model(source, cfg, stage / "quantized", device=device, progress=progress, calib_ids=calib_ids)
         options = TuneOptions(steps=cfg.tune_steps, lr=cfg.tune_lr, batch=cfg.tune_batch, head=cfg.tune_head,
-                              codes=cfg.tune_codes, recompute=cfg.tune_recompute)
+                              codes=cfg.tune_codes, recompute=cfg.tune_recompute, sampled=cfg.tune_sampled)
         t0 = time.perf_counter()
         try:
             stats.output, _ = tune_checkpoint(str(stats.output), out, reference=str(source.dir), ids=calib_ids,
