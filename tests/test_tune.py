@@ -271,7 +271,7 @@ def test_quantize_with_tune_steps_keeps_the_layerwise_codes(tmp_path):
     p = run(*args, "--out", str(tmp_path / "plain"))
     assert p.returncode == 0, p.stderr
     p = run(*args, "--tune-steps", "6", "--tune-lr", "0.005", "--tune-batch", "3", "--no-tune-head", "--no-tune-codes",
-            "--tune-recompute", "--out", str(tmp_path / "tuned"))
+            "--tune-recompute", "--tune-sampled", "2", "--out", str(tmp_path / "tuned"))
     assert p.returncode == 0, p.stderr
     assert "scales tuned end to end (6 steps)" in p.stdout
     assert sorted(x.name for x in tmp_path.iterdir()) == ["plain", "tuned"]
@@ -280,6 +280,7 @@ def test_quantize_with_tune_steps_keeps_the_layerwise_codes(tmp_path):
     assert any(not torch.equal(plain[n].scales, tuned[n].scales) for n in plain)
     recipe = json.loads((tmp_path / "tuned" / PROVENANCE_FILE).read_text())["recipe"]
     assert recipe["tune"]["steps"] == 6 and recipe["tune"]["batch"] == 3 and recipe["tune"]["nsamples"] == 8
+    assert recipe["tune"]["sampled"] == 2
     assert recipe["tune"]["head"] is False  # (--no-tune-head: the tied embedding as GPTQ's file has it)
     assert recipe["tune"]["codes"] is False and recipe["tune"]["codes_moved"] == 0 and recipe["tune"]["recompute"] is True
     head = "model.embed_tokens.weight"
