@@ -22,8 +22,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import StaticCache
 
-# Windows sampled at once are sized to keep their KV cache (float32 upper bound) under this.
+# Windows sampled at once are sized to keep their KV cache under this, or on a GPU under a quarter of its free
+# memory where that is more (a 7B model's window of 2048 takes 0.5 GB in bf16: 4 at a time would take 32
+# rounds of 2048 steps for 128 windows, each step reading every weight).
 CACHE_BYTES = 2 * 2**30
+GPU_FREE_SHARE = 4
 
 
 def sampled_windows(model: nn.Module, n: int, seqlen: int, calib: torch.Tensor, seed: int, bf16: bool = False,
@@ -34,7 +37,7 @@ def sampled_windows(model: nn.Module, n: int, seqlen: int, calib: torch.Tensor, 
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     starts = start_tokens(model, calib, n)
-    batch = windows_at_once(model, seqlen)
+    batch = windows_at_once(model, seqlen, cache_budget(device), 2 if bf16 else 4)
     bar = tqdm(total=n * (seqlen - 1), desc="sampling windows from the unquantized model", unit="tok",
                unit_scale=True, disable=not progress)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), bar:
@@ -49,14 +52,22 @@ def start_tokens(model: nn.Module, calib: torch.Tensor, n: int) -> torch.Tensor:
     return calib[:, 0].repeat((n + len(calib) - 1) // len(calib))[:n]
 
 
-def windows_at_once(model: nn.Module, seqlen: int) -> int:
-    """How many windows are sampled together: their KV cache within CACHE_BYTES (at least one)."""
+def cache_budget(device: torch.device) -> int:
+    """The bytes the sampled windows' KV cache may take on ``device``."""
+    if device.type != "cuda":
+        return CACHE_BYTES
+    return max(CACHE_BYTES, torch.cuda.mem_get_info(device)[0] // GPU_FREE_SHARE)
+
+
+def windows_at_once(model: nn.Module, seqlen: int, budget: int, itemsize: int) -> int:
+    """How many windows are sampled together: their KV cache (keys and values of ``itemsize`` bytes) within
+    ``budget`` bytes; at least one."""
     c = model.config
     heads = getattr(c, "num_attention_heads", 1)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    per_window = 2 * c.num_hidden_layers * kv_heads * head_dim * seqlen * 4
-    return max(1, CACHE_BYTES // per_window)
+    per_window = 2 * c.num_hidden_layers * kv_heads * head_dim * seqlen * itemsize
+    return max(1, budget // per_window)
 
 
 def _sample(model: nn.Module, first: torch.Tensor, seqlen: int, gen: torch.Generator, bar: tqdm) -> torch.Tensor:

@@ -53,7 +53,8 @@ def test_each_token_is_drawn_from_the_model_given_the_ones_before(model_type):
 def test_windows_beyond_the_cache_budget_are_drawn_in_turn(monkeypatch):
     model = _tiny("llama")
     monkeypatch.setattr(llmq.sampled, "CACHE_BYTES", 2 * _window_cache(model, 16))
-    assert windows_at_once(model, 16) == 2
+    assert windows_at_once(model, 16, llmq.sampled.CACHE_BYTES, 4) == 2
+    assert windows_at_once(model, 16, llmq.sampled.CACHE_BYTES, 2) == 4  # (a bf16 cache: twice the windows)
     got = sampled_windows(model, 5, 16, torch.zeros(1, 16, dtype=torch.long), seed=3, progress=False)
     gen = torch.Generator().manual_seed(3)
     want = torch.cat([_plain_draws(model, torch.full((n,), 1), 16, gen) for n in (2, 2, 1)])
