@@ -2,7 +2,7 @@
 
 The tuning fits the quantized model to the unquantized one's next-token distributions on calibration windows.
 Where the calibration text is far from what the model was trained on (C4 for a model of children's stories),
-the fit carries poorly to the model's own text: the moves that lower the KL on C4 raise it on stories.
+the fit carries poorly to the model's own text: what lowers the KL on C4 can raise it on stories.
 Windows sampled from the unquantized model are its own distribution by construction (the data-free
 distillation of LLM-QAT, Liu et al., 2023); added to the calibration windows, they keep the fit on text of the
 kind the model writes (eval/results/sampled.md).

@@ -27,7 +27,8 @@ bf16 (weights_in_bf16; its untied head too): 7 bytes a weight in all where the p
 CPU with bf16 units).  With ``recompute``, one layer's activations instead of every layer's.
 The rest in float32: the embeddings, norms and a float head (training the head: its gradient and Adam's two
 moments, three more copies of it).  A batch goes through in parts where its logits would be large
-(PASS_LOGITS_BYTES).
+(PASS_LOGITS_BYTES).  Sampled windows are drawn before the tuning starts, their KV cache within
+llmq.sampled.cache_budget.
 Integer-grid checkpoints only (GPTQ, AWQ, compressed-tensors): a GGUF K-quant's or bitsandbytes' scales are
 themselves quantized.
 """
