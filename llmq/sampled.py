@@ -62,10 +62,9 @@ def cache_budget(device: torch.device) -> int:
 def windows_at_once(model: nn.Module, seqlen: int, budget: int, itemsize: int) -> int:
     """How many windows are sampled together: their KV cache (keys and values of ``itemsize`` bytes) within
     ``budget`` bytes; at least one."""
-    c = model.config
-    heads = getattr(c, "num_attention_heads", 1)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    c = model.config  # (head_dim and num_key_value_heads are optional: absent, they follow the heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     per_window = 2 * c.num_hidden_layers * kv_heads * head_dim * seqlen * itemsize
     return max(1, budget // per_window)
 
